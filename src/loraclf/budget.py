@@ -1,0 +1,98 @@
+"""Exact trainable-parameter counts of a configuration, without loading a single weight.
+
+The model is built on the ``meta`` device (shapes only), LoRA applied by PEFT exactly as in
+training, and the parameters with ``requires_grad`` counted: the count is the one training
+will see, not a formula that could drift from it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Config
+from .errors import BudgetError
+from .model import build_model, load_model_config
+
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+@dataclass
+class Breakdown:
+    """Parameter counts. ``lora``: {"layer 0 query": n, ...}; ``head``: {"classifier.dense": n, ...}."""
+
+    total: int
+    trainable: int
+    lora: dict[str, int] = field(default_factory=dict)
+    head: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lora_total(self) -> int:
+        return sum(self.lora.values())
+
+    @property
+    def head_total(self) -> int:
+        return sum(self.head.values())
+
+    def largest(self, k: int = 3) -> list[tuple[str, int]]:
+        items = list(self.lora.items()) + [(f"head {n}", v) for n, v in self.head.items()]
+        return sorted(items, key=lambda kv: -kv[1])[:k]
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "trainable": self.trainable, "lora_total": self.lora_total,
+                "head_total": self.head_total, "lora": self.lora, "head": self.head}
+
+
+def _lora_key(name: str) -> str:
+    """'base_model.model.roberta.encoder.layer.10.attention.self.query.lora_A.default.weight' -> 'layer 10 query'."""
+    module = name.split(".lora_")[0].rsplit(".", 1)[-1]
+    m = _LAYER_RE.search(name)
+    return f"layer {m.group(1)} {module}" if m else module
+
+
+def _head_key(name: str) -> str:
+    """'base_model.model.classifier.modules_to_save.default.dense.weight' -> 'classifier.dense'."""
+    parts = [p for p in name.split(".") if p not in ("base_model", "model", "modules_to_save", "default")]
+    return ".".join(parts[:-1]) or parts[-1]
+
+
+def breakdown(model: torch.nn.Module) -> Breakdown:
+    """Count a built (PEFT) model. Frozen copies PEFT keeps of trained modules are not counted in
+    ``total``: it is the size of the model as it runs."""
+    total = trainable = 0
+    lora: dict[str, int] = {}
+    head: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        n = p.numel()
+        total += n
+        if not p.requires_grad:
+            continue
+        trainable += n
+        if ".lora_" in name:
+            key = _lora_key(name)
+            lora[key] = lora.get(key, 0) + n
+        else:
+            key = _head_key(name)
+            head[key] = head.get(key, 0) + n
+    return Breakdown(total, trainable, lora, head)
+
+
+def count(cfg: Config, label_names: list[str]) -> Breakdown:
+    """Exact counts for ``cfg`` with ``len(label_names)`` classes, on the meta device."""
+    config = load_model_config(cfg.model, label_names)
+    model = build_model(cfg.model, cfg.lora, config, meta=True)
+    return breakdown(model)
+
+
+def check(b: Breakdown, budget: int) -> None:
+    if b.trainable > budget:
+        top = ", ".join(f"{k} {v:,}" for k, v in b.largest())
+        raise BudgetError(
+            f"{b.trainable:,} trainable parameters exceed the budget of {budget:,} (largest: {top})",
+            where="train.max_trainable_params",
+            fix="lower lora.r, adapt fewer lora.layers or lora.target_modules, or raise train.max_trainable_params",
+        )

@@ -1,0 +1,296 @@
+"""The ``loraclf`` command: argument parsing, printing and exit codes, nothing else.
+
+Config keys are given as ``--section.key value`` (or ``--section.key=value``); they are
+split off before argparse sees the command line, because no ordinary option has a dot in
+its name, and validated together with the YAML file so every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import SECTIONS, config_keys, load_config, parse_override_value
+from .errors import ConfigError, DataError, LoraclfError
+
+EXIT_USAGE = 2
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Separate ``--section.key value`` pairs from the other arguments."""
+    rest: list[str] = []
+    overrides: dict[str, Any] = {}
+    problems: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        head = tok[2:].split("=", 1)[0] if tok.startswith("--") else ""
+        if "." in head:
+            if "=" in tok:
+                key, raw = tok[2:].split("=", 1)
+            elif i + 1 < len(argv):
+                key, raw = tok[2:], argv[i + 1]
+                i += 1
+            else:
+                problems.append(f"--{head} needs a value")
+                i += 1
+                continue
+            if key.split(".", 1)[0] not in SECTIONS:
+                problems.append(f"unknown section in '--{key}' (sections: {', '.join(SECTIONS)})")
+            else:
+                overrides[key] = parse_override_value(key, raw)
+        else:
+            rest.append(tok)
+        i += 1
+    if problems:
+        raise ConfigError(problems, where="command line", fix="use --section.key value, e.g. --lora.r 8")
+    return rest, overrides
+
+
+def _keys_epilog() -> str:
+    lines = ["config keys (override any with --section.key value):"]
+    for key, desc, default in config_keys():
+        lines.append(f"  --{key:<34} {desc} [default: {json.dumps(default)}]")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraclf", description="LoRA text classifiers under a trainable-parameter budget.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    t = sub.add_parser("train", help="train a classifier; writes a run directory", epilog=_keys_epilog(),
+                       formatter_class=fmt)
+    t.add_argument("--config", help="YAML recipe (e.g. configs/agnews-seed.yaml)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("params", help="count trainable parameters of a config (no weights loaded)",
+                       epilog=_keys_epilog(), formatter_class=fmt)
+    c.add_argument("--config", help="YAML recipe")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+
+    e = sub.add_parser("evaluate", help="metrics of a run on its test split or any --data.test",
+                       epilog="data keys accepted: --data.test, --data.max_eval_samples, --data.format, "
+                              "--data.text_columns, --data.label_column")
+    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+
+    pr = sub.add_parser("predict", help="classify texts with a run")
+    pr.add_argument("run_dir", metavar="RUN_DIR")
+    pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (else --input, else stdin)")
+    pr.add_argument("--input", help="file: one text per line (.txt), CSV/TSV with a text column, or JSONL")
+    pr.add_argument("--text-column", default="text", help="column holding the text in CSV/TSV/JSONL input")
+    pr.add_argument("--output", help="write here instead of stdout")
+    pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+class _Bar:
+    """tqdm progress bar fed by the training loop's callback."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+
+    def on_start(self, total_steps: int, info: dict[str, Any]) -> None:
+        print(f"training {info['train_rows']:,} rows, {info['trainable']:,} trainable parameters, "
+              f"{info['device']}, {info['precision']}", file=sys.stderr)
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def on_step(self, step: int, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            post = {"loss": f"{record['loss']:.4f}"}
+            if "examples_per_s" in record:
+                post["ex/s"] = f"{record['examples_per_s']:.1f}"
+            self.bar.set_postfix(post, refresh=False)
+
+    def on_eval(self, record: dict[str, Any]) -> None:
+        msg = (f"epoch {record['epoch']} {record['split']}: accuracy {record['accuracy']:.4f} "
+               f"macro-F1 {record['macro_f1']:.4f} loss {record['loss']:.4f} (n={record['n']})")
+        (self.bar.write if self.bar is not None else lambda m: print(m, file=sys.stderr))(msg)
+
+
+def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .train import train
+
+    cfg = load_config(args.config, overrides)
+    bar = _Bar(args.quiet)
+    try:
+        result = train(cfg, bar)
+    finally:
+        if bar.bar is not None:
+            bar.bar.close()
+    print(f"run: {result.run_dir}")
+    print(f"best epoch {result.best_epoch}: validation accuracy {result.validation['accuracy']:.4f}, "
+          f"macro-F1 {result.validation['macro_f1']:.4f}")
+    if result.test is not None:
+        print(f"test (best epoch): accuracy {result.test['accuracy']:.4f}, macro-F1 {result.test['macro_f1']:.4f} "
+              f"(n={result.test['n']})")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from . import budget
+    from .data import load_splits
+
+    cfg = load_config(args.config, overrides)
+    names = cfg.data.label_names or load_splits(cfg.data, need_test=False).label_names
+    b = budget.count(cfg, names)
+    if args.json:
+        print(json.dumps({**b.to_dict(), "budget": cfg.train.max_trainable_params,
+                          "within_budget": b.trainable <= cfg.train.max_trainable_params}, indent=2))
+        return 0
+    budget_ = cfg.train.max_trainable_params
+    print(f"model      {cfg.model.name_or_path} ({len(names)} classes)")
+    print(f"total      {b.total:>12,}")
+    print(f"trainable  {b.trainable:>12,}  ({100 * b.trainable / budget_:.1f}% of budget {budget_:,})")
+    print(f"  LoRA     {b.lora_total:>12,}")
+    for k, v in b.lora.items():
+        print(f"    {k:<30} {v:>10,}")
+    print(f"  head     {b.head_total:>12,}")
+    for k, v in b.head.items():
+        print(f"    {k:<30} {v:>10,}")
+    if b.trainable > budget_:
+        print(f"OVER BUDGET by {b.trainable - budget_:,}")
+        return 1
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .evaluate import evaluate_run
+
+    allowed = {"data.test", "data.max_eval_samples", "data.format", "data.text_columns", "data.label_column"}
+    bad = sorted(set(overrides) - allowed)
+    if bad:
+        raise ConfigError([f"evaluate does not take --{k}" for k in bad], where="command line",
+                          fix=f"evaluate accepts {', '.join('--' + k for k in sorted(allowed))}")
+    data = {k.split(".", 1)[1]: v for k, v in overrides.items()}
+    r = evaluate_run(args.run_dir, data, batch_size=args.batch_size, precision=args.precision)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    names = list(r["per_class"])
+    print(f"{r['split']} split: {r['source']} (n={r['n']}, {r['precision']})")
+    print(f"accuracy  {r['accuracy']:.4f}\nmacro-F1  {r['macro_f1']:.4f}\n")
+    w = max(len(n) for n in names + ["class"])
+    print(f"{'class':<{w}}  precision  recall      f1  support")
+    for n, m in r["per_class"].items():
+        print(f"{n:<{w}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}")
+    print("\nconfusion matrix (rows: true, columns: predicted)")
+    cw = max(7, *(len(n) for n in names))
+    print(" " * w + "  " + "  ".join(f"{n[:cw]:>{cw}}" for n in names))
+    for n, row in zip(names, r["confusion_matrix"]):
+        print(f"{n:<{w}}  " + "  ".join(f"{v:>{cw}d}" for v in row))
+    return 0
+
+
+def _read_inputs(args: argparse.Namespace) -> list[str]:
+    if args.texts:
+        return list(args.texts)
+    if args.input:
+        from .config import DataConfig
+        from .data import read_table
+
+        path = Path(args.input)
+        if path.suffix.lower() in {".txt", ""} or path.name.endswith(".txt.gz"):
+            if not path.is_file():
+                raise DataError("file not found", where=str(path), fix="check the path given to --input")
+            try:
+                return [ln for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+            except UnicodeDecodeError:
+                raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
+        table = read_table(str(path), "input", DataConfig(text_columns=[args.text_column]))
+        if args.text_column not in table.columns:
+            raise DataError(f"no column '{args.text_column}' (columns: {list(table.columns)})", where=str(path),
+                            fix="name the text column with --text-column")
+        return [str(v) for v in table.columns[args.text_column]]
+    if sys.stdin is None or sys.stdin.isatty():
+        raise DataError("no texts given", where="predict", fix="pass texts as arguments, --input FILE, or pipe them on stdin")
+    return [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
+
+
+def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .predict import Predictor
+
+    if overrides:
+        raise ConfigError([f"predict does not take --{k}" for k in overrides], where="command line",
+                          fix="see loraclf predict --help")
+    if args.top_k < 1:
+        raise ConfigError([f"--top-k must be >= 1 (got {args.top_k})"], where="command line")
+    texts = _read_inputs(args)
+    predictor = Predictor.from_run(args.run_dir, batch_size=args.batch_size, precision=args.precision)
+    results = predictor.predict(texts, top_k=args.top_k)
+    buf = io.StringIO()
+    if args.format == "jsonl":
+        for r in results:
+            buf.write(json.dumps(r, ensure_ascii=False) + "\n")
+    else:
+        w = csv.writer(buf)
+        w.writerow(["text", "label", *[f"p_{n}" for n in predictor.label_names]])
+        for r in results:
+            w.writerow([r["text"], r["label"], *[f"{r['probabilities'][n]:.6f}" for n in predictor.label_names]])
+    if args.output:
+        tmp = Path(args.output).with_name(Path(args.output).name + ".tmp")
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, args.output)
+        print(f"wrote {len(results)} predictions to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(buf.getvalue())
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "params": cmd_params, "evaluate": cmd_evaluate, "predict": cmd_predict}
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (weight-init notices, hub progress bars) hides the messages that matter."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), "loraclf")
+    try:
+        rest, overrides = split_overrides(argv)
+        args = parser.parse_args(rest)
+        _quiet_libraries()
+        return COMMANDS[args.command](args, overrides)
+    except LoraclfError as e:
+        print(f"loraclf {command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"loraclf {command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # disk full, permission denied while writing outputs
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"loraclf {command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

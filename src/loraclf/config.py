@@ -1,0 +1,216 @@
+"""Typed configuration: one section per concern, loaded from YAML, overridden by
+``--section.key value`` pairs, validated once with every problem reported together.
+
+Pydantic does the validation because it reports *all* errors of a document at once with
+their location, which is what a user fixing a YAML file wants.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, never silently ignored: a typo must not train the wrong recipe.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The pretrained encoder and the classification head."""
+
+    name_or_path: str = Field("roberta-base", description="hub id or local directory of the encoder")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    head: Literal["default"] = Field("default", description="classification head: the model's own")
+    trust_remote_code: bool = Field(False, description="allow code shipped with the model to run")
+
+
+class LoraSettings(_Section):
+    """LoRA adapters, applied through PEFT."""
+
+    r: int = Field(8, gt=0, description="rank of each LoRA update")
+    alpha: float = Field(16, gt=0, description="scaling numerator: update scaled by alpha/r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(["query", "value"], min_length=1, description="module names to adapt")
+    layers: list[int] | None = Field(None, description="encoder layer indices to adapt; null = all")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r)")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+
+    @model_validator(mode="after")
+    def _layers_valid(self) -> LoraSettings:
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers is an empty list; use null for all layers")
+            if any(i < 0 for i in self.layers):
+                raise ValueError(f"layer indices must be >= 0, got {self.layers}")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layer indices repeat: {self.layers}")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the examples come from and how rows become (text, label)."""
+
+    train: str = Field("fancyzhx/ag_news", description="local file or hub dataset ('name' or 'name:split')")
+    validation: str | None = Field(None, description="local file or hub split; null = carve from train")
+    test: str | None = Field(None, description="local file or hub split; never used for model selection")
+    format: Literal["auto", "agnews", "csv", "tsv", "jsonl", "parquet"] = Field(
+        "auto", description="file format of local files; auto = by extension and content"
+    )
+    text_columns: list[str] = Field(["text"], min_length=1, description="text column(s), joined with a space")
+    label_column: str = Field("label", description="label column (ints or strings)")
+    label_names: list[str] | None = Field(None, description="names of integer labels 0..N-1")
+    validation_size: float = Field(0.05, gt=0, description="fraction (<1) or row count carved from train")
+    split_seed: int = Field(42, description="seed of the shuffle that carves validation and sample limits")
+    max_train_samples: int | None = Field(None, gt=0, description="use at most this many training rows")
+    max_eval_samples: int | None = Field(None, gt=0, description="use at most this many validation/test rows")
+    max_length: int = Field(512, gt=1, description="truncate texts to this many tokens")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> DataConfig:
+        if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
+            raise ValueError(f"label_names repeat: {self.label_names}")
+        return self
+
+
+class TrainConfig(_Section):
+    """The optimisation recipe and where its run directory goes."""
+
+    output_dir: str = Field("runs/loraclf", description="run directory")
+    overwrite: bool = Field(False, description="replace an existing run directory")
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(16, gt=0, description="examples per micro-batch")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    eval_batch_size: int = Field(32, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="after warm-up")
+    warmup_ratio: float = Field(0.06, ge=0, le=1, description="linear warm-up, fraction of optimizer steps")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast where the hardware runs it fast (CUDA bf16, CPU AMX), else fp32"
+    )
+    max_trainable_params: int = Field(1_000_000, gt=0, description="hard budget: LoRA + head")
+    group_by_length: bool = Field(True, description="batch rows of similar length together")
+    log_every_steps: int = Field(20, gt=0, description="optimizer steps between train-loss records")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    name: typing.get_type_hints(Config)[name] for name in Config.model_fields
+}
+
+
+def _is_str_field(section: str, key: str) -> bool:
+    """True when the field takes a plain string, so ``--model.name_or_path 123`` stays '123'."""
+    field = SECTIONS[section].model_fields.get(key)
+    if field is None:
+        return False
+    ann = field.annotation
+    args = typing.get_args(ann) if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union else (ann,)
+    return str in args
+
+
+def parse_override_value(dotted_key: str, raw: str) -> Any:
+    """Turn the text after ``--section.key`` into a value: YAML syntax (``8``, ``[0,1,5]``,
+    ``null``, ``true``), except that string fields keep the text as typed."""
+    section, _, key = dotted_key.partition(".")
+    if section in SECTIONS and _is_str_field(section, key) and raw not in ("null", "~"):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file not found"], where=str(p), fix="check the path given to --config")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"{p}:{mark.line + 1}" if mark else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"not valid YAML ({problem})"], where=loc, fix="correct the YAML syntax") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(["top level must be a mapping of sections (model, lora, data, train)"], where=str(p))
+    return doc
+
+
+def _format_errors(err: ValidationError, data: dict[str, Any]) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = str(e["loc"][0])
+            known = SECTIONS.get(section).model_fields if len(e["loc"]) > 1 and section in SECTIONS else SECTIONS
+            problems.append(f"unknown key '{loc}' (known: {', '.join(known)})")
+        elif e["type"] == "value_error":
+            problems.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}".lstrip(": "))
+        else:
+            problems.append(f"{loc}: {e['msg']} (got {e['input']!r})")
+    return problems
+
+
+def build_config(doc: dict[str, Any], overrides: dict[str, Any] | None = None, where: str | None = None) -> Config:
+    """Validate a config document plus dotted-key overrides; raise one ConfigError listing all problems."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
+    problems: list[str] = []
+    for dotted, value in (overrides or {}).items():
+        section, dot, key = dotted.partition(".")
+        if not dot or not key or "." in key:
+            problems.append(f"override '--{dotted}' must look like --section.key (e.g. --lora.r 8)")
+            continue
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            problems.append(f"'{section}' is not a section")
+            continue
+        target[key] = value
+    try:
+        cfg = Config.model_validate(merged)
+    except ValidationError as e:
+        problems.extend(_format_errors(e, merged))
+        cfg = None
+    if problems:
+        raise ConfigError(problems, where=where or "config", fix="correct the keys named above")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load ``path`` (YAML; None = all defaults) and apply ``overrides`` ({'lora.r': 8, ...})."""
+    doc = _read_yaml(path) if path is not None else {}
+    return build_config(doc, overrides, where=str(path) if path else None)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def config_keys() -> list[tuple[str, str, Any]]:
+    """(dotted key, description, default) for every key: the CLI's help lists them."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for key, field in cls.model_fields.items():
+            rows.append((f"{section}.{key}", field.description or "", field.get_default(call_default_factory=True)))
+    return rows

@@ -1,0 +1,139 @@
+"""Base encoder + classification head + PEFT LoRA; base frozen; merge for inference.
+
+The same builder serves three callers: the budget (on the ``meta`` device, no weights),
+training (real weights) and loading a finished run (adapter on top of the base).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+
+from .config import LoraSettings, ModelConfig
+from .errors import ModelError
+
+_OFFLINE_FIX = (
+    "pass --model.name_or_path a local model directory, or connect to the Hugging Face Hub "
+    "(set HF_HUB_OFFLINE=1 to fail fast when offline)"
+)
+
+
+def resolve_name(name_or_path: str) -> str:
+    """Local directories become absolute, so a run keeps working from any working directory."""
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.is_dir() else name_or_path
+
+
+def _load_error(what: str, mcfg: ModelConfig, e: Exception) -> ModelError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        return ModelError(f"{what} '{mcfg.name_or_path}' needs its own code to run", where="model.name_or_path",
+                          fix="review the model's code, then set --model.trust_remote_code true")
+    local = Path(mcfg.name_or_path).expanduser()
+    if local.exists():
+        return ModelError(f"cannot load {what} from '{local}' ({msg[:200]})", where="model.name_or_path",
+                          fix="point --model.name_or_path at a directory with config.json, tokenizer files and *.safetensors")
+    return ModelError(f"cannot load {what} '{mcfg.name_or_path}': not a local directory and not reachable on the "
+                      f"Hugging Face Hub ({msg[:160]})", where="model.name_or_path", fix=_OFFLINE_FIX)
+
+
+def load_model_config(mcfg: ModelConfig, label_names: list[str]) -> PretrainedConfig:
+    """The architecture config with the classifier sized and named for ``label_names``."""
+    try:
+        return AutoConfig.from_pretrained(
+            resolve_name(mcfg.name_or_path),
+            revision=mcfg.revision,
+            trust_remote_code=mcfg.trust_remote_code,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error("model config", mcfg, e) from None
+
+
+def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(
+            path or resolve_name(mcfg.name_or_path), revision=None if path else mcfg.revision,
+            trust_remote_code=mcfg.trust_remote_code,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _load_error("tokenizer", mcfg, e) from None
+
+
+def num_layers(config: PretrainedConfig) -> int:
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    raise ModelError(f"cannot tell how many layers a '{config.model_type}' model has", where="lora.layers",
+                     fix="leave lora.layers unset (null) to adapt every layer")
+
+
+def check_layers(lcfg: LoraSettings, config: PretrainedConfig) -> None:
+    if lcfg.layers is None:
+        return
+    n = num_layers(config)
+    bad = [i for i in lcfg.layers if i >= n]
+    if bad:
+        raise ModelError(f"layer(s) {bad} do not exist: the model has {n} layers (0..{n - 1})", where="lora.layers",
+                         fix=f"choose layer indices below {n}")
+
+
+def peft_config(lcfg: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # marks the classifier as trained (modules_to_save) and saved with the adapter
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=list(lcfg.target_modules),
+        layers_to_transform=list(lcfg.layers) if lcfg.layers is not None else None,
+        use_rslora=lcfg.use_rslora,
+        use_dora=lcfg.use_dora,
+    )
+
+
+def _check_targets(model: torch.nn.Module, lcfg: LoraSettings) -> None:
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [t for t in lcfg.target_modules if t not in linear_names]
+    if missing:
+        raise ModelError(f"target module(s) {missing} not found in the model", where="lora.target_modules",
+                         fix=f"use names of its linear layers: {linear_names}")
+
+
+def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig, meta: bool = False) -> PeftModel:
+    """Base model + LoRA with only LoRA and the head trainable. ``meta``: no weights, no memory."""
+    check_layers(lcfg, config)
+    if meta:
+        with torch.device("meta"):
+            base = AutoModelForSequenceClassification.from_config(config, trust_remote_code=mcfg.trust_remote_code)
+    else:
+        base = load_base(mcfg, config)
+    _check_targets(base, lcfg)
+    return get_peft_model(base, peft_config(lcfg))
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable tensors (LoRA + head): what the best epoch keeps."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter(base: torch.nn.Module, adapter_dir: Path) -> PeftModel:
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise ModelError("adapter weights missing (adapter_model.safetensors)", where=str(adapter_dir),
+                         fix="train the run again; loraclf reads adapter weights from safetensors only")
+    return PeftModel.from_pretrained(base, str(adapter_dir), use_safetensors=True)
+
+
+def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_name(mcfg.name_or_path), config=config, revision=mcfg.revision,
+            trust_remote_code=mcfg.trust_remote_code, use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error("model", mcfg, e) from None

@@ -1,0 +1,51 @@
+"""PNG figures of a run: the learning curve and the confusion matrix (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def learning_curve(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Train loss per logged step and validation accuracy per epoch, on a shared step axis."""
+    train = [r for r in records if r.get("event") == "train"]
+    val = [r for r in records if r.get("event") == "eval" and r.get("split") == "validation"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in val], [r["accuracy"] for r in val], "o-", color="tab:orange",
+                 label="validation accuracy")
+        ax2.set_ylabel("validation accuracy", color="tab:orange")
+    ax.set_title("learning curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(matrix: Sequence[Sequence[int]], label_names: Sequence[str], path: Path, title: str) -> None:
+    """Rows: true class; columns: predicted class; cells: counts."""
+    n = len(label_names)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 2))
+    ax.imshow(matrix, cmap="Blues")
+    peak = max((max(r) for r in matrix), default=0)
+    for i in range(n):
+        for j in range(n):
+            v = matrix[i][j]
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+    ax.set_xticks(range(n), label_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), label_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

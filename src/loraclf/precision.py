@@ -1,0 +1,47 @@
+"""Which numeric precision to compute in, and the autocast context for it.
+
+"auto" picks bf16 autocast where the hardware runs bf16 matrix products natively (CUDA GPUs
+that support it; CPUs with AVX512-BF16 or AMX), fp32 elsewhere. Weights stay fp32 either way:
+only the matrix products run in bf16, so the optimizer and the saved adapter are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """Resolve "auto" to "bf16" or "fp32" for ``device``; reject bf16 where it cannot run."""
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        bf16_ok = cpu_has_native_bf16() or requested == "bf16"  # CPUs emulate bf16 when asked explicitly
+    else:
+        bf16_ok = False
+    if requested == "auto":
+        return "bf16" if bf16_ok else "fp32"
+    if requested == "bf16" and not bf16_ok:
+        raise ConfigError([f"precision bf16 is not supported on {device}"], where="train.precision",
+                          fix="use --train.precision fp32 or auto")
+    return requested
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,100 @@
+"""Batched inference: the one prediction path used by evaluate, predict, serve and training's
+evaluation. Rows are sorted by length so each batch pads little; LoRA is merged into the
+weights so inference costs exactly what the base model costs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .data import PadCollator, sorted_batches, tokenize
+from .errors import DataError
+from .model import load_adapter, load_base, load_model_config, load_tokenizer
+from .precision import autocast, choose_precision
+from .runs import Run, open_run
+
+
+@torch.no_grad()
+def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
+               device: torch.device, precision: str = "fp32") -> np.ndarray:
+    """Class logits, float32 [N, C], in the order of ``input_ids``."""
+    was_training = model.training
+    model.eval()
+    collate = PadCollator(pad_id)
+    out: np.ndarray | None = None
+    try:
+        for idx in sorted_batches([len(x) for x in input_ids], batch_size):
+            batch = collate([(input_ids[i], -1) for i in idx])
+            with autocast(device, precision):
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+            if out is None:
+                out = np.empty((len(input_ids), logits.shape[-1]), dtype=np.float32)
+            out[idx] = logits.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Predictor:
+    """A trained classifier ready for inference (LoRA merged, eval mode)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, label_names: list[str], max_length: int,
+                 batch_size: int = 64, device: torch.device | None = None, precision: str = "auto"):
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.label_names = label_names
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.precision = choose_precision(precision, self.device)
+
+    @classmethod
+    def from_run(cls, run: Run | str | Path, batch_size: int = 64, device: torch.device | None = None,
+                 precision: str = "auto", merge: bool = True) -> Predictor:
+        run = run if isinstance(run, Run) else open_run(run)
+        config = load_model_config(run.cfg.model, run.label_names)
+        model = load_adapter(load_base(run.cfg.model, config), run.adapter_dir)
+        if merge:
+            model = model.merge_and_unload()
+        tokenizer = load_tokenizer(run.cfg.model, path=str(run.tokenizer_dir))
+        return cls(model, tokenizer, run.label_names, run.cfg.data.max_length, batch_size, device, precision)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise DataError(f"text {i + 1} is empty", where="input", fix="give every text some characters")
+        return tokenize(texts, self.tokenizer, self.max_length)
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """Float32 [N, C]."""
+        if not texts:
+            return np.empty((0, len(self.label_names)), dtype=np.float32)
+        return logits_for(self.model, self.encode(texts), self.tokenizer.pad_token_id, self.batch_size,
+                          self.device, self.precision)
+
+    def predict(self, texts: Sequence[str], top_k: int = 1) -> list[dict[str, Any]]:
+        """Per text: label, probabilities of every class, and the ``top_k`` classes."""
+        probs = softmax(self.logits(texts))
+        k = max(1, min(top_k, len(self.label_names)))
+        results = []
+        for text, p in zip(texts, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            results.append({
+                "text": text,
+                "label": self.label_names[int(order[0])],
+                "probabilities": {n: float(v) for n, v in zip(self.label_names, p)},
+                "top_k": [{"label": self.label_names[int(i)], "probability": float(p[i])} for i in order],
+            })
+        return results
+

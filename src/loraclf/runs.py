@@ -1,0 +1,138 @@
+"""Run directories: their layout, atomic writes, the completeness marker, and opening a run.
+
+Layout of RUN_DIR:
+    run.json          status ("running" until the very end, then "complete"), versions, data
+                      fingerprints, seed, parameter counts, best epoch, metrics by split
+    config.yaml       the resolved configuration
+    labels.json       class names in index order
+    adapter/          PEFT adapter (adapter_config.json + adapter_model.safetensors, head included)
+    tokenizer/        the tokenizer, so inference needs nothing but the base weights
+    metrics.jsonl     one JSON record per log/eval event, each naming its split
+    learning_curve.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config, build_config
+from .errors import ConfigError, RunError
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+LABELS_FILE = "labels.json"
+METRICS_FILE = "metrics.jsonl"
+ADAPTER_DIR = "adapter"
+TOKENIZER_DIR = "tokenizer"
+CURVE_FILE = "learning_curve.png"
+EVAL_DIR = "eval"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory into place (the old one, if any, is removed first)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def environment() -> dict[str, str]:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "loraclf": __version__,
+            "platform": platform.platform()}
+
+
+def prepare_dir(path: Path, overwrite: bool) -> None:
+    """Create an empty run directory; refuse to clobber one unless asked to."""
+    if path.exists() and not path.is_dir():
+        raise RunError("exists and is not a directory", where=str(path), fix="choose another --train.output_dir")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise RunError("run directory already exists and is not empty", where=str(path),
+                           fix="choose another --train.output_dir, or pass --train.overwrite true to replace it")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create run directory ({e.strerror})", where=str(path),
+                       fix="choose a writable --train.output_dir") from None
+
+
+@dataclass
+class Run:
+    """A finished (or, with ``allow_incomplete``, unfinished) run opened for use."""
+
+    path: Path
+    cfg: Config
+    label_names: list[str]
+    info: dict[str, Any]
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+
+def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError("no such run directory", where=str(path), fix="give the --train.output_dir of a finished run")
+    try:
+        info = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError("not a loraclf run (no run.json)", where=str(path),
+                       fix="give the --train.output_dir of a finished run") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RunError("run.json is corrupted", where=str(path), fix="train the run again") from None
+    if info.get("status") != "complete" and not allow_incomplete:
+        raise RunError(f"run is incomplete (status: {info.get('status')!r}); training did not finish", where=str(path),
+                       fix="train it to the end, or train again")
+    try:
+        import yaml
+
+        cfg = build_config(yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {},
+                           where=str(path / CONFIG_FILE))
+        labels = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise RunError(f"run is missing {Path(e.filename).name}", where=str(path), fix="train the run again") from None
+    except (ConfigError, ValueError) as e:
+        raise RunError(f"run files are corrupted ({e})", where=str(path), fix="train the run again") from None
+    for needed in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / ADAPTER_DIR / needed).is_file():
+            raise RunError(f"run is missing {ADAPTER_DIR}/{needed}", where=str(path), fix="train the run again")
+    return Run(path, cfg, list(labels), info)

@@ -1,0 +1,143 @@
+"""Fixtures: tiny random-initialised encoders and tokenizers built here, and synthetic data.
+
+Nothing touches the network: HF_HUB_OFFLINE makes any accidental hub access fail at once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
+KEYWORDS = [
+    ["war", "minister", "election", "treaty", "embassy", "refugees"],
+    ["match", "goal", "coach", "league", "season", "striker"],
+    ["shares", "profit", "market", "merger", "investors", "bank"],
+    ["software", "chip", "internet", "research", "robot", "space"],
+]
+FILLER = "the a of to in on for with at by from today new says report after over".split()
+
+
+def make_rows(n: int, seed: int = 0) -> list[tuple[int, str, str]]:
+    """(class 0-3, title, description): each text carries words of its class, so models learn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        c = i % 4
+        title = " ".join(rng.sample(KEYWORDS[c], 2) + rng.sample(FILLER, 2))
+        desc = " ".join(rng.sample(FILLER, rng.randint(2, 9)) + rng.sample(KEYWORDS[c], rng.randint(1, 3)))
+        rows.append((c, title.capitalize(), desc + "."))
+    rng.shuffle(rows)
+    return rows
+
+
+def write_agnews_csv(path: Path, rows: list[tuple[int, str, str]]) -> Path:
+    """The canonical AG News form: no header, every field quoted, classes 1-4."""
+    text = "".join(f'"{c + 1}","{t}","{d}"\n' for c, t, d in rows)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _corpus() -> list[str]:
+    words = sorted({w for ws in KEYWORDS for w in ws} | set(FILLER))
+    return [" ".join(words)] + [f"{t} {d}" for _, t, d in make_rows(200, seed=1)]
+
+
+def build_roberta(path: Path, num_layers: int = 4) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # roberta's ids 0..4
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+                                   model_max_length=128)
+    fast.save_pretrained(path)
+    config = RobertaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=130, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=2, type_vocab_size=1)
+    torch.manual_seed(0)
+    RobertaModel(config).save_pretrained(path)
+    return path
+
+
+def build_bert(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(_corpus(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+    fast.save_pretrained(path)
+    config = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    return build_roberta(tmp_path_factory.mktemp("tiny-roberta"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def agnews_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("agnews")
+    return {"train": write_agnews_csv(d / "train.csv.gz", make_rows(240, seed=2)),
+            "test": write_agnews_csv(d / "test.csv", make_rows(80, seed=3))}
+
+
+def tiny_overrides(model: Path, files: dict[str, Path], out: Path, **extra) -> dict:
+    """Overrides that make any recipe a seconds-long run on a tiny model."""
+    o = {"model.name_or_path": str(model), "data.train": str(files["train"]), "data.test": str(files["test"]),
+         "data.validation_size": 0.2, "data.label_names": None, "lora.layers": None, "lora.r": 4, "lora.alpha": 8,
+         "train.output_dir": str(out), "train.epochs": 2, "train.batch_size": 16,
+         "train.gradient_accumulation_steps": 1, "train.learning_rate": 3e-2, "train.warmup_ratio": 0.1,
+         "train.precision": "fp32", "train.log_every_steps": 2}
+    o.update(extra)
+    return o
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_roberta, agnews_files) -> Path:
+    """One finished run shared by the read-only tests (evaluate, predict, run loading)."""
+    from loraclf.config import load_config
+    from loraclf.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "agnews-seed.yaml",
+                      tiny_overrides(tiny_roberta, agnews_files, out, **{"train.epochs": 6}))
+    train(cfg)
+    return out
