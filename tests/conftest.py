@@ -43,8 +43,11 @@ def make_rows(n: int, seed: int = 0) -> list[tuple[int, str, str]]:
 
 
 def write_agnews_csv(path: Path, rows: list[tuple[int, str, str]]) -> Path:
-    """The canonical AG News form: no header, every field quoted, classes 1-4."""
-    text = "".join(f'"{c + 1}","{t}","{d}"\n' for c, t, d in rows)
+    """The canonical AG News form: no header, every field quoted (inner quotes doubled), classes 1-4."""
+    def q(s: str) -> str:
+        return '"' + s.replace('"', '""') + '"'
+
+    text = "".join(f"{q(str(c + 1))},{q(t)},{q(d)}\n" for c, t, d in rows)
     if path.suffix == ".gz":
         with gzip.open(path, "wt", encoding="utf-8") as f:
             f.write(text)
@@ -138,6 +141,7 @@ def trained_run(tmp_path_factory, tiny_roberta, agnews_files) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "run"
     cfg = load_config(Path(__file__).parents[1] / "configs" / "agnews-seed.yaml",
-                      tiny_overrides(tiny_roberta, agnews_files, out, **{"train.epochs": 6}))
+                      tiny_overrides(tiny_roberta, agnews_files, out,
+                                     **{"train.epochs": 12, "train.learning_rate": 1e-2}))
     train(cfg)
     return out

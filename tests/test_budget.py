@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+from transformers import RobertaConfig
+
+from loraclf import budget
+from loraclf.config import load_config
+from loraclf.errors import BudgetError, ModelError
+from loraclf.model import build_model, load_model_config
+
+SEED = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
+AG = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+@pytest.fixture(scope="module")
+def roberta_base_arch(tmp_path_factory) -> Path:
+    """roberta-base's architecture (no weights): 12 layers, hidden 768, 12 heads, FFN 3072."""
+    d = tmp_path_factory.mktemp("roberta-base-arch")
+    RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                  bos_token_id=0, eos_token_id=2).save_pretrained(d)
+    return d
+
+
+def test_seed_preset_counts_777988_on_roberta_base(roberta_base_arch):
+    cfg = load_config(SEED, {"model.name_or_path": str(roberta_base_arch)})
+    b = budget.count(cfg, AG)
+    assert b.trainable == 777_988
+    assert b.lora_total == 184_320 and b.head_total == 593_668
+    assert b.head == {"classifier.dense": 590_592, "classifier.out_proj": 3_076}
+    assert set(b.lora) == {f"layer {i} {m}" for i in (0, 1, 5, 10, 11) for m in ("query", "value")}
+    assert all(v == 12 * (768 + 768) for v in b.lora.values())
+    # RobertaModel has 124,645,632 parameters with its pooler (590,592), which classification drops.
+    assert b.total == 124_645_632 - 590_592 + 777_988
+
+
+def test_count_matches_the_model_that_trains(tiny_roberta):
+    cfg = load_config(None, {"model.name_or_path": str(tiny_roberta), "lora.r": 3, "lora.layers": [1, 3],
+                             "lora.target_modules": ["query", "key", "dense"]})
+    counted = budget.count(cfg, ["a", "b", "c"])
+    real = build_model(cfg.model, cfg.lora, load_model_config(cfg.model, ["a", "b", "c"]))
+    assert counted.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert counted.total == budget.breakdown(real).total
+
+
+def test_over_budget_names_count_budget_and_largest(roberta_base_arch):
+    cfg = load_config(SEED, {"model.name_or_path": str(roberta_base_arch), "lora.r": 64, "lora.layers": None})
+    b = budget.count(cfg, AG)
+    with pytest.raises(BudgetError) as e:
+        budget.check(b, cfg.train.max_trainable_params)
+    msg = str(e.value)
+    assert f"{b.trainable:,}" in msg and "1,000,000" in msg and "head classifier.dense 590,592" in msg
+    assert "\n" not in msg
+
+
+def test_layer_beyond_depth_is_an_error(tiny_roberta):
+    cfg = load_config(None, {"model.name_or_path": str(tiny_roberta), "lora.layers": [0, 4]})
+    with pytest.raises(ModelError, match=r"layer\(s\) \[4\] do not exist: the model has 4 layers"):
+        budget.count(cfg, ["a", "b"])
+
+
+def test_unknown_target_module_lists_real_ones(tiny_roberta):
+    cfg = load_config(None, {"model.name_or_path": str(tiny_roberta), "lora.target_modules": ["q_proj"]})
+    with pytest.raises(ModelError, match=r"\['q_proj'\] not found.*query"):
+        budget.count(cfg, ["a", "b"])
+
+
+def test_bert_style_counts(tiny_bert):
+    cfg = load_config(None, {"model.name_or_path": str(tiny_bert), "lora.r": 2})
+    b = budget.count(cfg, ["a", "b", "c", "d"])
+    # 2 layers x (query, value) x r*(in+out) + linear classifier 32*4+4
+    assert b.lora_total == 2 * 2 * 2 * (32 + 32) and b.head == {"classifier": 132}

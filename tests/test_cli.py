@@ -1,0 +1,143 @@
+"""The CLI end to end: train -> evaluate -> predict through the real entry point, and every
+error path ending in one line on stderr with a non-zero exit code and no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from loraclf.cli import main
+
+SEED = str(Path(__file__).parents[1] / "configs" / "agnews-seed.yaml")
+
+
+def _args(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        out += [f"--{k}", "null" if v is None else json.dumps(v) if not isinstance(v, str) else v]
+    return out
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_train_evaluate_predict_end_to_end(tiny_roberta, agnews_files, tmp_path, capsys):
+    run = tmp_path / "run"
+    o = tiny_overrides(tiny_roberta, agnews_files, run, **{"train.epochs": 1})
+    assert main(["train", "--config", SEED, "--quiet", *_args(o)]) == 0
+    out = capsys.readouterr().out
+    assert f"run: {run}" in out and "test (best epoch): accuracy" in out
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+
+    assert main(["evaluate", str(run), "--json", "--precision", "fp32"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(metrics) and metrics["n"] == 80
+
+    assert main(["evaluate", str(run), "--data.test", str(agnews_files["train"]), "--data.max_eval_samples", "20"]) == 0
+    table = capsys.readouterr().out
+    assert "accuracy" in table and "confusion matrix" in table and "(n=20" in table
+
+    assert main(["predict", str(run), "the match goal", "bank shares profit", "--top-k", "2"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [l["text"] for l in lines] == ["the match goal", "bank shares profit"] and len(lines[0]["top_k"]) == 2
+
+    src = tmp_path / "in.txt"
+    src.write_text("first text\n\nsecond text\n")
+    dst = tmp_path / "out.csv"
+    assert main(["predict", str(run), "--input", str(src), "--format", "csv", "--output", str(dst)]) == 0
+    rows = dst.read_text().splitlines()
+    assert rows[0] == "text,label,p_World,p_Sports,p_Business,p_Sci/Tech" and len(rows) == 3
+
+    jl = tmp_path / "in.jsonl"
+    jl.write_text('{"body": "robot chip"}\n')
+    assert main(["predict", str(run), "--input", str(jl), "--text-column", "body"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "robot chip"
+
+
+def test_params_json(tiny_roberta, capsys):
+    assert main(["params", "--config", SEED, "--model.name_or_path", str(tiny_roberta), "--lora.layers", "[0,1]",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # r=12 on query and value (32 -> 32) of 2 layers; head: dense 32x32+32, out_proj 32x4+4
+    assert data["lora_total"] == 2 * 2 * 12 * (32 + 32)
+    assert data["head_total"] == 32 * 32 + 32 + 32 * 4 + 4
+    assert data["trainable"] == data["lora_total"] + data["head_total"] and data["within_budget"]
+
+
+def test_params_table_and_over_budget_exit(tiny_roberta, capsys):
+    base = ["params", "--config", SEED, "--model.name_or_path", str(tiny_roberta), "--lora.layers", "null"]
+    assert main(base) == 0
+    assert "trainable" in capsys.readouterr().out
+    assert main(base + ["--train.max_trainable_params", "10"]) == 1
+    assert "OVER BUDGET" in capsys.readouterr().out
+
+
+def test_console_script_runs_in_a_subprocess(tiny_roberta):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "loraclf.cli", "params", "--config", SEED, "--model.name_or_path",
+                        str(tiny_roberta), "--lora.layers", "[0,1]", "--json"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["trainable"] > 0
+
+
+ERRORS = [
+    (["train", "--config", "nope.yaml"], "config file not found"),
+    (["train", "--config", SEED, "--lora.r", "abc", "--lora.rank", "3"], "lora.r"),
+    (["train", "--config", SEED, "--bogus.key", "1"], "unknown section"),
+    (["train", "--config", SEED, "--lora.r"], "needs a value"),
+    (["evaluate", "/no/such/run"], "no such run directory"),
+    (["evaluate", "RUN", "--lora.r", "3"], "evaluate does not take --lora.r"),
+    (["predict", "/no/such/run", "text"], "no such run directory"),
+    (["predict", "RUN", "ok", ""], "text 2 is empty"),
+    (["predict", "RUN", "--input", "/no/such/file.txt"], "file not found"),
+    (["predict", "RUN", "x", "--top-k", "0"], "--top-k must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", ERRORS, ids=[" ".join(a[:3]) for a, _ in ERRORS])
+def test_errors_are_one_clear_line(argv, expected, trained_run, capsys):
+    argv = [str(trained_run) if a == "RUN" else a for a in argv]
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert expected in line and line.startswith("loraclf ")
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ({"data.train": "/no/such/train.csv"}, "file not found"),
+    ({"data.text_columns": ["body"]}, "no column(s) ['body']"),
+    ({"data.label_column": "topic"}, "no label column 'topic'"),
+    ({"lora.layers": [0, 9]}, "layer(s) [9] do not exist"),
+    ({"train.max_trainable_params": 50}, "exceed the budget of 50"),
+    ({"model.name_or_path": "no-such-org/no-such-model"}, "not reachable on the Hugging Face Hub"),
+    ({"data.train": "no-such-org/no-such-dataset"}, "cannot load dataset 'no-such-org/no-such-dataset'"),
+])
+def test_train_errors_leave_nothing_behind(extra, expected, tiny_roberta, agnews_files, tmp_path, capsys):
+    run = tmp_path / "run"
+    o = tiny_overrides(tiny_roberta, agnews_files, run, **extra)
+    assert main(["train", "--config", SEED, "--quiet", *_args(o)]) == 2
+    assert expected in _error_line(capsys)
+    assert not run.exists()
+
+
+def test_empty_text_row_in_training_data(tiny_roberta, agnews_files, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nfine text,0\n  ,1\n")
+    o = tiny_overrides(tiny_roberta, {"train": bad, "test": agnews_files["test"]}, tmp_path / "run")
+    assert main(["train", "--config", SEED, *_args(o)]) == 2
+    line = _error_line(capsys)
+    assert "bad.csv" in line and "row 2: empty text" in line
+
+
+def test_unknown_label_in_eval_data(trained_run, tmp_path, capsys):
+    bad = tmp_path / "eval.csv"
+    bad.write_text("text,label\nfine text,World\nother,Weather\n")
+    assert main(["evaluate", str(trained_run), "--data.test", str(bad)]) == 2
+    assert "row 2: label 'Weather' is not one of the classes" in _error_line(capsys)

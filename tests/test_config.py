@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from loraclf.config import Config, load_config, parse_override_value, save_config
+from loraclf.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_seed_config_is_the_seed_recipe():
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "agnews-seed.yaml")
+    assert cfg.model.name_or_path == "roberta-base"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (12, 32, 0.06)
+    assert cfg.lora.target_modules == ["query", "value"] and cfg.lora.layers == [0, 1, 5, 10, 11]
+    t = cfg.train
+    assert (t.learning_rate, t.scheduler, t.warmup_ratio) == (3e-4, "cosine", 0.15)
+    assert (t.batch_size, t.gradient_accumulation_steps, t.eval_batch_size, t.epochs, t.seed) == (16, 2, 32, 6, 42)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_overrides_apply_with_yaml_values():
+    cfg = load_config(None, {"lora.r": parse_override_value("lora.r", "8"),
+                             "lora.layers": parse_override_value("lora.layers", "[0,1,5]"),
+                             "data.max_train_samples": parse_override_value("data.max_train_samples", "100")})
+    assert cfg.lora.r == 8 and cfg.lora.layers == [0, 1, 5] and cfg.data.max_train_samples == 100
+
+
+def test_string_fields_keep_text_as_typed():
+    assert parse_override_value("model.name_or_path", "123") == "123"
+    assert parse_override_value("data.test", "null") is None
+    assert parse_override_value("lora.r", "null") is None
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lora:\n  r: abc\n  rank: 3\ntrain:\n  precision: fp16\nbogus: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, {"train.epochs": 0})
+    msg = str(e.value)
+    assert len(e.value.problems) == 5, e.value.problems
+    for fragment in ("lora.r", "unknown key 'lora.rank'", "train.precision", "unknown key 'bogus'", "train.epochs"):
+        assert fragment in msg
+    assert "\n" not in msg and str(p) in msg
+
+
+def test_semantic_checks():
+    with pytest.raises(ConfigError, match="layer indices must be >= 0"):
+        load_config(None, {"lora.layers": [-1]})
+    with pytest.raises(ConfigError, match="repeat"):
+        load_config(None, {"lora.layers": [1, 1]})
+    with pytest.raises(ConfigError, match="lora.dropout"):
+        load_config(None, {"lora.dropout": 1.5})
+
+
+def test_bad_override_key_shape():
+    with pytest.raises(ConfigError, match="--section.key"):
+        load_config(None, {"lora.a.b": 1})
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  r: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(lst)
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = load_config(None, {"lora.r": 4, "lora.layers": [0, 2], "data.label_names": ["a", "b"]})
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg

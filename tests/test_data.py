@@ -1,0 +1,158 @@
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_rows, write_agnews_csv
+from loraclf.config import DataConfig
+from loraclf.data import (AG_NEWS_LABELS, LengthGroupedBatchSampler, PadCollator, detect_format, load_eval_split,
+                          load_splits, read_table, sorted_batches, to_examples)
+from loraclf.errors import DataError
+
+
+def _cfg(**kw) -> DataConfig:
+    return DataConfig(**kw)
+
+
+def test_canonical_agnews_gz(tmp_path):
+    p = write_agnews_csv(tmp_path / "t.csv.gz", [(0, "Title one", "desc, with comma"), (3, 'A "quoted" t', "d")])
+    assert detect_format(p) == "agnews"
+    ex, names = to_examples(read_table(str(p), "train", _cfg()), _cfg())
+    assert names == AG_NEWS_LABELS
+    assert ex.texts == ["Title one desc, with comma", 'A "quoted" t d']
+    assert ex.labels.tolist() == [0, 3]
+
+
+def test_csv_with_header_joins_text_columns_and_string_labels(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("title,body,topic\nHello,world,sports\nFoo,bar,news\nBaz,qux,sports\n")
+    cfg = _cfg(text_columns=["title", "body"], label_column="topic")
+    ex, names = to_examples(read_table(str(p), "train", cfg), cfg)
+    assert names == ["news", "sports"] and ex.texts[0] == "Hello world" and ex.labels.tolist() == [1, 0, 1]
+
+
+def test_tsv_jsonl_parquet_agree(tmp_path):
+    rows = [("first text", "a"), ("second text", "b"), ("third", "a")]
+    (tmp_path / "d.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows))
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows)
+    pd.DataFrame(rows, columns=["text", "label"]).to_parquet(tmp_path / "d.parquet")
+    results = []
+    for name in ("d.tsv", "d.jsonl.gz", "d.parquet"):
+        ex, names = to_examples(read_table(str(tmp_path / name), "train", _cfg()), _cfg())
+        results.append((ex.texts, ex.labels.tolist(), names))
+    assert results[0] == results[1] == results[2]
+
+
+def test_integer_labels_are_indices_with_configured_names(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "x", "label": 1}\n{"text": "y", "label": 0}\n')
+    cfg = _cfg(label_names=["neg", "pos"])
+    ex, names = to_examples(read_table(str(p), "train", cfg), cfg)
+    assert names == ["neg", "pos"] and ex.labels.tolist() == [1, 0]
+
+
+def test_validation_carved_deterministically_and_disjoint(agnews_files):
+    cfg = _cfg(train=str(agnews_files["train"]), test=str(agnews_files["test"]), validation_size=0.25)
+    a, b = load_splits(cfg), load_splits(cfg)
+    assert a.validation.texts == b.validation.texts and len(a.validation) == 60 and len(a.train) == 180
+    assert len(a.test) == 80
+    assert a.fingerprints["train"]["sha256"] == b.fingerprints["train"]["sha256"]
+    c = load_splits(cfg.model_copy(update={"split_seed": 7}))
+    assert c.validation.texts != a.validation.texts
+
+
+def test_sample_limits(agnews_files):
+    cfg = _cfg(train=str(agnews_files["train"]), test=str(agnews_files["test"]), max_train_samples=50,
+               max_eval_samples=10)
+    s = load_splits(cfg)
+    assert (len(s.train), len(s.validation), len(s.test)) == (50, 10, 10)
+
+
+def test_eval_split_rejects_unseen_label(tmp_path):
+    p = tmp_path / "e.csv"
+    p.write_text("text,label\nok,a\nbad,zzz\n")
+    with pytest.raises(DataError, match=r"row 2: label 'zzz' is not one of the classes"):
+        load_eval_split(_cfg(), str(p), ["a", "b"])
+
+
+def _write(tmp_path, name, content: bytes | str):
+    p = tmp_path / name
+    (p.write_bytes if isinstance(content, bytes) else p.write_text)(content)
+    return str(p)
+
+
+BAD_INPUTS = [
+    ("missing.csv", None, {}, "file not found"),
+    ("empty.csv", "", {}, "file is empty"),
+    ("header.csv", "text,label\n", {}, "no data rows"),
+    ("ragged.csv", "text,label\na,1\nb,1,extra\n", {}, "row 2 has 3 fields"),
+    ("semi.csv", "text;label\na;1\n", {}, "no column"),
+    ("utf.csv", b"text,label\n\xff\xfe,1\n", {}, "not valid UTF-8"),
+    ("nul.csv", "text,label\na\x00b,1\n", {}, "NUL bytes"),
+    ("quote.csv", 'text,label\n"never closed,1\n', {}, "malformed CSV"),
+    ("dup.csv", "text,text,label\na,b,1\n", {}, "duplicate column"),
+    ("nocol.csv", "body,label\na,1\n", {}, "no column(s) ['text']"),
+    ("nolabel.csv", "text,y\na,1\n", {}, "no label column 'label'"),
+    ("emptytext.csv", "text,label\na,0\n   ,1\n", {}, "row 2: empty text"),
+    ("mixed.csv", "text,label\na,0\nb,sports\n", {}, "mixed label types"),
+    ("range.csv", "text,label\na,0\nb,7\n", {"label_names": ["x", "y"]}, "row 2: label 7 out of range"),
+    ("gaps.csv", "text,label\na,0\nb,2\n", {}, "no training row has class [1]"),
+    ("bad.jsonl", '{"text": "a", "label": 0}\n{oops\n', {}, "line 2 is not valid JSON"),
+    ("arr.jsonl", '[1, 2]\n', {}, "not an object"),
+    ("types.jsonl", '{"text": 5, "label": 0}\n', {}, "holds int"),
+    ("floatlabel.jsonl", '{"text": "a", "label": 0.5}\n', {}, "is not a class"),
+    ("blank.jsonl", "\n\n", {}, "no records"),
+    ("notgz.csv.gz", "text,label\na,1\n", {}, "gzip"),
+    ("weird.xyz", "x", {}, "cannot tell the format"),
+    ("bad.parquet", b"PAR1garbage", {}, "cannot read Parquet"),
+]
+
+
+@pytest.mark.parametrize("name,content,kw,expected", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_give_one_clear_line(tmp_path, name, content, kw, expected):
+    path = str(tmp_path / name) if content is None else _write(tmp_path, name, content)
+    cfg = _cfg(train=path, **kw)
+    with pytest.raises(DataError) as e:
+        load_splits(cfg)
+    msg = str(e.value)
+    assert expected in msg and "\n" not in msg and "fix:" in msg
+    assert name in msg  # names the file
+
+
+def test_bom_is_ignored(tmp_path):
+    p = _write(tmp_path, "bom.csv", "\ufefftext,label\nhello,a\nworld,b\n".encode("utf-8"))
+    ex, _ = to_examples(read_table(p, "train", _cfg()), _cfg())
+    assert ex.texts == ["hello", "world"]
+
+
+def test_length_grouped_sampler_covers_every_row_once_and_groups():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=1000)
+    s = LengthGroupedBatchSampler(lengths, batch_size=16, seed=3, mega=50)
+    s.set_epoch(1)
+    batches = list(s)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(1000)) and len(batches) == len(s)
+    padded = sum(len(b) * max(lengths[b]) for b in batches)
+    random_batches = [list(range(i, min(i + 16, 1000))) for i in range(0, 1000, 16)]
+    padded_random = sum(len(b) * max(lengths[b]) for b in random_batches)
+    assert padded < 0.7 * padded_random  # grouping removes most padding
+    assert list(s) == batches  # same epoch -> same order
+    s.set_epoch(2)
+    assert list(s) != batches
+
+
+def test_pad_collator_and_sorted_batches():
+    batch = PadCollator(pad_id=1)([([5, 6, 7], 0), ([8], 2)])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [0, 2]
+    assert sorted_batches([3, 9, 1, 5], 2) == [[1, 3], [0, 2]]
+
+
+def test_ag_news_rows_fixture_is_balanced():
+    labels = [c for c, _, _ in make_rows(80)]
+    assert all(labels.count(c) == 20 for c in range(4))

@@ -1,0 +1,92 @@
+import torch
+import pytest
+
+from loraclf.config import load_config
+from loraclf.errors import ModelError
+from loraclf.model import build_model, load_adapter, load_base, load_model_config, load_tokenizer
+
+NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def _model(path, **kw):
+    cfg = load_config(None, {"model.name_or_path": str(path), "lora.r": 4, "lora.dropout": 0.0, **kw})
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model, cfg.lora, load_model_config(cfg.model, NAMES))
+
+
+def _batch(path):
+    tok = load_tokenizer(load_config(None, {"model.name_or_path": str(path)}).model)
+    return tok(["the match goal coach", "shares profit at the bank today"], padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("which", ["tiny_roberta", "tiny_bert"])
+def test_step_changes_only_trainable_weights(which, request):
+    path = request.getfixturevalue(which)
+    _, model = _model(path)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batch(path)
+    model.train()
+    model(**batch, labels=torch.tensor([1, 2])).loss.backward()
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trained[n])]
+    assert any("lora_B" in n for n in changed) and any("classifier" in n for n in changed)
+
+
+def _train_a_bit(model, path):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    batch = _batch(path)
+    for _ in range(3):
+        model(**batch, labels=torch.tensor([1, 2])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), batch
+
+
+def test_save_load_gives_identical_logits_and_merged_equals_unmerged(tiny_roberta, tmp_path):
+    cfg, model = _model(tiny_roberta)
+    model, batch = _train_a_bit(model, tiny_roberta)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "adapter")
+    base = load_base(cfg.model, load_model_config(cfg.model, NAMES))
+    loaded = load_adapter(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+        merged = loaded.merge_and_unload().eval()
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_adapter_loads_with_peft_auto_class(tiny_roberta, tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+
+    _, model = _model(tiny_roberta)
+    model, batch = _train_a_bit(model, tiny_roberta)
+    model.save_pretrained(tmp_path / "adapter")
+    peft_model = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "adapter"), num_labels=4).eval()
+    with torch.no_grad():
+        assert torch.equal(peft_model(**batch).logits, model(**batch).logits)
+
+
+def test_missing_local_model_dir(tmp_path):
+    cfg = load_config(None, {"model.name_or_path": str(tmp_path)})
+    with pytest.raises(ModelError, match="cannot load model config from"):
+        load_model_config(cfg.model, NAMES)
+
+
+def test_unreachable_hub_model_is_one_clear_line():
+    cfg = load_config(None, {"model.name_or_path": "no-such-org/no-such-model"})
+    with pytest.raises(ModelError) as e:
+        load_model_config(cfg.model, NAMES)
+    msg = str(e.value)
+    assert "not reachable on the Hugging Face Hub" in msg and "--model.name_or_path" in msg and "\n" not in msg
+
+
+def test_adapter_without_safetensors_is_refused(tiny_roberta, tmp_path):
+    cfg, model = _model(tiny_roberta)
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(ModelError, match="safetensors only"):
+        load_adapter(load_base(cfg.model, load_model_config(cfg.model, NAMES)), tmp_path / "adapter")

@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loraclf.errors import DataError, RunError
+from loraclf.evaluate import classification_metrics, evaluate_run
+from loraclf.predict import Predictor
+
+TEXTS = ["Coach says the striker scored a goal", "Shares rise as the bank reports profit",
+         "New chip for robot research", "Minister visits embassy after the election treaty", "goal"]
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    return Predictor.from_run(trained_run, batch_size=2, precision="fp32")
+
+
+def test_batched_sorted_predictions_equal_one_at_a_time(predictor):
+    together = predictor.logits(TEXTS)
+    alone = np.concatenate([predictor.logits([t]) for t in TEXTS])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_equals_unmerged(trained_run, predictor):
+    unmerged = Predictor.from_run(trained_run, precision="fp32", merge=False)
+    np.testing.assert_allclose(predictor.logits(TEXTS), unmerged.logits(TEXTS), rtol=1e-5, atol=1e-5)
+    assert not any("lora" in n for n, _ in predictor.model.named_parameters())
+
+
+def test_predict_output_shape(predictor):
+    out = predictor.predict(TEXTS[:2], top_k=3)
+    for r in out:
+        assert set(r) == {"text", "label", "probabilities", "top_k"}
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-5
+        assert [t["label"] for t in r["top_k"]][0] == r["label"] and len(r["top_k"]) == 3
+        probs = [t["probability"] for t in r["top_k"]]
+        assert probs == sorted(probs, reverse=True)
+
+
+def test_empty_text_rejected(predictor):
+    with pytest.raises(DataError, match="text 2 is empty"):
+        predictor.predict(["fine", "   "])
+
+
+def test_bf16_predictions_agree_with_fp32(trained_run, predictor):
+    bf16 = Predictor.from_run(trained_run, precision="bf16")
+    assert bf16.precision == "bf16"
+    assert (bf16.logits(TEXTS).argmax(-1) == predictor.logits(TEXTS).argmax(-1)).mean() >= 0.8
+
+
+def test_classification_metrics_against_hand_computed():
+    m = classification_metrics(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8),
+                                   "support": 2}
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_evaluate_run_matches_training_test_metrics(trained_run):
+    r = evaluate_run(trained_run, precision="fp32")
+    info = json.loads((trained_run / "run.json").read_text())
+    assert r["split"] == "test" and r["n"] == 80
+    assert r["accuracy"] == pytest.approx(info["metrics"]["test"]["accuracy"])
+    assert (trained_run / "eval" / "test.csv.json").is_file()
+    assert (trained_run / "eval" / "test.csv_confusion.png").stat().st_size > 1000
+
+
+def test_open_run_refuses_broken_runs(trained_run, tmp_path):
+    import shutil
+
+    with pytest.raises(RunError, match="no such run directory"):
+        Predictor.from_run(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_run, broken)
+    (broken / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(RunError, match="missing adapter/adapter_model.safetensors"):
+        Predictor.from_run(broken)
+    (broken / "run.json").write_text("{not json")
+    with pytest.raises(RunError, match="corrupted"):
+        Predictor.from_run(broken)

@@ -1,0 +1,89 @@
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from loraclf.config import load_config
+from loraclf.errors import BudgetError, RunError
+from loraclf.runs import open_run
+from loraclf.train import train
+
+SEED = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
+
+
+def test_run_directory_is_complete_and_honest(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"run.json", "config.yaml", "labels.json", "metrics.jsonl", "learning_curve.png", "adapter",
+            "tokenizer"} <= names
+    assert {p.name for p in (trained_run / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["status"] == "complete"
+    assert set(info["versions"]) >= {"python", "torch", "transformers", "peft"}
+    assert info["data"]["train"]["sha256"] and info["data"]["test"]["sha256"] and info["seed"] == 42
+    records = [json.loads(l) for l in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["split"] in ("train", "validation", "test") for r in records)
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["split"] for r in evals] == ["validation"] * 12 + ["test"]
+    best = max((r for r in evals if r["split"] == "validation"), key=lambda r: r["accuracy"])
+    assert info["best_epoch"] == evals[-1]["epoch"] == min(
+        r["epoch"] for r in evals if r["split"] == "validation" and r["accuracy"] == best["accuracy"])
+    assert info["metrics"]["validation"]["accuracy"] == best["accuracy"]
+    assert info["metrics"]["test"]["accuracy"] == evals[-1]["accuracy"]
+    # the tiny model learns the synthetic task: far above chance (0.25)
+    assert info["metrics"]["test"]["accuracy"] > 0.4
+    run = open_run(trained_run)
+    assert run.label_names == ["World", "Sports", "Business", "Sci/Tech"]
+    assert Path(run.cfg.model.name_or_path).is_absolute()
+
+
+def test_same_seed_same_adapter_bit_for_bit(tiny_roberta, agnews_files, tmp_path):
+    weights = []
+    for name in ("a", "b"):
+        cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / name,
+                                               **{"data.max_train_samples": 64, "train.epochs": 1}))
+        train(cfg)
+        weights.append(load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+
+
+def test_gradient_accumulation_and_bert(tiny_bert, agnews_files, tmp_path):
+    cfg = load_config(SEED, tiny_overrides(tiny_bert, agnews_files, tmp_path / "r",
+                                           **{"train.gradient_accumulation_steps": 2, "train.epochs": 1,
+                                              "data.max_train_samples": 40}))
+    result = train(cfg)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["optimizer_steps"] == 2  # 40 rows / 16 = 3 micro-batches -> ceil(3 / 2)
+    assert result.trainable_params == info["params"]["trainable"]
+
+
+def test_over_budget_writes_nothing(tiny_roberta, agnews_files, tmp_path):
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r",
+                                           **{"train.max_trainable_params": 100}))
+    with pytest.raises(BudgetError):
+        train(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_run_is_not_clobbered(trained_run, tiny_roberta, agnews_files):
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, trained_run))
+    with pytest.raises(RunError, match="already exists"):
+        train(cfg)
+
+
+def test_failed_run_is_marked_and_refused(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    import loraclf.train as t
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash during evaluation")
+
+    monkeypatch.setattr(t, "_evaluate", boom)
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r", **{"train.epochs": 1}))
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["status"] == "failed" and "simulated crash" in info["error"]
+    with pytest.raises(RunError, match="incomplete"):
+        open_run(tmp_path / "r")
