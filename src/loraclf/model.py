@@ -6,6 +6,7 @@ training (real weights) and loading a finished run (adapter on top of the base).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from .config import LoraSettings, ModelConfig
 from .errors import ModelError
+from .heads import install_head
 
 _OFFLINE_FIX = (
     "pass --model.name_or_path a local model directory, or connect to the Hugging Face Hub "
@@ -94,15 +96,38 @@ def peft_config(lcfg: LoraSettings) -> LoraConfig:
         layers_to_transform=list(lcfg.layers) if lcfg.layers is not None else None,
         use_rslora=lcfg.use_rslora,
         use_dora=lcfg.use_dora,
+        rank_pattern=dict(lcfg.rank_pattern or {}),
+        alpha_pattern=dict(lcfg.alpha_pattern or {}),
+        exclude_modules=list(lcfg.exclude_modules) if lcfg.exclude_modules else None,
     )
 
 
+def is_linear(module: torch.nn.Module) -> bool:
+    """A layer PEFT's LoRA adapts as a linear map: nn.Linear or GPT-2 style Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def _matches(name: str, suffix: str) -> bool:
+    """PEFT's rule for target_modules / exclude_modules given as a list: the name or a dotted suffix."""
+    return name == suffix or name.endswith("." + suffix)
+
+
 def _check_targets(model: torch.nn.Module, lcfg: LoraSettings) -> None:
-    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    missing = [t for t in lcfg.target_modules if t not in linear_names]
+    names = [n for n, m in model.named_modules() if is_linear(m)]
+    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in names})
+    missing = [t for t in lcfg.target_modules if not any(_matches(n, t) for n in names)]
     if missing:
         raise ModelError(f"target module(s) {missing} not found in the model", where="lora.target_modules",
-                         fix=f"use names of its linear layers: {linear_names}")
+                         fix=f"use names (or dotted name suffixes) of its linear layers: {leaf_names}")
+    problems = []
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(lcfg, field) or {}:
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):  # PEFT's matching rule
+                problems.append(f"{field} key {key!r} matches no linear layer")
+    if problems:
+        raise ModelError("; ".join(problems), where="lora", fix="match the end of module names, e.g. 'intermediate.dense'")
 
 
 def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig, meta: bool = False) -> PeftModel:
@@ -111,6 +136,7 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
     if meta:
         with torch.device("meta"):
             base = AutoModelForSequenceClassification.from_config(config, trust_remote_code=mcfg.trust_remote_code)
+            install_head(base, mcfg.head, config, mcfg.head_rank)
     else:
         base = load_base(mcfg, config)
     _check_targets(base, lcfg)
@@ -134,6 +160,8 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(
             resolve_name(mcfg.name_or_path), config=config, revision=mcfg.revision,
             trust_remote_code=mcfg.trust_remote_code, use_safetensors=True,
+            # fp32 master weights whatever the checkpoint's dtype: precision is autocast's job.
+            dtype=torch.float32,
         )
     except (OSError, ValueError) as e:
         raise _load_error("model", mcfg, e) from None
