@@ -94,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=1)
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+
+    sv = sub.add_parser("serve", help="HTTP service and web page for a run (FastAPI + uvicorn)",
+                        description="POST /predict, GET /health, GET /info, the page at /, the schema at "
+                                    "/openapi.json. Ctrl-C or SIGTERM: finish open requests, then stop.")
+    sv.add_argument("run_dir", metavar="RUN_DIR")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    sv.add_argument("--no-micro-batching", action="store_true", help="answer requests one at a time")
+    sv.add_argument("--max-batch", type=int, default=64, help="most texts in one micro-batch")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a micro-batch")
+    sv.add_argument("--max-texts", type=int, default=256, help="most texts in one request")
+    sv.add_argument("--max-text-chars", type=int, default=10_000, help="longest text, in characters")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body")
+    sv.add_argument("--batch-size", type=int, default=64, help="inference batch size")
+    sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
     return p
 
 
@@ -258,7 +274,40 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "params": cmd_params, "evaluate": cmd_evaluate, "predict": cmd_predict}
+def _no_overrides(command: str, overrides: dict[str, Any]) -> None:
+    if overrides:
+        raise ConfigError([f"{command} does not take --{k}" for k in overrides], where="command line",
+                          fix=f"see loraclf {command} --help")
+
+
+def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .serve import Limits, build_app, listen, run_server
+
+    _no_overrides("serve", overrides)
+    bad = [f"--{k.replace('_', '-')} must be >= 1 (got {v})" for k, v in
+           (("max_batch", args.max_batch), ("max_texts", args.max_texts), ("max_text_chars", args.max_text_chars),
+            ("max_body_bytes", args.max_body_bytes), ("batch_size", args.batch_size)) if v < 1]
+    if args.max_wait_ms < 0:
+        bad.append(f"--max-wait-ms must be >= 0 (got {args.max_wait_ms})")
+    if not 0 <= args.port <= 65535:
+        bad.append(f"--port must be 0-65535 (got {args.port})")
+    if bad:
+        raise ConfigError(bad, where="command line")
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_text_chars=args.max_text_chars)
+    app = build_app(args.run_dir, micro_batching=not args.no_micro_batching, max_batch=args.max_batch,
+                    max_wait_ms=args.max_wait_ms, limits=limits, batch_size=args.batch_size, precision=args.precision)
+    sock = listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    mode = "off" if args.no_micro_batching else f"max {args.max_batch} texts / {args.max_wait_ms:g} ms"
+    print(f"serving {args.run_dir} on http://{shown}:{port}/ (micro-batching {mode}); Ctrl-C to stop", flush=True)
+    run_server(app, sock, log_level=args.log_level)
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "params": cmd_params, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "serve": cmd_serve}
 
 
 def _quiet_libraries() -> None:

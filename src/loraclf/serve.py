@@ -1,0 +1,596 @@
+"""The HTTP service of a run: FastAPI + uvicorn, a web page at ``/``, micro-batched inference.
+
+Prediction is :meth:`Predictor.predict` (LoRA merged at load, length-sorted batches); this
+module only moves requests to it and answers back:
+
+* ``POST /predict``  ``{"text": "..."}`` or ``{"texts": [...]}``, optional ``top_k``
+* ``GET /health``    liveness and queue depth
+* ``GET /info``      labels, base model, trainable parameters, the run's metrics, limits
+* ``GET /``          the page: type a text, see the class and one bar per class
+* ``GET /openapi.json`` and ``/docs``: the schema FastAPI derives from the models below
+
+Concurrent requests are micro-batched: each request puts its texts on an asyncio queue; one
+worker takes the first waiting request, keeps collecting for at most ``max_wait_ms`` or until
+``max_batch`` texts, runs one ``predict`` call in a thread (the event loop keeps serving) and
+resolves every request's future. With micro-batching off the same worker takes one request at
+a time, which is what a plain one-request-one-forward service does.
+
+Every client mistake is a 4xx with a JSON body ``{"error": "..."}``: body too large (413),
+malformed JSON or schema (422), too many texts, a text too long, an empty text (422).
+On shutdown the service stops taking requests (503) and answers the ones already queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import LoraclfError, RunError
+from .predict import Predictor
+from .runs import Run, open_run
+
+EXAMPLES_FILE = "examples.json"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry; anything beyond is refused with a 4xx before any inference."""
+
+    max_body_bytes: int = 1_000_000
+    max_texts: int = 256
+    max_text_chars: int = 10_000
+    max_top_k: int = 100
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+class PredictRequest(BaseModel):
+    """One text (``text``) or several (``texts``), never both."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "Stocks rally after the merger"},
+                                                                              {"texts": ["a", "b"], "top_k": 2}]})
+
+    text: str | None = Field(None, description="a single text to classify")
+    texts: list[str] | None = Field(None, description="several texts to classify, answered in order")
+    top_k: int = Field(1, ge=1, description="how many of the most probable classes to list per text")
+
+
+class ClassProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="the most probable class")
+    probabilities: dict[str, float] = Field(description="probability of every class")
+    top_k: list[ClassProbability] = Field(description="the top_k most probable classes, most probable first")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="one per input text, in input order")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    queued_requests: int
+    micro_batching: bool
+
+
+class InfoResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    labels: list[str]
+    base_model: str | None
+    trainable_params: int | None
+    params: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    run_dir: str | None
+    device: str
+    precision: str
+    micro_batching: dict[str, Any]
+    limits: dict[str, int]
+
+
+class ClientError(Exception):
+    """A request the service refuses; becomes ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ----------------------------------------------------------------------------- micro-batching
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    top_k: int
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Collects concurrent requests into one ``predict`` call.
+
+    A batch starts with the oldest waiting request and grows until it holds ``max_batch``
+    texts or ``max_wait_ms`` have passed since it started; a request that would overflow a
+    non-empty batch waits for the next one (a single request larger than ``max_batch`` is a
+    batch of its own). ``enabled=False`` runs every request alone.
+    """
+
+    def __init__(self, predictor: Predictor, enabled: bool = True, max_batch: int = 64, max_wait_ms: float = 5.0):
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        self.predictor = predictor
+        self.enabled = enabled
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.closing = False
+        self.batches = 0
+        self.texts_done = 0
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._held: _Job | None = None
+        self._busy = False  # a batch taken off the queue and not answered yet
+
+    @property
+    def queued(self) -> int:
+        return (self._queue.qsize() if self._queue is not None else 0) + (self._held is not None)
+
+    def start(self) -> None:
+        """Start the worker on the running loop (again, if a previous loop has gone)."""
+        loop = asyncio.get_running_loop()
+        if self._worker is not None and self._loop is loop and not self._worker.done():
+            return
+        self._loop, self._queue, self._held, self.closing = loop, asyncio.Queue(), None, False
+        self._worker = loop.create_task(self._run(), name="loraclf-microbatcher")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, answer everything already queued, then stop the worker."""
+        self.closing = True
+        if self._worker is None:
+            return
+        deadline = time.monotonic() + timeout
+        while (self.queued or self._busy) and time.monotonic() < deadline and not self._worker.done():
+            await asyncio.sleep(0.005)
+        self._worker.cancel()
+        try:
+            await self._worker
+        except asyncio.CancelledError:
+            pass
+        self._worker = None
+
+    async def submit(self, texts: list[str], top_k: int = 1) -> list[dict[str, Any]]:
+        if self.closing:
+            raise ClientError(503, "the service is shutting down; retry on another instance")
+        self.start()
+        assert self._queue is not None and self._loop is not None
+        job = _Job(texts, top_k, self._loop.create_future())
+        self._queue.put_nowait(job)
+        return await job.future
+
+    async def _next_batch(self) -> list[_Job]:
+        assert self._queue is not None
+        first = self._held or await self._queue.get()
+        self._held = None
+        batch, size = [first], len(first.texts)
+        if not self.enabled:
+            return batch
+        deadline = time.monotonic() + self.max_wait_s
+        while size < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), remaining)
+                except (asyncio.TimeoutError, TimeoutError):
+                    break
+            if size + len(job.texts) > self.max_batch:
+                self._held = job  # first in the next batch
+                break
+            batch.append(job)
+            size += len(job.texts)
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            self._busy = True
+            try:
+                await self._answer(batch)
+            finally:
+                self._busy = False
+
+    async def _answer(self, batch: list[_Job]) -> None:
+        live = [j for j in batch if not j.future.done()]  # a client that went away is skipped
+        if not live:
+            return
+        texts = [t for j in live for t in j.texts]
+        top_k = max(j.top_k for j in live)
+        try:
+            results = await asyncio.to_thread(self.predictor.predict, texts, top_k)
+        except asyncio.CancelledError:
+            for j in live:
+                if not j.future.done():
+                    j.future.set_exception(ClientError(503, "the service stopped before answering"))
+            raise
+        except Exception as e:  # noqa: BLE001 - every waiting request must get an answer
+            for j in live:
+                if not j.future.done():
+                    j.future.set_exception(e)
+            return
+        self.batches += 1
+        self.texts_done += len(texts)
+        i = 0
+        for j in live:
+            part = results[i:i + len(j.texts)]
+            i += len(j.texts)
+            if not j.future.done():
+                j.future.set_result([_trim(r, j.top_k) for r in part])
+
+
+def _trim(result: dict[str, Any], top_k: int) -> dict[str, Any]:
+    # top_k lists are sorted (stable), so the first k of a longer list are exactly the top k.
+    return {"label": result["label"], "probabilities": result["probabilities"], "top_k": result["top_k"][:top_k]}
+
+
+# ----------------------------------------------------------------------------- request checks
+
+
+def check_request(req: PredictRequest, limits: Limits) -> list[str]:
+    """The texts of a request, or a ClientError saying exactly what is wrong with it."""
+    if (req.text is None) == (req.texts is None):
+        raise ClientError(422, 'give exactly one of "text" (a string) or "texts" (a list of strings)')
+    texts = [req.text] if req.text is not None else list(req.texts or [])
+    if not texts:
+        raise ClientError(422, '"texts" is empty; give at least one text')
+    if len(texts) > limits.max_texts:
+        raise ClientError(422, f"{len(texts)} texts in one request; the limit is {limits.max_texts}")
+    if req.top_k > limits.max_top_k:
+        raise ClientError(422, f"top_k {req.top_k} is above the limit of {limits.max_top_k}")
+    single = req.text is not None
+    for i, t in enumerate(texts):
+        name = "text" if single else f"text {i + 1}"
+        if not t.strip():
+            raise ClientError(422, f"{name} is empty; give every text some characters")
+        if len(t) > limits.max_text_chars:
+            raise ClientError(422, f"{name} has {len(t):,} characters; the limit is {limits.max_text_chars:,}")
+    return texts
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        if e.get("type") == "json_invalid":
+            parts.append("the body is not valid JSON")
+        elif e.get("type") == "extra_forbidden":
+            parts.append(f'unknown field "{loc}" (fields: text, texts, top_k)')
+        else:
+            parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+class _BodyLimit:
+    """ASGI middleware: reads a request body up to ``max_bytes`` (413 beyond), then replays it.
+
+    Checks the declared Content-Length first and the bytes actually received second, so a
+    chunked upload cannot slip past the limit.
+    """
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Any) -> None:
+        body = json.dumps({"error": f"request body is larger than the limit of {self.max_bytes:,} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def run_info(run: Run) -> dict[str, Any]:
+    """What ``/info`` tells about a run, from its run.json."""
+    params = run.info.get("params") or {}
+    return {"base_model": run.info.get("base_model") or run.cfg.model.name_or_path,
+            "trainable_params": params.get("trainable"), "params": params or None,
+            "metrics": run.info.get("metrics"), "run_dir": str(run.path)}
+
+
+def load_examples(run_dir: str | Path) -> dict[str, list[str]]:
+    """Example texts per class saved by ``train`` (RUN_DIR/examples.json); {} when absent."""
+    try:
+        data = json.loads((Path(run_dir) / EXAMPLES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): [t for t in v if isinstance(t, str) and t.strip()] for k, v in data.items() if isinstance(v, list)}
+
+
+def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
+               examples: dict[str, list[str]] | None = None, limits: Limits | None = None,
+               micro_batching: bool = True, max_batch: int = 64, max_wait_ms: float = 5.0) -> Any:
+    """The FastAPI app serving ``predictor``; ``info`` (see :func:`run_info`) feeds ``/info``."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    limits = limits or Limits()
+    info = dict(info or {})
+    batcher = MicroBatcher(predictor, enabled=micro_batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()  # graceful: queued requests are answered first
+
+    app = FastAPI(title="loraclf", version=_version(),
+                  description="Text classification with a LoRA fine-tuned encoder. "
+                              "Errors are JSON objects {\"error\": \"...\"}.",
+                  lifespan=lifespan)
+    app.state.batcher = batcher
+    app.state.predictor = predictor
+    app.state.limits = limits
+    errors = {413: {"model": ErrorResponse, "description": "request body too large"},
+              422: {"model": ErrorResponse, "description": "invalid request: schema, empty text, too many or too long texts"},
+              503: {"model": ErrorResponse, "description": "shutting down"}}
+
+    @app.exception_handler(ClientError)
+    async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _validation_message(list(exc.errors()))}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(LoraclfError)
+    async def _library(request: Request, exc: LoraclfError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=422)
+
+    @app.post("/predict", response_model=PredictResponse, responses=errors, summary="classify one text or several")
+    async def predict(req: PredictRequest) -> dict[str, Any]:
+        texts = check_request(req, limits)
+        return {"predictions": await batcher.submit(texts, req.top_k)}
+
+    @app.get("/health", response_model=HealthResponse, summary="liveness")
+    async def health() -> dict[str, Any]:
+        return {"status": "closing" if batcher.closing else "ok", "queued_requests": batcher.queued,
+                "micro_batching": batcher.enabled}
+
+    @app.get("/info", response_model=InfoResponse, summary="the model behind the service")
+    async def get_info() -> dict[str, Any]:
+        return {"labels": list(predictor.label_names), "base_model": info.get("base_model"),
+                "trainable_params": info.get("trainable_params"), "params": info.get("params"),
+                "metrics": info.get("metrics"), "run_dir": info.get("run_dir"), "device": str(predictor.device),
+                "precision": predictor.precision,
+                "micro_batching": {"enabled": batcher.enabled, "max_batch": batcher.max_batch,
+                                   "max_wait_ms": batcher.max_wait_s * 1000, "batches": batcher.batches,
+                                   "texts": batcher.texts_done},
+                "limits": asdict(limits)}
+
+    page = render_page(predictor.label_names, examples or {}, info, limits)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)  # outermost: before any parsing
+    return app
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def render_page(labels: list[str], examples: dict[str, list[str]], info: dict[str, Any], limits: Limits) -> str:
+    """The single-file page: inline CSS and JS, no external asset, works offline."""
+    buttons = []
+    for label in labels:
+        for i, text in enumerate(examples.get(label, [])[:3]):
+            buttons.append(f'<button type="button" class="example" data-label="{html.escape(label)}" '
+                           f'data-text="{html.escape(text)}" title="{html.escape(text)}">'
+                           f'{html.escape(label)} #{i + 1}</button>')
+    examples_html = "".join(buttons) or '<span class="muted">no examples saved with this run</span>'
+    acc = ((info.get("metrics") or {}).get("test") or {}).get("accuracy")
+    meta = [f"base model <code>{html.escape(str(info.get('base_model') or '?'))}</code>"]
+    if info.get("trainable_params") is not None:
+        meta.append(f"{int(info['trainable_params']):,} trainable parameters")
+    if acc is not None:
+        meta.append(f"test accuracy {100 * float(acc):.2f} %")
+    values = {"META": " · ".join(meta), "EXAMPLES": examples_html,
+              "LABELS": json.dumps(labels).replace("<", "\\u003c"), "MAXCHARS": str(limits.max_text_chars)}
+    # One pass, so text inside an example can never be taken for a placeholder.
+    return re.sub(r"__([A-Z]+)__", lambda m: values.get(m.group(1), m.group(0)), _PAGE)
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>loraclf</title>
+<style>
+ body{font:16px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;color:#1d1d1f}
+ h1{font-size:1.4rem;margin:0 0 .2rem} .muted{color:#6e6e73;font-size:.9rem}
+ textarea{width:100%;box-sizing:border-box;min-height:7rem;font:inherit;padding:.6rem;border:1px solid #c7c7cc;border-radius:8px}
+ button{font:inherit;padding:.45rem .9rem;border-radius:8px;border:1px solid #c7c7cc;background:#f5f5f7;cursor:pointer;margin:.2rem .2rem .2rem 0}
+ button#classify{background:#0a66d8;color:#fff;border-color:#0a66d8} button:disabled{opacity:.6;cursor:wait}
+ #result{margin-top:1.2rem} #label{font-size:1.3rem;font-weight:600}
+ .row{display:grid;grid-template-columns:9rem 1fr 4.5rem;gap:.6rem;align-items:center;margin:.3rem 0}
+ .track{background:#ececf0;border-radius:4px;height:1rem;overflow:hidden}
+ .bar{background:#8fb8ef;height:100%;width:0;transition:width .2s} .row.top .bar{background:#0a66d8}
+ .pct{text-align:right;font-variant-numeric:tabular-nums} .name{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+ #error{color:#b00020;margin-top:.8rem;min-height:1.2rem}
+</style></head>
+<body>
+<h1>loraclf</h1>
+<div class="muted">__META__</div>
+<p><label for="text">Text to classify</label></p>
+<textarea id="text" maxlength="__MAXCHARS__" placeholder="Paste or type a text…"></textarea>
+<div><button type="button" id="classify">Classify</button> <span class="muted">(Ctrl+Enter)</span></div>
+<p class="muted">Examples: __EXAMPLES__</p>
+<div id="error" role="alert"></div>
+<div id="result" hidden>
+ <div>Predicted class: <span id="label" data-testid="label"></span></div>
+ <div id="bars"></div>
+</div>
+<script type="application/json" id="labels">__LABELS__</script>
+<script>
+(function () {
+  "use strict";
+  const labels = JSON.parse(document.getElementById("labels").textContent);
+  const $ = (id) => document.getElementById(id);
+  const text = $("text"), button = $("classify"), error = $("error");
+  function show(p) {
+    $("label").textContent = p.label;
+    const bars = $("bars");
+    bars.textContent = "";
+    labels.forEach(function (name) {
+      const v = p.probabilities[name] || 0;
+      const row = document.createElement("div");
+      row.className = "row" + (name === p.label ? " top" : "");
+      row.dataset.label = name;
+      const n = document.createElement("div"); n.className = "name"; n.textContent = name; n.title = name;
+      const track = document.createElement("div"); track.className = "track";
+      const bar = document.createElement("div"); bar.className = "bar"; bar.style.width = (100 * v).toFixed(1) + "%";
+      track.appendChild(bar);
+      const pct = document.createElement("div"); pct.className = "pct"; pct.textContent = (100 * v).toFixed(1) + " %";
+      row.append(n, track, pct);
+      bars.appendChild(row);
+    });
+    $("result").hidden = false;
+  }
+  async function classify() {
+    error.textContent = "";
+    if (!text.value.trim()) { error.textContent = "Type or paste a text first."; return; }
+    button.disabled = true;
+    document.body.dataset.state = "busy";
+    try {
+      const r = await fetch("predict", {method: "POST", headers: {"Content-Type": "application/json"},
+                                        body: JSON.stringify({text: text.value, top_k: labels.length})});
+      const body = await r.json().catch(function () { return {error: "HTTP " + r.status}; });
+      if (!r.ok) { error.textContent = body.error || ("HTTP " + r.status); $("result").hidden = true; }
+      else { show(body.predictions[0]); }
+    } catch (e) {
+      error.textContent = "The service did not answer: " + e;
+    } finally {
+      button.disabled = false;
+      document.body.dataset.state = "done";
+    }
+  }
+  button.addEventListener("click", classify);
+  text.addEventListener("keydown", function (e) { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) classify(); });
+  document.querySelectorAll("button.example").forEach(function (b) {
+    b.addEventListener("click", function () { text.value = b.dataset.text; classify(); });
+  });
+})();
+</script>
+</body></html>
+"""
+
+
+# ----------------------------------------------------------------------------- serving a run
+
+
+def build_app(run_dir: str | Path, *, micro_batching: bool = True, max_batch: int = 64, max_wait_ms: float = 5.0,
+              limits: Limits | None = None, batch_size: int = 64, precision: str = "auto") -> Any:
+    """Open a finished run, load its Predictor (LoRA merged) and build the app."""
+    run = open_run(run_dir)
+    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision)
+    return create_app(predictor, info=run_info(run), examples=load_examples(run.path), limits=limits,
+                      micro_batching=micro_batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+
+def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket (port 0 picks a free one); a clear RunError when the address is taken."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise RunError(f"cannot listen on {host}:{port} ({e.strerror or e})", where="serve",
+                       fix="choose another --port (or --port 0 for a free one) or --host") from None
+
+
+def run_server(app: Any, sock: socket.socket, log_level: str = "warning") -> None:
+    """Serve until SIGINT/SIGTERM; then stop accepting, finish open requests, drain the queue."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30, access_log=False)
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGINT/SIGTERM (graceful shutdown), then re-raises the signal to the handler
+    # it found. Finding this one, a stop asked for by a signal returns here as a normal end.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,386 @@
+"""The HTTP service: endpoints, limits and their 4xx errors, micro-batching, graceful shutdown,
+the CLI, and the web page driven in a real headless browser (Debian's chromium + Playwright)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from loraclf import cli
+from loraclf.predict import Predictor
+from loraclf.runs import open_run
+from loraclf.serve import ClientError, Limits, MicroBatcher, create_app, listen, load_examples, run_info
+
+fastapi_testclient = pytest.importorskip("fastapi.testclient")
+
+LIMITS = Limits(max_body_bytes=20_000, max_texts=8, max_text_chars=500, max_top_k=10)
+TEXTS = ["Shares of the bank rose after the merger", "The striker scored a late goal in the league match",
+         "New chip research for robot software", "The minister met refugees at the embassy",
+         "profit", "season coach goal market shares internet war"]
+
+
+class Spy:
+    """A Predictor stand-in that records the size of every predict call."""
+
+    def __init__(self, predictor: Predictor):
+        self.inner = predictor
+        self.calls: list[int] = []
+
+    def predict(self, texts, top_k=1):
+        self.calls.append(len(texts))
+        return self.inner.predict(texts, top_k)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run) -> Predictor:
+    return Predictor.from_run(trained_run, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def client(predictor, trained_run):
+    app = create_app(predictor, info=run_info(open_run(trained_run)), examples=load_examples(trained_run),
+                     limits=LIMITS)
+    with fastapi_testclient.TestClient(app) as c:
+        yield c
+
+
+def assert_same(got: dict, want: dict, top_k: int = 1) -> None:
+    assert got["label"] == want["label"]
+    assert got["probabilities"].keys() == want["probabilities"].keys()
+    np.testing.assert_allclose(list(got["probabilities"].values()), list(want["probabilities"].values()), atol=1e-5)
+    assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]][:top_k]
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+def test_health_and_info(client, trained_run):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["micro_batching"] is True
+    info = client.get("/info").json()
+    run = json.loads((trained_run / "run.json").read_text())
+    assert info["labels"] == run["label_names"]
+    assert info["base_model"] == run["base_model"]
+    assert info["trainable_params"] == run["params"]["trainable"] > 0
+    assert info["metrics"]["test"]["accuracy"] == run["metrics"]["test"]["accuracy"]
+    assert info["limits"]["max_texts"] == LIMITS.max_texts
+
+
+def test_predict_one_and_many_match_predictor(client, predictor):
+    r = client.post("/predict", json={"text": TEXTS[0]})
+    assert r.status_code == 200, r.text
+    (got,) = r.json()["predictions"]
+    assert_same(got, predictor.predict([TEXTS[0]])[0])
+    assert len(got["top_k"]) == 1 and abs(sum(got["probabilities"].values()) - 1) < 1e-5
+
+    r = client.post("/predict", json={"texts": TEXTS, "top_k": 3})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    want = predictor.predict(TEXTS, top_k=3)
+    assert len(preds) == len(TEXTS)
+    for g, w in zip(preds, want):
+        assert_same(g, w, top_k=3)
+        probs = [t["probability"] for t in g["top_k"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+    # top_k beyond the number of classes lists every class
+    r = client.post("/predict", json={"text": TEXTS[1], "top_k": 10})
+    assert len(r.json()["predictions"][0]["top_k"]) == len(predictor.label_names)
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"text": ""}, 422, "text is empty"),
+    ({"text": "   \n"}, 422, "text is empty"),
+    ({"texts": ["ok", ""]}, 422, "text 2 is empty"),
+    ({"texts": []}, 422, "empty"),
+    ({}, 422, 'exactly one of "text"'),
+    ({"text": "a", "texts": ["b"]}, 422, 'exactly one of "text"'),
+    ({"texts": ["x"] * 9}, 422, "9 texts in one request; the limit is 8"),
+    ({"text": "x" * 501}, 422, "501 characters; the limit is 500"),
+    ({"text": "a", "top_k": 0}, 422, "top_k"),
+    ({"text": "a", "top_k": 11}, 422, "top_k 11 is above the limit of 10"),
+    ({"text": 5}, 422, "text"),
+    ({"texts": "not a list"}, 422, "texts"),
+    ({"txt": "typo"}, 422, 'unknown field "txt"'),
+])
+def test_bad_requests_are_clear_json_4xx(client, body, status, needle):
+    r = client.post("/predict", json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert needle in r.json()["error"], r.json()
+
+
+def test_malformed_json_too_large_bodies_and_unknown_paths(client):
+    r = client.post("/predict", content=b'{"text": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]
+
+    big = json.dumps({"text": "y" * 30_000}).encode()
+    r = client.post("/predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than the limit of 20,000 bytes" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the limit must hold on the bytes actually received
+        for _ in range(30):
+            yield b" " * 1000
+
+    r = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "error" in r.json()
+
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    r = client.get("/predict")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_openapi_schema_describes_the_api(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/health", "/info"} <= set(schema["paths"])
+    post = schema["paths"]["/predict"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictRequest")
+    assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictResponse")
+    assert post["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    comps = schema["components"]["schemas"]
+    assert {"text", "texts", "top_k"} == set(comps["PredictRequest"]["properties"])
+    assert "/" not in schema["paths"]  # the page is not part of the API
+
+
+def test_page_is_self_contained(client, predictor):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    for label in predictor.label_names:
+        assert label in page
+    assert 'class="example"' in page  # train saved examples.json
+    assert "http://" not in page and "https://" not in page and "<link" not in page and " src=" not in page
+
+
+# ----------------------------------------------------------------------------- micro-batching
+
+
+async def _fire(app, bodies):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        return await asyncio.gather(*(c.post("/predict", json=b) for b in bodies))
+
+
+def _bodies(n: int) -> list[dict]:
+    bodies = []
+    for i in range(n):
+        if i % 3 == 0:
+            bodies.append({"texts": [TEXTS[(i + j) % len(TEXTS)] + f" {j}" for j in range(1 + i % 4)], "top_k": 2})
+        else:
+            bodies.append({"text": TEXTS[i % len(TEXTS)] + " " + "news " * (i % 7), "top_k": 1 + i % 4})
+    return bodies
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_concurrent_requests_match_direct_predict(predictor, batching):
+    spy = Spy(predictor)
+    app = create_app(spy, limits=LIMITS, micro_batching=batching, max_batch=16, max_wait_ms=20)
+    bodies = _bodies(40)
+    responses = asyncio.run(_fire(app, bodies))
+    for body, r in zip(bodies, responses):
+        assert r.status_code == 200, r.text
+        texts = body["texts"] if "texts" in body else [body["text"]]
+        got = r.json()["predictions"]
+        assert len(got) == len(texts)
+        for g, w in zip(got, predictor.predict(texts, top_k=body["top_k"])):
+            assert_same(g, w, top_k=body["top_k"])
+            assert len(g["top_k"]) == body["top_k"]
+    assert sum(spy.calls) == sum(len(b.get("texts", [None])) for b in bodies)
+    if batching:
+        assert len(spy.calls) < len(bodies) and max(spy.calls) <= 16
+    else:
+        assert len(spy.calls) == len(bodies)
+
+
+def test_a_request_larger_than_max_batch_is_a_batch_of_its_own(predictor):
+    spy = Spy(predictor)
+
+    async def go():
+        b = MicroBatcher(spy, max_batch=4, max_wait_ms=50)
+        b.start()
+        out = await asyncio.gather(b.submit(TEXTS[:1]), b.submit(TEXTS), b.submit(TEXTS[:2]))
+        await b.stop()
+        return out
+
+    out = asyncio.run(go())
+    assert [len(o) for o in out] == [1, len(TEXTS), 2]
+    assert len(TEXTS) in spy.calls and all(c <= 4 or c == len(TEXTS) for c in spy.calls)
+
+
+def test_stop_drains_the_queue_then_refuses(predictor):
+    async def go():
+        b = MicroBatcher(predictor, max_batch=2, max_wait_ms=1)
+        b.start()
+        tasks = [asyncio.ensure_future(b.submit([t])) for t in TEXTS]
+        await asyncio.sleep(0)  # all queued, none answered yet
+        await b.stop()
+        done = [t.result() for t in tasks]
+        with pytest.raises(ClientError) as e:
+            await b.submit(["late"])
+        return done, e.value
+
+    done, err = asyncio.run(go())
+    assert [d[0]["label"] for d in done] == [r["label"] for r in predictor.predict(TEXTS)]
+    assert err.status == 503
+
+
+def test_prediction_failure_answers_every_waiting_request(predictor):
+    class Broken(Spy):
+        def predict(self, texts, top_k=1):
+            raise RuntimeError("boom")
+
+    async def go():
+        b = MicroBatcher(Broken(predictor), max_wait_ms=5)
+        b.start()
+        out = await asyncio.gather(*(b.submit([t]) for t in TEXTS), return_exceptions=True)
+        ok = await asyncio.gather(b.submit(["still alive?"]), return_exceptions=True)  # the worker survives
+        await b.stop()
+        return out, ok
+
+    out, ok = asyncio.run(go())
+    assert all(isinstance(e, RuntimeError) for e in out) and isinstance(ok[0], RuntimeError)
+
+
+# ----------------------------------------------------------------------------- a real server
+
+
+class ThreadServer:
+    """uvicorn in a thread on 127.0.0.1 and a free port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = listen("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def test_listen_on_a_busy_port_is_a_clear_error():
+    from loraclf.errors import RunError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(RunError, match="cannot listen on 127.0.0.1:.*choose another --port"):
+            listen("127.0.0.1", s.getsockname()[1])
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["serve", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loraclf serve: error:") and "no such run directory" in err and "\n" not in err
+    assert cli.main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_serve_answers_and_shuts_down_gracefully(trained_run):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "loraclf.cli", "serve", str(trained_run), "--port", "0",
+                             "--precision", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "serving" in line and "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
+        url = line.split(" on ", 1)[1].split()[0].rstrip("/")
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.get("/health").json()["status"] == "ok"
+            r = c.post("/predict", json={"texts": TEXTS[:2]})
+            assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------- the page, in a browser
+
+
+def _chromium() -> str | None:
+    for p in (os.environ.get("LORACLF_CHROMIUM"), "/usr/bin/chromium", "/usr/bin/chromium-browser",
+              shutil.which("chromium"), shutil.which("chromium-browser")):
+        if p and Path(p).is_file():
+            return p
+    return None
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+def test_page_in_a_real_browser(predictor, trained_run):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no chromium installed (apt-get install chromium) — the browser test needs a real browser")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+
+    app = create_app(predictor, info=run_info(open_run(trained_run)), examples=load_examples(trained_run))
+    text = "Shares of the bank rose after the merger, investors said"
+    want = predictor.predict([text])[0]
+    examples = load_examples(trained_run)
+    example_label, example_texts = next((k, v) for k, v in examples.items() if v)
+    with ThreadServer(app) as srv, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            foreign: list[str] = []
+            page.on("request", lambda req: None if req.url.startswith(srv.url) else foreign.append(req.url))
+            page.goto(srv.url + "/")
+            page.fill("#text", text)
+            page.click("#classify")
+            page.wait_for_selector("#result:not([hidden])", timeout=15_000)
+            assert page.text_content("#label") == want["label"]
+            rows = page.query_selector_all("#bars .row")
+            assert [r.get_attribute("data-label") for r in rows] == predictor.label_names
+            shown = {r.get_attribute("data-label"): float(r.query_selector(".pct").text_content().split()[0])
+                     for r in rows}
+            for name, p in want["probabilities"].items():
+                assert abs(shown[name] - 100 * p) <= 0.051
+            assert page.get_attribute(f'#bars .row[data-label="{want["label"]}"]', "class") == "row top"
+
+            # an example button fills the text box and classifies it
+            page.click(f'button.example[data-label="{example_label}"] >> nth=0')
+            page.wait_for_function("t => document.getElementById('label').textContent === t",
+                                   arg=predictor.predict([example_texts[0]])[0]["label"], timeout=15_000)
+            assert page.input_value("#text") == example_texts[0]
+
+            # an empty text is refused on the page, without a request
+            page.fill("#text", "   ")
+            page.click("#classify")
+            assert "Type or paste" in page.text_content("#error")
+            assert foreign == []  # no external asset
+        finally:
+            browser.close()
