@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
+
+    rp = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and report.md")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.add_argument("--max-examples", type=int, default=2000,
+                    help="rows of the test (else validation) split used for the per-class table and mistakes")
+    rp.add_argument("--top-mistakes", type=int, default=10, help="how many confident mistakes to list")
+    rp.add_argument("--batch-size", type=int, default=64)
+    rp.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                    help="default: the precision training evaluated with")
     return p
 
 
@@ -161,6 +170,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if result.test is not None:
         print(f"test (best epoch): accuracy {result.test['accuracy']:.4f}, macro-F1 {result.test['macro_f1']:.4f} "
               f"(n={result.test['n']})")
+    from .report import HTML_FILE
+
+    report = Path(result.run_dir) / HTML_FILE
+    print(f"report: {report}" if report.is_file() else "report: not written (see report_error in run.json)")
     return 0
 
 
@@ -306,8 +319,21 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .report import write_report
+
+    _no_overrides("report", overrides)
+    if args.max_examples < 1 or args.top_mistakes < 0:
+        raise ConfigError(["--max-examples must be >= 1 and --top-mistakes >= 0"], where="command line")
+    html_path, md_path = write_report(args.run_dir, max_examples=args.max_examples, top_mistakes=args.top_mistakes,
+                                      batch_size=args.batch_size, precision=args.precision)
+    print(f"wrote {html_path}")
+    print(f"wrote {md_path}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "params": cmd_params, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "report": cmd_report}
 
 
 def _quiet_libraries() -> None:

@@ -230,6 +230,7 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
             wall_time_s=time.perf_counter() - t_start,
         )
         if accelerator.is_main_process:
+            write_extras(run_dir, splits, info)
             runs.write_json(run_dir / runs.RUN_FILE, info)  # last write: marks the run complete
         return TrainResult(run_dir, best_epoch, best_val, test, counts.trainable, metrics.records)
     except BaseException as e:
@@ -237,3 +238,25 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
         info.update(status="failed", error=str(e) or type(e).__name__)
         runs.write_json(run_dir / runs.RUN_FILE, info)
         raise
+
+
+def write_extras(run_dir: Path, splits: Splits, info: dict[str, Any], per_class: int = 3) -> None:
+    """What ``serve`` and ``report`` show, written before the run is marked complete:
+    examples.json (a few short validation texts per class, for the web page's example buttons)
+    and report.html / report.md. A report that cannot be made is recorded in run.json
+    (``report_error``), never a reason to lose a finished training."""
+    from . import report
+    from .serve import EXAMPLES_FILE
+
+    examples: dict[str, list[str]] = {n: [] for n in splits.label_names}
+    for text, label in sorted(zip(splits.validation.texts, splits.validation.labels.tolist()),
+                              key=lambda tl: len(tl[0]) > 300):  # short texts first, else file order
+        bucket = examples[splits.label_names[label]]
+        if len(bucket) < per_class:
+            bucket.append(text)
+    runs.write_json(run_dir / EXAMPLES_FILE, examples)
+    split, data = ("test", splits.test) if splits.test is not None else ("validation", splits.validation)
+    try:
+        report.write_report(run_dir, info=info, examples=data, split=split, source=data.source)
+    except Exception as e:  # noqa: BLE001 - the adapter and metrics are saved; say why the report is missing
+        info["report_error"] = f"{type(e).__name__}: {e}"

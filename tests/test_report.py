@@ -1,0 +1,119 @@
+"""The run report: written by train, rewritten by `loraclf report`, self-contained, and its
+numbers coming from the one prediction path."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from loraclf import cli, report
+from loraclf.data import Examples
+from loraclf.predict import Predictor
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    for name in (report.HTML_FILE, report.MD_FILE, report.CONFUSION_FILE):
+        (dest / name).unlink(missing_ok=True)
+    return dest
+
+
+def _edit_config(run: Path, **data) -> None:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"].update(data)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_train_writes_a_self_contained_report(trained_run):
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["status"] == "complete" and "report_error" not in info
+    page = (trained_run / report.HTML_FILE).read_text()
+    md = (trained_run / report.MD_FILE).read_text()
+    for section in ("Summary", "Metrics", "Trainable parameters", "Learning curve", "Per class (test)",
+                    "Confusion matrix", "Most confident mistakes (test)", "Config"):
+        assert section in page and section in md, section
+    # two figures, inlined; nothing fetched from anywhere
+    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}">', page)) == 2
+    assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
+    assert "![learning curve](learning_curve.png)" in md and (trained_run / report.CONFUSION_FILE).is_file()
+    # parameter breakdown, metrics, throughput and wall time from run.json
+    assert f"{info['params']['trainable']:,}" in md and f"{info['params']['lora_total']:,}" in md
+    assert f"{100 * info['metrics']['test']['accuracy']:.2f} %" in md
+    assert f"{100 * info['metrics']['validation']['accuracy']:.2f} %" in md
+    assert "training throughput" in md and "wall time" in md and "inference throughput" in md
+    for name in info["label_names"]:
+        assert f"| {name} |" in md
+    # the recomputation on the whole test split reproduces training's test accuracy
+    assert f"all {info['metrics']['test']['n']} rows: accuracy {100 * info['metrics']['test']['accuracy']:.2f} %" in md
+    assert "status | complete" in md
+
+
+def test_examples_are_saved_for_the_page(trained_run):
+    examples = json.loads((trained_run / "examples.json").read_text())
+    labels = json.loads((trained_run / "labels.json").read_text())
+    assert list(examples) == labels
+    assert all(1 <= len(v) <= 3 and all(t.strip() for t in v) for v in examples.values())
+
+
+def test_mistakes_are_the_most_confident_wrong_predictions(trained_run):
+    predictor = Predictor.from_run(trained_run, precision="fp32")
+    texts = [f"{w} market shares goal coach season" for w in ("war", "match", "bank", "chip")] * 5
+    labels = np.array([0, 1, 2, 3] * 5)
+    a = report.analyse(predictor, Examples(texts, labels, "made here"), "test", "made here", top_mistakes=4)
+    direct = predictor.predict(texts)
+    wrong = [i for i, r in enumerate(direct) if r["label"] != predictor.label_names[labels[i]]]
+    assert a.metrics["accuracy"] == pytest.approx(1 - len(wrong) / len(texts))
+    assert len(a.mistakes) == min(4, len(wrong))
+    conf = [m["confidence"] for m in a.mistakes]
+    assert conf == sorted(conf, reverse=True)
+    for m in a.mistakes:
+        assert m["true"] != m["predicted"]
+        r = next(direct[i] for i in wrong if texts[i] == m["text"])
+        assert r["label"] == m["predicted"] and r["probabilities"][m["predicted"]] == pytest.approx(m["confidence"], abs=1e-5)
+
+
+def test_report_command_with_a_sample_cap(trained_run, tmp_path, capsys):
+    run = _copy(trained_run, tmp_path / "run")
+    assert cli.main(["report", str(run), "--max-examples", "40", "--top-mistakes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {run / report.HTML_FILE}" in out and f"wrote {run / report.MD_FILE}" in out
+    md = (run / report.MD_FILE).read_text()
+    assert "a seeded sample of 40 of 80 rows" in md
+    table = md.split("## Most confident mistakes (test)")[1].split("## Config")[0]
+    assert len([ln for ln in table.splitlines() if re.match(r"^\| \d+ \|", ln)]) <= 3
+    assert (run / report.HTML_FILE).stat().st_mode & 0o044  # readable by others
+
+
+def test_report_falls_back_to_validation_carved_as_in_training(trained_run, tmp_path):
+    run = _copy(trained_run, tmp_path / "run")
+    _edit_config(run, test=None)
+    report.write_report(run)
+    md = (run / report.MD_FILE).read_text()
+    info = json.loads((run / "run.json").read_text())
+    n_val = info["rows"]["validation"]
+    assert "## Per class (validation)" in md and f"all {n_val} rows" in md
+
+
+def test_unreadable_data_still_gives_a_report(trained_run, tmp_path):
+    run = _copy(trained_run, tmp_path / "run")
+    _edit_config(run, test=str(tmp_path / "gone.csv"))
+    report.write_report(run)
+    md = (run / report.MD_FILE).read_text()
+    assert "Not computed:" in md and "gone.csv" in md and "## Learning curve" in md
+
+
+def test_report_of_a_missing_or_incomplete_run_is_one_line(tmp_path, capsys, trained_run):
+    assert cli.main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loraclf report: error:") and "\n" not in err
+    run = _copy(trained_run, tmp_path / "run")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    assert cli.main(["report", str(run)]) == 2
+    assert "incomplete" in capsys.readouterr().err
