@@ -80,7 +80,10 @@ def test_eval_split_rejects_unseen_label(tmp_path):
 
 def _write(tmp_path, name, content: bytes | str):
     p = tmp_path / name
-    (p.write_bytes if isinstance(content, bytes) else p.write_text)(content)
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    else:
+        p.write_text(content)
     return str(p)
 
 
@@ -89,7 +92,16 @@ BAD_INPUTS = [
     ("empty.csv", "", {}, "file is empty"),
     ("header.csv", "text,label\n", {}, "no data rows"),
     ("ragged.csv", "text,label\na,1\nb,1,extra\n", {}, "row 2 has 3 fields"),
-    ("semi.csv", "text;label\na;1\n", {}, "no column"),
+    ("semi.csv", "text;label\na;1\n", {}, "looks delimited by ';'"),
+    ("tabs.csv", "text\tlabel\na\t1\n", {}, "looks delimited by '\\t'"),
+    ("huge.csv", "text,label\n" + "x" * 1_000_001 + ",0\n", {}, "row 1: text is 1,000,001 characters"),
+    ("ws.jsonl", '{"text": " \\t ", "label": 0}\n', {}, "row 1: empty text"),
+    ("nulltext.jsonl", '{"text": null, "label": 0}\n', {}, "holds NoneType"),
+    ("nolabel.jsonl", '{"text": "a", "label": 0}\n{"text": "b"}\n', {}, "row 2: label None is not a class"),
+    ("boollabel.jsonl", '{"text": "a", "label": true}\n', {}, "label True is not a class"),
+    ("neg.csv", "text,label\na,-1\nb,0\n", {"label_names": ["x", "y"]}, "row 1: label -1 out of range"),
+    ("emptylabel.csv", "text,label\na,\n", {}, "row 1: empty label"),
+    ("dir.csv/", None, {}, "is a directory"),
     ("utf.csv", b"text,label\n\xff\xfe,1\n", {}, "not valid UTF-8"),
     ("nul.csv", "text,label\na\x00b,1\n", {}, "NUL bytes"),
     ("quote.csv", 'text,label\n"never closed,1\n', {}, "malformed CSV"),
@@ -113,13 +125,15 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("name,content,kw,expected", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_inputs_give_one_clear_line(tmp_path, name, content, kw, expected):
+    if name.endswith("/"):
+        (tmp_path / name).mkdir()
     path = str(tmp_path / name) if content is None else _write(tmp_path, name, content)
     cfg = _cfg(train=path, **kw)
     with pytest.raises(DataError) as e:
         load_splits(cfg)
     msg = str(e.value)
     assert expected in msg and "\n" not in msg and "fix:" in msg
-    assert name in msg  # names the file
+    assert name.rstrip("/") in msg  # names the file
 
 
 def test_bom_is_ignored(tmp_path):
@@ -156,3 +170,14 @@ def test_pad_collator_and_sorted_batches():
 def test_ag_news_rows_fixture_is_balanced():
     labels = [c for c, _, _ in make_rows(80)]
     assert all(labels.count(c) == 20 for c in range(4))
+
+
+def test_parquet_with_wrong_types(tmp_path):
+    pd.DataFrame({"text": [1.5, 2.5], "label": ["a", "b"]}).to_parquet(tmp_path / "w.parquet")
+    with pytest.raises(DataError, match="row 1: column 'text' holds float"):
+        load_splits(_cfg(train=str(tmp_path / "w.parquet")))
+
+
+def test_validation_size_that_leaves_nothing(agnews_files):
+    with pytest.raises(DataError, match="validation_size 240"):
+        load_splits(_cfg(train=str(agnews_files["train"]), validation_size=240))

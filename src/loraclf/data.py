@@ -131,6 +131,8 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
         raise DataError(f"cannot read file ({e})", where=str(path), fix="check the file is a complete .gz or plain file") from None
     if "\x00" in text:
         raise DataError("file contains NUL bytes", where=str(path), fix="remove the NUL bytes; the file may be binary")
+    # Long texts are checked against data.max_text_chars with a row number, not csv's own limit.
+    csv.field_size_limit(2**31 - 1)
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
     rows: list[list[str]] = []
     try:
@@ -147,6 +149,11 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
         if not rows:
             raise DataError("file is empty", where=str(path), fix="give a file with a header row and data rows")
         header = [h.strip() for h in rows[0]]
+        if len(header) == 1 and len(rows) > 1:
+            other = next((d for d in ("\t", ";", "|") if d != delimiter and d in rows[0][0]), None)
+            if other is not None:
+                raise DataError(f"only one column found; the file looks delimited by {other!r}", where=str(path),
+                                fix="use commas for .csv and tabs for .tsv (or name the file .tsv / set --data.format)")
         dupes = sorted({h for h in header if header.count(h) > 1})
         if dupes:
             raise DataError(f"duplicate column name(s) {dupes}", where=str(path), fix="give every column a unique name")
@@ -273,6 +280,9 @@ def _texts(table: Table, cfg: DataConfig) -> list[str]:
         if not text:
             raise DataError(f"row {i}: empty text in column(s) {cfg.text_columns}", where=table.source,
                             fix="remove the row or fill in its text")
+        if len(text) > cfg.max_text_chars:
+            raise DataError(f"row {i}: text is {len(text):,} characters, over the limit of {cfg.max_text_chars:,}",
+                            where=table.source, fix="shorten or drop the row, or raise --data.max_text_chars")
         texts.append(text)
     return texts
 
