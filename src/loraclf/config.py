@@ -7,6 +7,7 @@ their location, which is what a user fixing a YAML file wants.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from pathlib import Path
@@ -28,8 +29,21 @@ class ModelConfig(_Section):
 
     name_or_path: str = Field("roberta-base", description="hub id or local directory of the encoder")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
-    head: Literal["default"] = Field("default", description="classification head: the model's own")
+    head: Literal["default", "linear", "mean", "lowrank"] = Field(
+        "default", description="classification head: default = the model's own; linear = one linear layer on the "
+        "first token; mean = one linear layer on the mean of non-pad tokens; lowrank = the model's own head shape "
+        "with its dense layer factorised at rank head_rank"
+    )
+    head_rank: int | None = Field(None, gt=0, description="rank of the factorised dense layer (head: lowrank only; "
+                                  "null = 16)")
     trust_remote_code: bool = Field(False, description="allow code shipped with the model to run")
+
+    @model_validator(mode="after")
+    def _head_rank_only_lowrank(self) -> ModelConfig:
+        if self.head_rank is not None and self.head != "lowrank":
+            raise ValueError(f"head_rank applies only to head 'lowrank' (head is '{self.head}'); "
+                             "set --model.head_rank null")
+        return self
 
 
 class LoraSettings(_Section):
@@ -42,6 +56,24 @@ class LoraSettings(_Section):
     layers: list[int] | None = Field(None, description="encoder layer indices to adapt; null = all")
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    rank_pattern: dict[str, int] | None = Field(
+        None, description="per-module ranks: {regex: rank}, regex matched against the end of module names "
+        "(PEFT rank_pattern), e.g. {'intermediate.dense': 4}")
+    alpha_pattern: dict[str, float] | None = Field(None, description="per-module alphas, like rank_pattern")
+    exclude_modules: list[str] | None = Field(
+        None, description="module names (suffixes) never adapted even when target_modules matches them")
+
+    @model_validator(mode="after")
+    def _patterns_valid(self) -> LoraSettings:
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in (pattern or {}).items():
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise ValueError(f"{name} key {key!r} is not a valid regular expression ({e})") from None
+                if value <= 0:
+                    raise ValueError(f"{name}[{key!r}] must be > 0, got {value}")
+        return self
 
     @model_validator(mode="after")
     def _layers_valid(self) -> LoraSettings:
@@ -72,6 +104,7 @@ class DataConfig(_Section):
     max_train_samples: int | None = Field(None, gt=0, description="use at most this many training rows")
     max_eval_samples: int | None = Field(None, gt=0, description="use at most this many validation/test rows")
     max_length: int = Field(512, gt=1, description="truncate texts to this many tokens")
+    max_text_chars: int = Field(100_000, gt=0, description="reject texts longer than this (characters)")
 
     @model_validator(mode="after")
     def _names_unique(self) -> DataConfig:
@@ -101,6 +134,12 @@ class TrainConfig(_Section):
     max_trainable_params: int = Field(1_000_000, gt=0, description="hard budget: LoRA + head")
     group_by_length: bool = Field(True, description="batch rows of similar length together")
     log_every_steps: int = Field(20, gt=0, description="optimizer steps between train-loss records")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss")
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1, description="LoRA+: learning rate of LoRA B matrices (and 1-D tensors) = learning_rate x this "
+        "(PEFT create_loraplus_optimizer); null = off")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="stop after this many epochs without a better validation accuracy; null = off")
 
 
 class Config(_Section):
