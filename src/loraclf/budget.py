@@ -45,11 +45,27 @@ class Breakdown:
                 "head_total": self.head_total, "lora": self.lora, "head": self.head}
 
 
-def _lora_key(name: str) -> str:
-    """'base_model.model.roberta.encoder.layer.10.attention.self.query.lora_A.default.weight' -> 'layer 10 query'."""
-    module = name.split(".lora_")[0].rsplit(".", 1)[-1]
-    m = _LAYER_RE.search(name)
-    return f"layer {m.group(1)} {module}" if m else module
+def _lora_site(name: str) -> tuple[str | None, str]:
+    """'base_model.model.roberta.encoder.layer.10.attention.self.query.lora_A.default.weight'
+    -> ('10', 'attention.self.query'): the layer index and the module's path inside the layer."""
+    module = name.split(".lora_")[0]
+    m = _LAYER_RE.search(module + ".")
+    return (m.group(1), module[m.end():]) if m else (None, module.rsplit(".", 1)[-1])
+
+
+def _lora_keys(names: list[str]) -> dict[str, str]:
+    """Display keys: 'layer 10 query', or the path inside the layer where leaf names repeat
+    ('layer 10 attention.output.dense' and 'layer 10 output.dense', not 'layer 10 dense' twice)."""
+    sites = {n: _lora_site(n) for n in names}
+    paths_by_leaf: dict[str, set[str]] = {}
+    for _, path in sites.values():
+        paths_by_leaf.setdefault(path.rsplit(".", 1)[-1], set()).add(path)
+    keys = {}
+    for n, (layer, path) in sites.items():
+        leaf = path.rsplit(".", 1)[-1]
+        shown = leaf if len(paths_by_leaf[leaf]) == 1 else path
+        keys[n] = f"layer {layer} {shown}" if layer is not None else shown
+    return keys
 
 
 def _head_key(name: str) -> str:
@@ -64,6 +80,7 @@ def breakdown(model: torch.nn.Module) -> Breakdown:
     total = trainable = 0
     lora: dict[str, int] = {}
     head: dict[str, int] = {}
+    lora_keys = _lora_keys([n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n])
     for name, p in model.named_parameters():
         if ".original_module." in name:
             continue
@@ -73,7 +90,7 @@ def breakdown(model: torch.nn.Module) -> Breakdown:
             continue
         trainable += n
         if ".lora_" in name:
-            key = _lora_key(name)
+            key = lora_keys[name]
             lora[key] = lora.get(key, 0) + n
         else:
             key = _head_key(name)
@@ -94,5 +111,6 @@ def check(b: Breakdown, budget: int) -> None:
         raise BudgetError(
             f"{b.trainable:,} trainable parameters exceed the budget of {budget:,} (largest: {top})",
             where="train.max_trainable_params",
-            fix="lower lora.r, adapt fewer lora.layers or lora.target_modules, or raise train.max_trainable_params",
+            fix="lower lora.r, adapt fewer lora.layers or lora.target_modules, use a cheaper --model.head (linear: "
+                "H x classes + classes), or raise train.max_trainable_params; loraclf plan lists what fits",
         )

@@ -156,8 +156,10 @@ def load_adapter(base: torch.nn.Module, adapter_dir: Path) -> PeftModel:
 
 
 def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
+    """Pretrained weights with the configured head installed: what training adapts and what a
+    run's adapter (which holds the trained head) is loaded onto."""
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        base = AutoModelForSequenceClassification.from_pretrained(
             resolve_name(mcfg.name_or_path), config=config, revision=mcfg.revision,
             trust_remote_code=mcfg.trust_remote_code, use_safetensors=True,
             # fp32 master weights whatever the checkpoint's dtype: precision is autocast's job.
@@ -165,3 +167,5 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
         )
     except (OSError, ValueError) as e:
         raise _load_error("model", mcfg, e) from None
+    install_head(base, mcfg.head, config, mcfg.head_rank)
+    return base

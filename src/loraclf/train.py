@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from . import budget, plots, runs
-from .config import Config, save_config
+from .config import Config, TrainConfig, save_config
 from .data import LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, load_splits, tokenize
 from .errors import TrainingError
 from .evaluate import classification_metrics
@@ -79,6 +79,26 @@ def _evaluate(model, ids, labels, names, cfg: Config, accelerator: Accelerator, 
     out = classification_metrics(labels, logits.argmax(-1), names)
     out["loss"] = loss
     return out
+
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy in float32 (autocast may hand bf16 logits), with optional label smoothing."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters. With ``loraplus_lr_ratio``, PEFT's LoRA+ optimizer:
+    LoRA B matrices at learning_rate x ratio, A matrices and head weights at learning_rate; note
+    that PEFT also puts every 1-D trainable tensor (head biases, DoRA magnitudes) in the B group."""
+    if tc.loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        # PEFT sets each group's weight decay from loraplus_weight_decay, not weight_decay.
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=tc.learning_rate,
+                                         loraplus_lr_ratio=tc.loraplus_lr_ratio,
+                                         loraplus_weight_decay=tc.weight_decay, fused=fused or None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused or None)
 
 
 def cfg_pad_id(model: torch.nn.Module) -> int:
@@ -139,8 +159,7 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
         loader = torch.utils.data.DataLoader(TokenizedDataset(train_ids, splits.train.labels), batch_sampler=sampler,
                                              collate_fn=PadCollator(tokenizer.pad_token_id))
         params = [p for p in model.parameters() if p.requires_grad]
-        fused = accelerator.device.type == "cuda"
-        optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused or None)
+        optimizer = build_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
         steps_per_epoch = math.ceil(len(loader) / tc.gradient_accumulation_steps)
@@ -153,6 +172,7 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
                                   "trainable": counts.trainable, "train_rows": len(splits.train)})
 
         step, best_acc, best_epoch, best_state, best_val = 0, -1.0, 0, None, {}
+        stopped_early = None
         train_time, examples_seen, tokens_seen = 0.0, 0, 0
         for epoch in range(1, tc.epochs + 1):
             model.train()
@@ -160,9 +180,8 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
             window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
             for batch in loader:
                 with accelerator.accumulate(model), autocast(accelerator.device, precision):
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                labels=batch["labels"])
-                    loss = out.loss
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    loss = training_loss(out.logits, batch["labels"], tc.label_smoothing)
                     if not torch.isfinite(loss.detach()):
                         raise TrainingError(f"loss became {loss.item()} at step {step + 1} (epoch {epoch})",
                                             where=str(run_dir), fix="lower --train.learning_rate or use fp32 precision")
@@ -203,6 +222,9 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
                     tmp = run_dir / f".{runs.ADAPTER_DIR}.tmp"
                     unwrapped.save_pretrained(tmp)
                     runs.replace_dir(tmp, run_dir / runs.ADAPTER_DIR)
+            elif tc.early_stopping_patience is not None and epoch - best_epoch >= tc.early_stopping_patience:
+                stopped_early = epoch  # no better validation accuracy for `patience` epochs
+                break
 
         # Test metrics come from the best epoch's weights, chosen on validation only.
         unwrapped = accelerator.unwrap_model(model)
@@ -221,6 +243,7 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
             device=str(accelerator.device),
             precision=precision,
             best_epoch=best_epoch,
+            stopped_early_at_epoch=stopped_early,
             optimizer_steps=step,
             metrics={"validation": {k: best_val[k] for k in ("accuracy", "macro_f1", "loss", "n")},
                      "test": {k: test[k] for k in ("accuracy", "macro_f1", "loss", "n")} if test else None},
