@@ -104,6 +104,7 @@ class DataConfig(_Section):
     max_train_samples: int | None = Field(None, gt=0, description="use at most this many training rows")
     max_eval_samples: int | None = Field(None, gt=0, description="use at most this many validation/test rows")
     max_length: int = Field(512, gt=1, description="truncate texts to this many tokens")
+    max_text_chars: int = Field(100_000, gt=0, description="reject texts longer than this (characters)")
 
     @model_validator(mode="after")
     def _names_unique(self) -> DataConfig:
