@@ -76,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="YAML recipe")
     c.add_argument("--json", action="store_true", help="machine-readable output")
 
+    pl = sub.add_parser(
+        "plan", help="list head + LoRA configurations that fit a parameter budget; write one as a config",
+        description="Enumerates heads, adapted modules (attention q/k/v/output, FFN in/out), layer sets and ranks "
+                    "(uniform, or one for attention and one for FFN via rank_pattern) that fit --budget, counted "
+                    "exactly on the meta device. Ranked by breadth (adapted layer x module sites), then budget "
+                    "use, then simplicity. --write turns one into a YAML config for loraclf train.",
+        epilog="base config keys may be overridden with --section.key value (e.g. --model.name_or_path)",
+        formatter_class=fmt)
+    pl.add_argument("--config", help="base YAML recipe: its model, data and train sections are kept")
+    pl.add_argument("--budget", type=int, help="trainable-parameter budget [default: train.max_trainable_params]")
+    pl.add_argument("--top", type=int, default=10, help="show the best N (0 = all) [default: 10]")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument("--write", metavar="FILE", help="write the chosen configuration as a YAML config")
+    pl.add_argument("--pick", type=int, default=1, help="which one --write writes, by rank in the table [default: 1]")
+    pl.add_argument("--heads", default="linear,mean,lowrank:16,default",
+                    help="heads to consider, comma-separated; lowrank:K = rank K [default: %(default)s]")
+    pl.add_argument("--min-rank", type=int, default=4, help="smallest LoRA rank considered [default: 4]")
+    pl.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank considered [default: 64]")
+
     e = sub.add_parser("evaluate", help="metrics of a run on its test split or any --data.test",
                        epilog="data keys accepted: --data.test, --data.max_eval_samples, --data.format, "
                               "--data.text_columns, --data.label_column")
@@ -189,7 +208,8 @@ def cmd_params(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
                           "within_budget": b.trainable <= cfg.train.max_trainable_params}, indent=2))
         return 0
     budget_ = cfg.train.max_trainable_params
-    print(f"model      {cfg.model.name_or_path} ({len(names)} classes)")
+    head = cfg.model.head + (f" (rank {cfg.model.head_rank or 16})" if cfg.model.head == "lowrank" else "")
+    print(f"model      {cfg.model.name_or_path} ({len(names)} classes, head: {head})")
     print(f"total      {b.total:>12,}")
     print(f"trainable  {b.trainable:>12,}  ({100 * b.trainable / budget_:.1f}% of budget {budget_:,})")
     print(f"  LoRA     {b.lora_total:>12,}")
@@ -201,6 +221,56 @@ def cmd_params(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if b.trainable > budget_:
         print(f"OVER BUDGET by {b.trainable - budget_:,}")
         return 1
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from . import budget as budget_mod
+    from . import plan as planner
+    from .data import load_splits
+    from .errors import BudgetError
+
+    cfg = load_config(args.config, overrides)
+    budget = cfg.train.max_trainable_params if args.budget is None else args.budget
+    heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
+    if args.top < 0 or args.pick < 1 or not heads:
+        raise ConfigError(["--top must be >= 0, --pick >= 1 and --heads name at least one head"], where="command line")
+    names = cfg.data.label_names or load_splits(cfg.data, need_test=False).label_names
+    arch, plans = planner.make_plans(cfg, names, budget, heads, args.min_rank, args.max_rank)
+    if not plans:
+        raise BudgetError(f"nothing fits a budget of {budget:,} with LoRA rank >= {args.min_rank}",
+                          where="--budget", fix="raise --budget, or lower --min-rank")
+    shown = plans if args.top == 0 else plans[: args.top]
+    written = None
+    if args.write:
+        if args.pick > len(plans):
+            raise ConfigError([f"--pick {args.pick}: only {len(plans)} configurations fit"], where="command line")
+        chosen = plans[args.pick - 1]
+        new_cfg = planner.plan_config(cfg, chosen, budget)
+        counted = budget_mod.count(new_cfg, names).trainable
+        if counted != chosen.trainable:  # the analytic count must be the model's; never write a wrong one
+            raise BudgetError(f"planner counted {chosen.trainable:,} but the model has {counted:,} trainable "
+                              "parameters", where="plan", fix="report this as a loraclf bug")
+        planner.write_config(new_cfg, args.write, chosen, source=args.config, rank=args.pick, of=len(plans))
+        written = {"file": args.write, "pick": args.pick, "trainable": counted}
+    if args.json:
+        print(json.dumps({"model": cfg.model.name_or_path, "model_type": arch.model_type, "layers": arch.num_layers,
+                          "num_labels": arch.num_labels, "budget": budget, "candidates": len(plans),
+                          "heads": arch.heads, "plans": [{"pick": i + 1, **p.to_dict()} for i, p in enumerate(shown)],
+                          "written": written}, indent=2))
+        return 0
+    print(f"model   {cfg.model.name_or_path} ({arch.model_type}, {arch.num_layers} layers, {arch.num_labels} classes)")
+    print(f"budget  {budget:,}: {len(plans)} configurations fit; best {len(shown)} (breadth, then budget use)")
+    print("heads   " + ", ".join(f"{k} {v:,}" for k, v in arch.heads.items()))
+    print("modules " + ", ".join(f"{planner.ROLE_NAMES[s.role]}={s.path}" for s in arch.sites) + "\n")
+    print(f"{'#':>3}  {'trainable':>11}  {'budget':>6}  {'head':<11} {'modules':<7} {'layers':<22} {'rank':<15}"
+          f" {'sites':>5}")
+    for i, p in enumerate(shown, 1):
+        print(f"{i:>3}  {p.trainable:>11,}  {100 * p.fill:5.1f}%  {p.head_label:<11} {p.role_set:<7} "
+              f"{p.layer_set:<22} {p.rank_label:<15} {p.adapted:>5}")
+    if written:
+        print(f"\nwrote {args.write}: #{args.pick}, {written['trainable']:,} trainable parameters "
+              f"(train it: loraclf train --config {args.write})")
     return 0
 
 
@@ -332,7 +402,7 @@ def cmd_report(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "params": cmd_params, "evaluate": cmd_evaluate, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "params": cmd_params, "plan": cmd_plan, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "serve": cmd_serve, "report": cmd_report}
 
 

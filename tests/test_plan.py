@@ -1,0 +1,249 @@
+"""loraclf plan: counts equal the built model's, across architectures; ranking; written configs
+train as they are; the CLI end to end; every configs/*.yaml validates and fits its budget."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_overrides
+from loraclf import budget
+from loraclf import plan as planner
+from loraclf.cli import main
+from loraclf.config import load_config
+
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)
+
+
+@pytest.fixture(scope="module")
+def roberta_base_arch(tmp_path_factory) -> Path:
+    from transformers import RobertaConfig
+
+    d = tmp_path_factory.mktemp("roberta-base-arch")
+    RobertaConfig(**ROBERTA_BASE).save_pretrained(d)
+    return d
+
+
+def _base(model_dir: Path, **extra):
+    return load_config(None, {"model.name_or_path": str(model_dir), "data.label_names": LABELS, **extra})
+
+
+def _sample(plans: list, k: int, seed: int = 0) -> list:
+    """The best few, plus a spread of the rest that covers rank patterns, exclusions and layer subsets."""
+    rng = random.Random(seed)
+    rest = plans[3:]
+    picked = plans[:3] + rng.sample(rest, min(k, len(rest)))
+    for want in (lambda p: p.ffn_rank is not None, lambda p: p.role_set == "ffn",
+                 lambda p: len(p.layers) < p.arch.num_layers, lambda p: p.head == "lowrank",
+                 lambda p: p.head == "default"):
+        picked += [p for p in plans if want(p)][:1]
+    return picked
+
+
+def _assert_counts_match(base, plans, budget_):
+    for p in plans:
+        cfg = planner.plan_config(base, p, budget_)
+        b = budget.count(cfg, LABELS)
+        assert b.trainable == p.trainable, (p.describe(), cfg.lora)
+        assert b.head_total == p.head_params and b.lora_total == p.lora_params
+        # Exactly the planned modules of the planned layers are adapted, with the planned ranks.
+        expected = {(i, s.path): p.rank_of(s) for s in p.sites for i in p.layers}
+        per_site = {}
+        for i in p.layers:
+            for s in p.sites:
+                per_site[(i, s.path)] = s.in_features + s.out_features
+        got = {}
+        for key, n in b.lora.items():
+            _, layer, name = key.split(" ", 2)
+            # budget's key: the leaf name, or the path inside the layer where leaves repeat
+            site = next((s for s in p.sites if s.path == name), None) or \
+                next(s for s in p.sites if s.path.rsplit(".", 1)[-1] == name)
+            got[(int(layer), site.path)] = n // per_site[(int(layer), site.path)]
+        assert got == expected
+
+
+def test_roberta_base_analysis_and_top_plan(roberta_base_arch):
+    base = _base(roberta_base_arch)
+    arch, plans = planner.make_plans(base, LABELS, 1_000_000)
+    assert arch.container == "roberta.encoder.layer" and arch.num_layers == 12
+    assert [(s.role, s.target) for s in arch.sites] == [
+        ("q", "query"), ("k", "key"), ("v", "value"), ("o", "attention.output.dense"),
+        ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense")]
+    assert arch.heads == {"linear": 3_076, "mean": 3_076, "lowrank:16": 28_420, "default": 593_668}
+    best = plans[0]
+    # Linear head + every linear layer of every block at the rank that fits.
+    assert (best.head, best.role_set, len(best.layers), best.rank, best.ffn_rank) == ("linear", "all", 12, 6, None)
+    assert best.trainable == 3_076 + 12 * 6 * (4 * 1_536 + 2 * 3_840) == 998_404
+    assert all(p.trainable <= 1_000_000 for p in plans)
+    # Ranked by breadth first, then budget use (whole percent).
+    keys = [(p.adapted, int(100 * p.fill + 1e-9)) for p in plans]
+    assert keys == sorted(keys, key=lambda k: (-k[0], -k[1]))
+    _assert_counts_match(base, _sample(plans, 10), 1_000_000)
+
+
+def test_ffn_output_without_attention_output_is_excluded(roberta_base_arch):
+    """RoBERTa's FFN output.dense is also a suffix of attention.output.dense: adapting one and not
+    the other takes exclude_modules (targets) and a layer-anchored key (rank_pattern)."""
+    base = _base(roberta_base_arch)
+    _, plans = planner.make_plans(base, LABELS, 1_000_000)
+    ffn = next(p for p in plans if p.role_set == "ffn")
+    lora = planner.plan_config(base, ffn, 1_000_000).lora
+    assert lora.target_modules == ["intermediate.dense", "output.dense"]
+    assert lora.exclude_modules == ["attention.output.dense"]
+    both = next(p for p in plans if p.role_set == "all" and p.ffn_rank is not None)
+    lora = planner.plan_config(base, both, 1_000_000).lora
+    assert lora.exclude_modules is None
+    assert lora.rank_pattern == {"intermediate.dense": both.ffn_rank, r"\d+\.output\.dense": both.ffn_rank}
+    # alpha/r of the base config (16/8) is kept for every module
+    assert lora.alpha == 2 * both.rank and set(lora.alpha_pattern.values()) == {2.0 * both.ffn_rank}
+    _assert_counts_match(base, [ffn, both], 1_000_000)
+
+
+def _arch_dir(tmp_path: Path, kind: str) -> Path:
+    from transformers import (BertConfig, DebertaV2Config, DistilBertConfig, GPT2Config, LlamaConfig, MPNetConfig)
+
+    small = dict(vocab_size=100)
+    cfg = {
+        "bert": lambda: BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                   **small),
+        "mpnet": lambda: MPNetConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                     **small),
+        "distilbert": lambda: DistilBertConfig(dim=32, n_layers=4, n_heads=2, hidden_dim=64, **small),
+        "deberta-v2": lambda: DebertaV2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                              intermediate_size=64, **small),
+        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=4, n_head=2, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                   **small),
+        "llama": lambda: LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
+                                     intermediate_size=64, pad_token_id=0, **small),
+    }[kind]()
+    d = tmp_path / kind
+    cfg.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("kind, roles", [
+    ("bert", ["q", "k", "v", "o", "ffn_in", "ffn_out"]),
+    ("mpnet", ["q", "k", "v", "o", "ffn_in", "ffn_out"]),
+    ("distilbert", ["q", "k", "v", "o", "ffn_in", "ffn_out"]),
+    ("deberta-v2", ["q", "k", "v", "o", "ffn_in", "ffn_out"]),
+    ("gpt2", ["qkv", "o", "ffn_in", "ffn_out"]),
+    ("llama", ["q", "k", "v", "o", "ffn_in", "ffn_in", "ffn_out"]),
+])
+def test_plan_counts_equal_built_model_on_other_architectures(tmp_path, kind, roles):
+    base = _base(_arch_dir(tmp_path, kind))
+    arch, plans = planner.make_plans(base, LABELS, 20_000, min_rank=1)
+    assert [s.role for s in arch.sites] == roles
+    if kind == "mpnet":
+        assert [s.target for s in arch.sites][:4] == ["q", "k", "v", "o"]
+    assert plans and plans[0].role_set == "all" and len(plans[0].layers) == 4
+    _assert_counts_match(base, _sample(plans, 6), 20_000)
+
+
+def test_dora_counts(roberta_base_arch):
+    base = _base(roberta_base_arch, **{"lora.use_dora": True})
+    _, plans = planner.make_plans(base, LABELS, 1_000_000)
+    _assert_counts_match(base, plans[:2] + [p for p in plans if p.role_set == "qv"][:1], 1_000_000)
+
+
+def test_small_budgets_and_nothing_fits(roberta_base_arch):
+    base = _base(roberta_base_arch)
+    _, plans = planner.make_plans(base, LABELS, 200_000)
+    assert plans and all(p.trainable <= 200_000 for p in plans)
+    assert plans[0].rank >= 4 and plans[0].head in ("linear", "mean")
+    _, none = planner.make_plans(base, LABELS, 3_000)  # not even the linear head fits
+    assert none == []
+    _, r1 = planner.make_plans(base, LABELS, 200_000, min_rank=1)
+    assert r1[0].adapted > plans[0].adapted  # a lower rank floor buys breadth
+
+
+def test_written_config_trains_as_is(tiny_roberta, agnews_files, tmp_path, capsys):
+    """`loraclf plan --write` on a base config with tiny settings; `train` runs the file unchanged,
+    with the count the plan printed; the run predicts."""
+    from loraclf.predict import Predictor
+    from loraclf.train import train
+
+    seed_cfg = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_roberta, agnews_files, out, **{"train.epochs": 1})
+    argv = ["plan", "--config", str(seed_cfg), "--budget", "9000", "--min-rank", "2", "--write",
+            str(tmp_path / "planned.yaml"), "--json"]
+    for k, v in overrides.items():
+        argv += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    first = report["plans"][0]
+    assert report["written"]["trainable"] == first["trainable"] <= 9_000
+    text = (tmp_path / "planned.yaml").read_text()
+    assert text.startswith("# Written by `loraclf plan --budget 9000`")
+    doc = yaml.safe_load(text)
+    assert doc["train"]["max_trainable_params"] == 9_000 and doc["model"]["head"] == first["head"]
+    assert doc["data"]["label_names"] is None and doc["train"]["epochs"] == 1  # base sections kept
+    result = train(load_config(tmp_path / "planned.yaml"))
+    assert result.trainable_params == first["trainable"]
+    assert len(Predictor.from_run(out).predict(["shares profit market"])) == 1
+
+
+def test_rank_pattern_plan_trains(tiny_roberta, agnews_files, tmp_path):
+    """A plan with per-module ranks and an exclusion trains and reloads with identical predictions."""
+    import numpy as np
+
+    from loraclf.predict import Predictor
+    from loraclf.train import train
+
+    out = tmp_path / "run"
+    base = load_config(None, tiny_overrides(tiny_roberta, agnews_files, out, **{"train.epochs": 1}))
+    _, plans = planner.make_plans(base, LABELS, 12_000, min_rank=2)
+    chosen = next(p for p in plans if p.role_set == "ffn" and p.ffn_rank is None)
+    cfg = planner.plan_config(base, chosen, 12_000)
+    assert cfg.lora.exclude_modules == ["attention.output.dense"]
+    result = train(cfg)
+    assert result.trainable_params == chosen.trainable
+    texts = ["shares profit market", "coach league goal"]
+    p = Predictor.from_run(out, precision="fp32")
+    unmerged = Predictor.from_run(out, merge=False, precision="fp32")
+    np.testing.assert_allclose(p.logits(texts), unmerged.logits(texts), atol=1e-5)
+
+
+def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys):
+    base = ["plan", "--model.name_or_path", str(roberta_base_arch), "--data.label_names", json.dumps(LABELS)]
+    assert main(base + ["--budget", "1000000", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.strip()[:2].strip().isdigit()]
+    assert len(rows) == 3 and "998,404" in rows[0] and "99.8%" in rows[0] and "linear" in rows[0]
+    assert "attn-out=attention.output.dense" in out
+
+    assert main(base + ["--budget", "1000000", "--json", "--top", "0"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["candidates"] == len(doc["plans"]) > 50 and doc["plans"][0]["pick"] == 1
+
+    path = tmp_path / "p3.yaml"
+    assert main(base + ["--budget", "1000000", "--write", str(path), "--pick", "3", "--heads", "linear,default"]) == 0
+    out = capsys.readouterr().out
+    third = [ln for ln in out.splitlines() if ln.strip().startswith("3 ")][0]
+    counted = budget.count(load_config(path), LABELS).trainable
+    assert f"{counted:,}" in third and f"wrote {path}: #3" in out
+
+    assert main(base + ["--budget", "2000"]) == 2
+    assert "nothing fits a budget of 2,000" in capsys.readouterr().err
+    assert main(base + ["--heads", "pooled"]) == 2
+    assert "unknown head 'pooled'" in capsys.readouterr().err
+    assert main(base + ["--budget", "1000000", "--write", str(path), "--pick", "100000"]) == 2
+    assert "--pick 100000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_validates_and_fits_its_budget(roberta_base_arch, path):
+    cfg = load_config(path, {"model.name_or_path": str(roberta_base_arch)})
+    b = budget.count(cfg, cfg.data.label_names or LABELS)
+    assert b.trainable <= cfg.train.max_trainable_params
+    if path.name == "agnews-seed.yaml":
+        assert (b.trainable, b.lora_total, b.head_total) == (777_988, 184_320, 593_668)
+    if path.name == "agnews-best.yaml":
+        assert (b.trainable, b.head_total) == (998_404, 3_076)
