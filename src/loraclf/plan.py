@@ -31,8 +31,8 @@ How it ranks (best first):
    (rank_pattern), balanced ranks before lopsided ones, then the head order given
    (linear, mean, lowrank, default by default) and the layer order (all, top half,
    top quarter, every other).
-The ranking is a heuristic for what to try first, not a measurement: BENCHMARKS.md holds the
-accuracies.
+The ranking is a heuristic for what to try first, not a measurement of accuracy: that is the
+accuracy study's job (issue 4, bench/ and BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -147,18 +147,17 @@ class Plan:
     def lora_settings(self, alpha_per_rank: float | None, alpha: float) -> dict[str, Any]:
         """The ``lora`` section keys this plan sets. ``alpha_per_rank``: keep alpha/r at this
         ratio for every module (None: keep ``alpha`` as is, e.g. with rsLoRA)."""
-        targets, excludes = [], []
+        targets, collided = [], []
         chosen = {s.path for s in self.sites}
         for s in self.sites:
             if s.target not in targets:
                 targets.append(s.target)
-            for name in s.collisions:
-                excludes.append(name)
+            collided.extend(s.collisions)  # other modules this target also matches
         # A collision that is another site of a block: fine when chosen, else excluded by its own
         # exact target when it has one (shorter than listing every block).
         by_full = {f"{self.arch.container}.{i}.{s.path}": s for s in self.arch.sites for i in range(self.arch.num_layers)}
         exclude: list[str] = []
-        for name in excludes:
+        for name in collided:
             other = by_full.get(name)
             if other is not None and other.path in chosen:
                 continue
