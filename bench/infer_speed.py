@@ -1,0 +1,318 @@
+"""Inference speed: the ``loraclf predict`` path vs ``transformers.pipeline("text-classification")``
+on the same trained adapter, at several batch sizes, in one invocation; plus bf16 vs fp32
+prediction agreement.
+
+Contenders (``--contenders``):
+  * ``loraclf:fp32`` / ``loraclf:bf16`` / ``loraclf:auto`` - ``loraclf.predict.Predictor.from_run``
+    (base loaded in fp32, LoRA merged into the weights, rows sorted by length, batches of
+    ``batch_size``), timed on ``Predictor.predict(texts)``: tokenization, inference, softmax and
+    the result dicts;
+  * ``pipeline`` - the same base + adapter loaded with transformers / PEFT directly
+    (``PeftModel.from_pretrained(...).merge_and_unload()``: the pipeline gets the *merged* plain
+    model, so both sides run the same weights and LoRA costs nothing on either), then
+    ``pipeline("text-classification", model=merged, tokenizer=run's tokenizer)`` called on the
+    texts in their given order with ``batch_size`` and ``truncation=True``; fp32.
+
+Every (contender, batch size) run is its own process (peak RSS / CUDA memory per run); the
+contenders alternate in a rotated order ``--repeats`` times. Speed is measured on ``--rows``
+test rows (``--rows-bs1`` at batch size 1), after one warm-up batch. Agreement: loraclf bf16 vs
+fp32 labels on ``--agreement-rows`` test rows (-1: the whole test file), and the pipeline's
+labels vs loraclf fp32 on the speed rows.
+
+The trained adapter: ``--run RUN_DIR`` (a loraclf run), else one is trained first with loraclf
+(fp32, seed recipe, ``--train-rows`` rows, 1 epoch).
+
+Examples:
+
+    .venv/bin/python bench/infer_speed.py --model minilm --train-rows 1024 --rows 1024
+    .venv/bin/python bench/infer_speed.py --model roberta-arch --train-rows 64 --rows 256 --agreement-rows 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import harness  # noqa: E402
+from harness import log  # noqa: E402
+
+HERE = Path(__file__).resolve()
+
+
+# =========================================================================== workers
+def _texts(spec):
+    return harness.read_texts_labels(spec["test"], spec["rows"], spec["seed"])
+
+
+def loraclf_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    from loraclf.predict import Predictor
+
+    texts, labels = _texts(spec)
+    with common.Timer() as t_load:
+        pred = Predictor.from_run(spec["run_dir"], batch_size=spec["batch_size"], precision=spec["precision"])
+    names = pred.label_names
+    if spec.get("warmup", True):
+        pred.predict(texts[: max(1, spec["batch_size"])][:64])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with common.Timer() as t:
+        out = pred.predict(texts)
+    preds = [names.index(o["label"]) for o in out]
+    return _record(spec, "loraclf", pred.precision, str(pred.device), t.seconds, t_load.seconds, preds, labels)
+
+
+def pipeline_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import transformers
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    transformers.logging.set_verbosity_error()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    import yaml
+
+    run = Path(spec["run_dir"])
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    names = json.loads((run / "labels.json").read_text())
+    base = cfg["model"]["name_or_path"]
+    max_length = int(cfg["data"]["max_length"])
+    texts, labels = _texts(spec)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with common.Timer() as t_load:
+        config = AutoConfig.from_pretrained(base, num_labels=len(names), id2label=dict(enumerate(names)),
+                                            label2id={n: i for i, n in enumerate(names)})
+        model = AutoModelForSequenceClassification.from_pretrained(base, config=config, dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(run / "adapter")).merge_and_unload().eval()
+        tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        max_length = min(max_length, tok.model_max_length or max_length)
+        pipe = pipeline("text-classification", model=model, tokenizer=tok, device=device)
+    kw = {"batch_size": spec["batch_size"], "truncation": True, "max_length": max_length}
+    if spec.get("warmup", True):
+        pipe(texts[: max(1, spec["batch_size"])][:64], **kw)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with common.Timer() as t:
+        out = pipe(texts, **kw)
+    preds = [names.index(o["label"]) for o in out]
+    return _record(spec, "pipeline", "fp32", str(device), t.seconds, t_load.seconds, preds, labels)
+
+
+def _record(spec, stack, precision, device, seconds, load_s, preds, labels) -> dict[str, Any]:
+    import torch
+
+    mem = common.peak_memory()
+    n = len(preds)
+    return {
+        "contender": spec["label"],
+        "stack": stack,
+        "precision": precision,
+        "device": device,
+        "batch_size": spec["batch_size"],
+        "rows": n,
+        "seconds": round(seconds, 3),
+        "examples_per_s": round(n / seconds, 2) if seconds else None,
+        "load_s": round(load_s, 2),
+        "accuracy": round(sum(int(p == y) for p, y in zip(preds, labels)) / n, 4) if n else None,
+        "peak_rss_mib": mem["peak_rss_mib"],
+        "cuda_max_allocated_mib": mem.get("cuda_max_allocated_mib"),
+        "torch_threads": torch.get_num_threads(),
+        "preds": preds if spec.get("save_preds") else None,
+    }
+
+
+# =========================================================================== orchestration
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", default="minilm", help="minilm | roberta-arch | folder (used only to train a run)")
+    p.add_argument("--run", default=None, help="a finished loraclf run directory (default: train one)")
+    p.add_argument("--train-rows", type=int, default=1024, help="rows of the run trained when --run is not given")
+    p.add_argument("--test", default=None, help="canonical AG News CSV[.gz] to predict (default: shared test.csv.gz)")
+    p.add_argument("--rows", type=int, default=1024, help="rows timed at batch sizes > 1")
+    p.add_argument("--rows-bs1", type=int, default=128, help="rows timed at batch size 1")
+    p.add_argument("--batch-sizes", default="1,32,256")
+    p.add_argument("--contenders", default="loraclf:fp32,loraclf:bf16,pipeline")
+    p.add_argument("--agreement-rows", type=int, default=-1, help="test rows for the bf16-vs-fp32 agreement (-1: all; 0: skip)")
+    p.add_argument("--agreement-batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--name", default=None, help="result name (default infer_speed_<model>)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/<name>.json; .md beside it)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _contender(spec: str) -> dict[str, Any]:
+    parts = spec.strip().split(":")
+    if parts[0] == "pipeline":
+        return {"label": "pipeline", "kind": "pipeline", "precision": "fp32"}
+    if parts[0] == "loraclf" and len(parts) <= 2:
+        prec = parts[1] if len(parts) == 2 else "auto"
+        if prec not in ("fp32", "bf16", "auto"):
+            raise SystemExit(f"contender {spec!r}: precision fp32 | bf16 | auto")
+        return {"label": f"loraclf:{prec}", "kind": "loraclf", "precision": prec}
+    raise SystemExit(f"unknown contender {spec!r} (loraclf[:fp32|bf16|auto] | pipeline)")
+
+
+def _run(kind: str, spec: dict[str, Any], work: Path, tag: str, args) -> dict[str, Any]:
+    sp, out = work / f"{tag}.spec.json", work / f"{tag}.json"
+    sp.write_text(json.dumps({**spec, "kind": kind}))
+    if out.exists():
+        out.unlink()
+    cmd = [sys.executable, str(HERE), "--worker", str(sp), "--worker-out", str(out)]
+    return harness.run_worker(cmd, out, args.timeout, args.threads, label=tag)
+
+
+def train_run(args, work: Path) -> Path:
+    """A loraclf run to predict with: fp32, seed recipe, 1 epoch on --train-rows rows."""
+    import train_speed
+
+    model_path, label = harness.resolve_model(args.model, args.seed)
+    data = harness.prepare_data(work / "data", harness.default_source(None), args.train_rows, 200, args.seed)
+    run_dir = work / "run"
+    spec = {"label": "loraclf:fp32", "model_path": model_path, "train": data["train"], "validation": data["validation"],
+            "test": None, "layers": harness.seed_layers(model_path), "epochs": 1, "precision": "fp32",
+            "pad_multiple": None, "seed": args.seed, "threads": args.threads, "run_dir": str(run_dir), "keep_run": True}
+    sp = work / "train.spec.json"
+    sp.write_text(json.dumps(spec))
+    log(f"training a run to predict with: {label}, {data['train_rows']} rows, 1 epoch, fp32 ...")
+    rec = harness.run_worker([sys.executable, str(Path(train_speed.__file__)), "--worker", str(sp), "--worker-out",
+                              str(work / "train.json")], work / "train.json", args.timeout, args.threads, label="train")
+    if "error" in rec:
+        raise SystemExit(f"could not train a run: {rec['error']}")
+    log(f"  trained: val acc {rec.get('val_accuracy')}, {rec.get('train_examples_per_s')} ex/s")
+    return run_dir
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(Path(args.worker).read_text())
+        rec = loraclf_worker(spec) if spec["kind"] == "loraclf" else pipeline_worker(spec)
+        Path(args.worker_out).write_text(json.dumps({"results": [rec]}, default=str))
+        return rec
+
+    work = Path(tempfile.mkdtemp(prefix="infer_speed_", dir=harness.cache_root()))
+    test = args.test or common.default_test_csv()
+    if test is None:
+        raise SystemExit("no test CSV found: pass --test")
+    run_dir = Path(args.run) if args.run else train_run(args, work)
+    run_info = json.loads((run_dir / "run.json").read_text())
+    base = run_info.get("base_model")
+    contenders = [_contender(s) for s in args.contenders.split(",") if s.strip()]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    log(f"infer_speed: run {run_dir} (base {base}), contenders {[c['label'] for c in contenders]}, batch sizes "
+        f"{batch_sizes}, {args.rows} rows ({args.rows_bs1} at batch 1), {args.repeats} repeat(s)")
+
+    runs: list[dict[str, Any]] = []
+    for rep in range(args.repeats):
+        for bs in batch_sizes:
+            for c in harness.rotate(contenders, rep + bs):
+                spec = {"label": c["label"], "run_dir": str(run_dir), "precision": c["precision"], "batch_size": bs,
+                        "test": str(test), "rows": args.rows_bs1 if bs == 1 else args.rows, "seed": args.seed,
+                        "threads": args.threads, "save_preds": rep == 0 and bs == 32}
+                tag = f"{c['label'].replace(':', '-')}-bs{bs}-r{rep}"
+                rec = _run(c["kind"], spec, work, tag, args)
+                rec.update(contender=c["label"], repeat=rep, batch_size=bs)
+                runs.append(rec)
+                if "error" not in rec:
+                    log(f"repeat {rep + 1} bs {bs} {c['label']}: {rec['examples_per_s']} ex/s over {rec['rows']} rows, "
+                        f"peak RSS {rec['peak_rss_mib']} MiB" +
+                        (f", CUDA {rec['cuda_max_allocated_mib']} MiB" if rec.get("cuda_max_allocated_mib") else ""))
+
+    # ------------------------------------------------------------------ agreement (bf16 vs fp32)
+    agreement: dict[str, Any] = {}
+    if args.agreement_rows != 0:
+        preds = {}
+        for prec in ("fp32", "bf16"):
+            spec = {"label": f"loraclf:{prec}", "run_dir": str(run_dir), "precision": prec,
+                    "batch_size": args.agreement_batch_size, "test": str(test), "rows": args.agreement_rows,
+                    "seed": args.seed, "threads": args.threads, "save_preds": True, "warmup": False}
+            log(f"agreement: loraclf {prec} on {'all' if args.agreement_rows < 0 else args.agreement_rows} test rows ...")
+            rec = _run("loraclf", spec, work, f"agree-{prec}", args)
+            if "error" in rec:
+                agreement[prec] = {"error": rec["error"]}
+                continue
+            preds[prec] = rec.pop("preds")
+            agreement[prec] = {k: rec[k] for k in ("rows", "accuracy", "examples_per_s", "seconds", "peak_rss_mib",
+                                                   "cuda_max_allocated_mib", "device", "precision")}
+            log(f"  {prec}: accuracy {rec['accuracy']}, {rec['examples_per_s']} ex/s")
+        if len(preds) == 2:
+            a, b = preds["fp32"], preds["bf16"]
+            agreement["bf16_vs_fp32_agreement"] = round(sum(int(x == y) for x, y in zip(a, b)) / len(a), 5)
+            agreement["rows"] = len(a)
+    # the pipeline vs loraclf fp32 on the same speed rows (batch 32, first repeat): a sanity check
+    p32 = {r["contender"]: r.get("preds") for r in runs if r.get("batch_size") == 32 and r.get("preds")}
+    if "pipeline" in p32 and "loraclf:fp32" in p32:
+        a, b = p32["pipeline"], p32["loraclf:fp32"]
+        agreement["pipeline_vs_loraclf_fp32_agreement"] = round(sum(int(x == y) for x, y in zip(a, b)) / len(a), 5)
+        agreement["pipeline_vs_loraclf_rows"] = len(a)
+    for r in runs:
+        r.pop("preds", None)
+
+    # ------------------------------------------------------------------ summary
+    table = []
+    for bs in batch_sizes:
+        ref = harness.median([r["examples_per_s"] for r in runs if r.get("batch_size") == bs
+                              and r["contender"] == "pipeline" and "error" not in r])
+        for c in contenders:
+            mine = [r for r in runs if r["contender"] == c["label"] and r.get("batch_size") == bs]
+            s = harness.summarize(mine, ["examples_per_s", "rows", "accuracy", "peak_rss_mib", "cuda_max_allocated_mib",
+                                         "load_s"])
+            row = {"contender": c["label"], "batch_size": bs, "runs": s.pop("n"), **s}
+            row.pop("failed", None)
+            row["rows"] = int(row["rows"]) if row.get("rows") is not None else None
+            row["vs_pipeline"] = round(row["examples_per_s"] / ref, 2) if ref and row.get("examples_per_s") else None
+            table.append(row)
+    machine = common.machine_info()
+    if args.threads:
+        machine["torch_threads"] = args.threads
+    name = args.name or f"infer_speed_{args.model if args.model in ('minilm', 'roberta-arch') else 'run'}"
+    agree_txt = ", ".join(f"{k} {v}" for k, v in agreement.items() if not isinstance(v, dict))
+    acc_txt = "; ".join(f"{k}: accuracy {v.get('accuracy')} on {v.get('rows')} rows ({v.get('examples_per_s')} ex/s at "
+                        f"batch {args.agreement_batch_size})" for k, v in agreement.items() if isinstance(v, dict) and "accuracy" in v)
+    notes = (f"Run {run_dir.name} (base {base}). Medians of {args.repeats} alternating repeat(s), each run in its own "
+             f"process, after one warm-up batch. examples/s include tokenization. `vs_pipeline` = examples/s over the "
+             f"pipeline's at the same batch size. The pipeline gets the merged (plain) model. Agreement: {agree_txt}. "
+             f"{acc_txt}.\n")
+    columns = ["contender", "batch_size", "runs", "rows", "examples_per_s", "vs_pipeline", "accuracy", "peak_rss_mib",
+               "cuda_max_allocated_mib", "load_s"]
+    settings = {"run_dir": str(run_dir), "base_model": base, "test": str(test), "rows": args.rows, "rows_bs1": args.rows_bs1,
+                "repeats": args.repeats, "seed": args.seed, "run_validation_accuracy":
+                (run_info.get("metrics") or {}).get("validation", {}).get("accuracy")}
+    jp, mp = common.write_results(name, [{**t, "settings": settings} for t in table], columns,
+                                  title=f"Inference speed: loraclf predict vs pipeline", notes=notes, machine=machine,
+                                  json_path=args.out)
+    raw = json.loads(jp.read_text())
+    raw["agreement"] = agreement
+    raw["runs"] = runs
+    jp.write_text(json.dumps(raw, indent=2, default=str) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(mp.read_text())
+    log(f"wrote {jp} and {mp}")
+    return {"table": table, "agreement": agreement}
+
+
+if __name__ == "__main__":
+    main()
