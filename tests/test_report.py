@@ -75,7 +75,8 @@ def test_mistakes_are_the_most_confident_wrong_predictions(trained_run):
     for m in a.mistakes:
         assert m["true"] != m["predicted"]
         r = next(direct[i] for i in wrong if texts[i] == m["text"])
-        assert r["label"] == m["predicted"] and r["probabilities"][m["predicted"]] == pytest.approx(m["confidence"], abs=1e-5)
+        assert r["label"] == m["predicted"]
+        assert r["probabilities"][m["predicted"]] == pytest.approx(m["confidence"], abs=1e-5)
 
 
 def test_report_command_with_a_sample_cap(trained_run, tmp_path, capsys):

@@ -73,6 +73,7 @@ def assert_same(got: dict, want: dict, top_k: int = 1) -> None:
 def test_health_and_info(client, trained_run):
     r = client.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["micro_batching"] is True
+    assert r.json()["pending_requests"] == 0
     info = client.get("/info").json()
     run = json.loads((trained_run / "run.json").read_text())
     assert info["labels"] == run["label_names"]
@@ -303,19 +304,47 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "--max-batch must be >= 1" in capsys.readouterr().err
 
 
-def test_cli_serve_answers_and_shuts_down_gracefully(trained_run):
+def _raw_post(port: int, body: dict) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _raw_status(sock: socket.socket) -> int:
+    buf = b""
+    while b"\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    sock.close()
+    return int(buf.split()[1]) if buf else -1
+
+
+def test_cli_serve_answers_then_drains_on_sigterm(trained_run):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # a long collection window keeps requests waiting, so SIGTERM arrives with work in flight
     proc = subprocess.Popen([sys.executable, "-m", "loraclf.cli", "serve", str(trained_run), "--port", "0",
-                             "--precision", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--precision", "fp32", "--max-wait-ms", "1500", "--max-batch", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         assert "serving" in line and "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
         url = line.split(" on ", 1)[1].split()[0].rstrip("/")
+        port = int(url.rsplit(":", 1)[1])
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.get("/health").json()["status"] == "ok"
             r = c.post("/predict", json={"texts": TEXTS[:2]})
             assert r.status_code == 200 and len(r.json()["predictions"]) == 2
-        proc.send_signal(signal.SIGINT)
+            in_flight = [_raw_post(port, {"text": t}) for t in TEXTS]
+            deadline = time.monotonic() + 20
+            while c.get("/health").json()["pending_requests"] < len(TEXTS):
+                assert time.monotonic() < deadline, "requests never reached the queue"
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert [_raw_status(s) for s in in_flight] == [200] * len(TEXTS)  # answered, not dropped
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert "stopped" in err
