@@ -146,7 +146,7 @@ def test_length_grouped_sampler_covers_every_row_once_and_groups():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 200, size=1000)
     s = LengthGroupedBatchSampler(lengths, batch_size=16, seed=3, mega=50)
-    s.set_epoch(1)
+    s.begin_epoch(1)
     batches = list(s)
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(1000)) and len(batches) == len(s)
@@ -155,7 +155,7 @@ def test_length_grouped_sampler_covers_every_row_once_and_groups():
     padded_random = sum(len(b) * max(lengths[b]) for b in random_batches)
     assert padded < 0.7 * padded_random  # grouping removes most padding
     assert list(s) == batches  # same epoch -> same order
-    s.set_epoch(2)
+    s.begin_epoch(2)
     assert list(s) != batches
 
 

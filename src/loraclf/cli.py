@@ -12,7 +12,9 @@ import csv
 import io
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     t.add_argument("--config", help="YAML recipe (e.g. configs/agnews-seed.yaml)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
 
     c = sub.add_parser("params", help="count trainable parameters of a config (no weights loaded)",
                        epilog=_keys_epilog(), formatter_class=fmt)
@@ -174,13 +177,28 @@ class _Bar:
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .train import train
+    from .train import resume, train
 
-    cfg = load_config(args.config, overrides)
+    if args.resume and (args.config or overrides):
+        raise ConfigError(["--resume continues a run with its own saved config"], where="command line",
+                          fix="drop --config and --section.key options when resuming")
+    cfg = None if args.resume else load_config(args.config, overrides)
     bar = _Bar(args.quiet)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if stop.is_set():  # a second signal: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\n{signal.Signals(signum).name}: writing a checkpoint at the next step, then stopping "
+              f"(send again to stop at once)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = train(cfg, bar)
+        result = resume(args.resume, bar, stop) if args.resume else train(cfg, bar, stop)
     finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
         if bar.bar is not None:
             bar.bar.close()
     print(f"run: {result.run_dir}")

@@ -134,6 +134,9 @@ class TrainConfig(_Section):
     max_trainable_params: int = Field(1_000_000, gt=0, description="hard budget: LoRA + head")
     group_by_length: bool = Field(True, description="batch rows of similar length together")
     log_every_steps: int = Field(20, gt=0, description="optimizer steps between train-loss records")
+    checkpoint_every_steps: int | None = Field(500, gt=0, description="optimizer steps between checkpoints "
+                                                "(also written at every epoch end); null = epoch ends only")
+    keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept in RUN_DIR/checkpoints")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss")
     loraplus_lr_ratio: float | None = Field(
         None, ge=1, description="LoRA+: learning rate of LoRA B matrices (and 1-D tensors) = learning_rate x this "

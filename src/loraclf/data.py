@@ -476,7 +476,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     As in transformers' group_by_length: a seeded permutation is cut into mega-batches of
     ``mega`` batches, each sorted by length and cut into batches; batch order is then shuffled.
-    Call ``set_epoch`` before each epoch for a new, reproducible order.
+    Call ``begin_epoch`` before each epoch for a new, reproducible order.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
@@ -487,11 +487,18 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.group_by_length = group_by_length
         self.mega = mega
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def begin_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Order for ``epoch``; ``skip`` leaves out its first batches (resuming mid-epoch).
+
+        Not named set_epoch on purpose: accelerate calls set_epoch with its own counter, which
+        restarts at 0 in a resumed process and would change the order."""
         self.epoch = epoch
+        self.skip = skip
 
     def __len__(self) -> int:
+        """Batches in a full epoch (``skip`` aside): the schedule is planned on full epochs."""
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -508,7 +515,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
                 batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
             order = rng.permutation(len(batches))
             batches = [batches[i] for i in order]
-        for b in batches:
+        for b in batches[self.skip :]:
             yield b.tolist()
 
 

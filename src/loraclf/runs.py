@@ -132,7 +132,7 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
         raise RunError(f"run is missing {Path(e.filename).name}", where=str(path), fix="train the run again") from None
     except (ConfigError, ValueError) as e:
         raise RunError(f"run files are corrupted ({e})", where=str(path), fix="train the run again") from None
-    for needed in ("adapter_config.json", "adapter_model.safetensors"):
+    for needed in ("adapter_config.json", "adapter_model.safetensors") if info.get("status") == "complete" else ():
         if not (path / ADAPTER_DIR / needed).is_file():
             raise RunError(f"run is missing {ADAPTER_DIR}/{needed}", where=str(path), fix="train the run again")
     return Run(path, cfg, list(labels), info)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from . import budget, plots, runs
+from . import budget, checkpoint, plots, runs
 from .config import Config, TrainConfig, save_config
 from .data import LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, load_splits, tokenize
-from .errors import TrainingError
+from .errors import LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
 from .model import build_model, load_model_config, load_tokenizer, resolve_name, trainable_state_dict
 from .precision import autocast, choose_precision
@@ -36,6 +37,12 @@ class Callback(Protocol):
     def on_start(self, total_steps: int, info: dict[str, Any]) -> None: ...
     def on_step(self, step: int, record: dict[str, Any]) -> None: ...
     def on_eval(self, record: dict[str, Any]) -> None: ...
+
+
+class Interrupted(LoraclfError):
+    """Training stopped on request (SIGINT/SIGTERM) after writing a checkpoint."""
+
+    exit_code = 130
 
 
 class _Silent:
@@ -65,6 +72,12 @@ class _Metrics:
     def __init__(self, path: Path):
         self.path = path
         self.records: list[dict[str, Any]] = []
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` records (those a checkpoint knows about); drop the rest."""
+        lines = self.path.read_text(encoding="utf-8").splitlines()[:n] if self.path.exists() else []
+        self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        self.records = [json.loads(line) for line in lines]
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -106,9 +119,9 @@ def cfg_pad_id(model: torch.nn.Module) -> int:
     return 0 if pad is None else int(pad)
 
 
-def prepare(cfg: Config) -> tuple[Splits, Any, Any, budget.Breakdown]:
+def prepare(cfg: Config, label_names: list[str] | None = None) -> tuple[Splits, Any, Any, budget.Breakdown]:
     """All checks that need no weights: data rows, tokenizer, architecture, budget."""
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, label_names)
     tokenizer = load_tokenizer(cfg.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -120,14 +133,10 @@ def prepare(cfg: Config) -> tuple[Splits, Any, Any, budget.Breakdown]:
     return splits, tokenizer, model_config, counts
 
 
-def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
-    cb = callback or _Silent()
-    t_start = time.perf_counter()
-    tc = cfg.train
-    splits, tokenizer, model_config, counts = prepare(cfg)
-
-    run_dir = Path(tc.output_dir)
-    runs.prepare_dir(run_dir, tc.overwrite)
+def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdown) -> tuple[Config, dict[str, Any]]:
+    """Create the run directory with what identifies the run; status stays "running"."""
+    run_dir = Path(cfg.train.output_dir)
+    runs.prepare_dir(run_dir, cfg.train.overwrite)
     # Record the base as an absolute path when local, so the run works from any directory.
     resolved = cfg.model_copy(deep=True)
     resolved.model.name_or_path = resolve_name(cfg.model.name_or_path)
@@ -137,7 +146,7 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
         "status": "running",
         "base_model": resolved.model.name_or_path,
         "label_names": splits.label_names,
-        "seed": tc.seed,
+        "seed": cfg.train.seed,
         "data": splits.fingerprints,
         "rows": {"train": len(splits.train), "validation": len(splits.validation),
                  "test": len(splits.test) if splits.test is not None else 0},
@@ -146,18 +155,59 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
     }
     runs.write_json(run_dir / runs.RUN_FILE, info)
     tokenizer.save_pretrained(run_dir / runs.TOKENIZER_DIR)
+    return resolved, info
 
+
+def train(cfg: Config, callback: Callback | None = None, stop: threading.Event | None = None) -> TrainResult:
+    """Train a new run. ``stop``: when set (e.g. by a signal handler), the loop writes a
+    checkpoint at the next optimizer step and raises :class:`Interrupted`."""
+    t_start = time.perf_counter()
+    splits, tokenizer, model_config, counts = prepare(cfg)
+    resolved, info = _new_run(cfg, splits, tokenizer, counts)
+    return _fit(resolved, splits, tokenizer, model_config, counts, info, callback, stop, None, t_start)
+
+
+def resume(run_dir: str | Path, callback: Callback | None = None, stop: threading.Event | None = None) -> TrainResult:
+    """Continue an interrupted run from its newest checkpoint, exactly where it stopped."""
+    t_start = time.perf_counter()
+    run = runs.open_run(run_dir, allow_incomplete=True)
+    if run.info.get("status") == "complete":
+        raise RunError("run is already complete", where=str(run.path), fix="nothing to resume; train a new run")
+    ckpt = checkpoint.latest(run.path)
+    if ckpt is None:
+        raise RunError("run has no checkpoint to resume from", where=str(run.path),
+                       fix="train it again (add --train.overwrite true to reuse the directory)")
+    splits, tokenizer, model_config, counts = prepare(run.cfg, run.label_names)
+    if json.loads(json.dumps(splits.fingerprints)) != run.info.get("data"):
+        raise RunError("the data differs from the data the run started with (fingerprints do not match)",
+                       where=str(run.path), fix="restore the original data files, or train a new run")
+    info = {k: v for k, v in run.info.items() if k != "error"}
+    info["status"] = "running"
+    runs.write_json(run.path / runs.RUN_FILE, info)
+    return _fit(run.cfg, splits, tokenizer, model_config, counts, info, callback, stop, ckpt, t_start)
+
+
+def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts: budget.Breakdown,
+         info: dict[str, Any], callback: Callback | None, stop: threading.Event | None,
+         ckpt: Path | None, t_start: float) -> TrainResult:
+    cb = callback or _Silent()
+    stop = stop or threading.Event()
+    tc = cfg.train
+    run_dir = Path(tc.output_dir)
     try:
         accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps)
         precision = choose_precision(tc.precision, accelerator.device)
         set_seed(tc.seed)  # before the model: the head and LoRA A matrices are initialised randomly
-        model = build_model(resolved.model, cfg.lora, model_config)
+        model = build_model(cfg.model, cfg.lora, model_config)
 
         train_ids = tokenize(splits.train.texts, tokenizer, cfg.data.max_length)
         val_ids = tokenize(splits.validation.texts, tokenizer, cfg.data.max_length)
         sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], tc.batch_size, tc.seed, tc.group_by_length)
+        # A private generator: every DataLoader iteration draws a seed from its generator, which
+        # would otherwise advance the global RNG that dropout uses and break exact resumption.
         loader = torch.utils.data.DataLoader(TokenizedDataset(train_ids, splits.train.labels), batch_sampler=sampler,
-                                             collate_fn=PadCollator(tokenizer.pad_token_id))
+                                             collate_fn=PadCollator(tokenizer.pad_token_id),
+                                             generator=torch.Generator().manual_seed(tc.seed))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -168,72 +218,103 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
                                   num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
         metrics = _Metrics(run_dir / runs.METRICS_FILE)
+        unwrapped = accelerator.unwrap_model(model)
+        loop, best_state = checkpoint.LoopState(), None
+        if ckpt is not None:
+            loaded = checkpoint.load(ckpt)
+            unwrapped.load_state_dict(loaded.trainable, strict=False)
+            checkpoint.restore(loaded, optimizer, scheduler)
+            loop, best_state = loaded.loop, loaded.best
+            metrics.truncate(loop.metrics_lines)  # records written after the checkpoint are redone
         cb.on_start(total_steps, {"device": str(accelerator.device), "precision": precision,
-                                  "trainable": counts.trainable, "train_rows": len(splits.train)})
+                                  "trainable": counts.trainable, "train_rows": len(splits.train),
+                                  "resumed_at_step": loop.step if ckpt is not None else None})
 
-        step, best_acc, best_epoch, best_state, best_val = 0, -1.0, 0, None, {}
-        stopped_early = None
-        train_time, examples_seen, tokens_seen = 0.0, 0, 0
-        for epoch in range(1, tc.epochs + 1):
+        def save_checkpoint() -> Path:
+            loop.metrics_lines = len(metrics.records)
+            return checkpoint.save(run_dir, loop, trainable_state_dict(unwrapped), best_state, optimizer, scheduler,
+                                   keep=tc.keep_checkpoints)
+
+        for epoch in range(loop.epoch, tc.epochs + 1):
+            if loop.stopped_early is not None:
+                break
+            loop.epoch = epoch
             model.train()
-            sampler.set_epoch(epoch)
-            window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
+            sampler.begin_epoch(epoch, skip=loop.batch)
+            t0 = time.perf_counter()
             for batch in loader:
                 with accelerator.accumulate(model), autocast(accelerator.device, precision):
                     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     loss = training_loss(out.logits, batch["labels"], tc.label_smoothing)
                     if not torch.isfinite(loss.detach()):
-                        raise TrainingError(f"loss became {loss.item()} at step {step + 1} (epoch {epoch})",
-                                            where=str(run_dir), fix="lower --train.learning_rate or use fp32 precision")
+                        last = checkpoint.latest(run_dir)
+                        raise TrainingError(
+                            f"loss became {loss.item()} at step {loop.step + 1} (epoch {epoch}); training stopped, "
+                            f"last good checkpoint: {last if last else 'none yet'}", where=str(run_dir),
+                            fix="lower --train.learning_rate or use --train.precision fp32, then train again")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, tc.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
-                window_loss += loss.item()
-                window_n += 1
-                examples_seen += batch["input_ids"].shape[0]
-                tokens_seen += int(batch["attention_mask"].sum())
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                    step += 1
-                    if step % tc.log_every_steps == 0 or step == total_steps:
-                        elapsed = train_time + time.perf_counter() - t0
-                        record = {"event": "train", "split": "train", "epoch": epoch, "step": step,
-                                  "loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
-                                  "examples_per_s": examples_seen / elapsed}
-                        metrics.add(record)
-                        window_loss, window_n = 0.0, 0
-                        cb.on_step(step, record)
-                    else:
-                        cb.on_step(step, {"loss": loss.item()})
-            train_time += time.perf_counter() - t0
+                loop.batch += 1
+                loop.window_loss += loss.item()
+                loop.window_n += 1
+                loop.examples_seen += batch["input_ids"].shape[0]
+                loop.tokens_seen += int(batch["attention_mask"].sum())
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                loop.step += 1
+                if loop.step % tc.log_every_steps == 0 or loop.step == total_steps:
+                    elapsed = loop.train_time + time.perf_counter() - t0
+                    record = {"event": "train", "split": "train", "epoch": epoch, "step": loop.step,
+                              "loss": loop.window_loss / loop.window_n, "lr": scheduler.get_last_lr()[0],
+                              "examples_per_s": loop.examples_seen / elapsed}
+                    metrics.add(record)
+                    loop.window_loss, loop.window_n = 0.0, 0
+                    cb.on_step(loop.step, record)
+                else:
+                    cb.on_step(loop.step, {"loss": loss.item()})
+                every = tc.checkpoint_every_steps
+                if stop.is_set() or (every and loop.step % every == 0):
+                    now = time.perf_counter()
+                    loop.train_time += now - t0
+                    t0 = now
+                    path = save_checkpoint()
+                    if stop.is_set():
+                        raise Interrupted(f"interrupted at step {loop.step}; checkpoint written to {path}",
+                                          where=str(run_dir), fix=f"resume with: loraclf train --resume {run_dir}")
+            loop.train_time += time.perf_counter() - t0
 
             val = _evaluate(model, val_ids, splits.validation.labels, splits.label_names, cfg, accelerator, precision)
-            record = {"event": "eval", "split": "validation", "epoch": epoch, "step": step,
+            record = {"event": "eval", "split": "validation", "epoch": epoch, "step": loop.step,
                       **{k: val[k] for k in ("loss", "accuracy", "macro_f1", "n")}}
             metrics.add(record)
             cb.on_eval(record)
-            if val["accuracy"] > best_acc:
-                best_acc, best_epoch, best_val = val["accuracy"], epoch, val
-                unwrapped = accelerator.unwrap_model(model)
+            if val["accuracy"] > loop.best_acc:
+                loop.best_acc, loop.best_epoch = val["accuracy"], epoch
+                loop.best_val = {k: val[k] for k in ("accuracy", "macro_f1", "loss", "n")}
                 best_state = trainable_state_dict(unwrapped)
-                if accelerator.is_main_process:
-                    tmp = run_dir / f".{runs.ADAPTER_DIR}.tmp"
-                    unwrapped.save_pretrained(tmp)
-                    runs.replace_dir(tmp, run_dir / runs.ADAPTER_DIR)
-            elif tc.early_stopping_patience is not None and epoch - best_epoch >= tc.early_stopping_patience:
-                stopped_early = epoch  # no better validation accuracy for `patience` epochs
-                break
+            elif tc.early_stopping_patience is not None and epoch - loop.best_epoch >= tc.early_stopping_patience:
+                loop.stopped_early = epoch  # no better validation accuracy for `patience` epochs
+            loop.epoch, loop.batch = epoch + 1, 0
+            save_checkpoint()
+            if stop.is_set():
+                raise Interrupted(f"interrupted after epoch {epoch}; checkpoint written", where=str(run_dir),
+                                  fix=f"resume with: loraclf train --resume {run_dir}")
 
         # Test metrics come from the best epoch's weights, chosen on validation only.
-        unwrapped = accelerator.unwrap_model(model)
         unwrapped.load_state_dict(best_state, strict=False)
+        if accelerator.is_main_process:
+            tmp = run_dir / f".{runs.ADAPTER_DIR}.tmp"
+            unwrapped.save_pretrained(tmp)
+            runs.replace_dir(tmp, run_dir / runs.ADAPTER_DIR)
         test = None
         if splits.test is not None:
             test_ids = tokenize(splits.test.texts, tokenizer, cfg.data.max_length)
             test = _evaluate(model, test_ids, splits.test.labels, splits.label_names, cfg, accelerator, precision)
-            metrics.add({"event": "eval", "split": "test", "epoch": best_epoch, "step": step,
+            metrics.add({"event": "eval", "split": "test", "epoch": loop.best_epoch, "step": loop.step,
                          **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "n")}})
             cb.on_eval(metrics.records[-1])
 
@@ -242,23 +323,23 @@ def train(cfg: Config, callback: Callback | None = None) -> TrainResult:
             status="complete",
             device=str(accelerator.device),
             precision=precision,
-            best_epoch=best_epoch,
-            stopped_early_at_epoch=stopped_early,
-            optimizer_steps=step,
-            metrics={"validation": {k: best_val[k] for k in ("accuracy", "macro_f1", "loss", "n")},
+            best_epoch=loop.best_epoch,
+            stopped_early_at_epoch=loop.stopped_early,
+            optimizer_steps=loop.step,
+            metrics={"validation": loop.best_val,
                      "test": {k: test[k] for k in ("accuracy", "macro_f1", "loss", "n")} if test else None},
-            throughput={"train_examples_per_s": examples_seen / train_time if train_time else None,
-                        "train_tokens_per_s": tokens_seen / train_time if train_time else None,
-                        "train_seconds": train_time},
-            wall_time_s=time.perf_counter() - t_start,
+            throughput={"train_examples_per_s": loop.examples_seen / loop.train_time if loop.train_time else None,
+                        "train_tokens_per_s": loop.tokens_seen / loop.train_time if loop.train_time else None,
+                        "train_seconds": loop.train_time},
+            wall_time_s=time.perf_counter() - t_start + info.get("wall_time_s", 0.0),
         )
         if accelerator.is_main_process:
             write_extras(run_dir, splits, info)
             runs.write_json(run_dir / runs.RUN_FILE, info)  # last write: marks the run complete
-        return TrainResult(run_dir, best_epoch, best_val, test, counts.trainable, metrics.records)
+        return TrainResult(run_dir, loop.best_epoch, loop.best_val, test, counts.trainable, metrics.records)
     except BaseException as e:
         # Whatever stopped the run (error, Ctrl-C), the directory must not look complete.
-        info.update(status="failed", error=str(e) or type(e).__name__)
+        info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", error=str(e) or type(e).__name__)
         runs.write_json(run_dir / runs.RUN_FILE, info)
         raise
 

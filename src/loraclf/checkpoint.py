@@ -1,0 +1,154 @@
+"""Training checkpoints: everything needed to continue a run bit for bit.
+
+A checkpoint is a directory RUN_DIR/checkpoints/step-NNNNNNNN/ holding
+    trainable.safetensors   the trainable tensors (LoRA + head) now
+    best.safetensors        the trainable tensors of the best epoch so far (if any)
+    optimizer.safetensors   the optimizer's per-parameter tensors (AdamW moments, step)
+    rng.safetensors         torch CPU (and CUDA) generator states
+    state.json              loop position, best-so-far, optimizer hyper-parameters,
+                            scheduler, python/numpy RNG states
+Tensors go through safetensors and the rest through JSON: a checkpoint never needs pickle to
+load. It is written into a temporary directory and renamed into place, so a kill during the
+write leaves the previous checkpoint intact and no half-written one that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+_DONE = "state.json"  # written last inside the temporary directory
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands. ``epoch`` is the epoch in progress (1-based) and ``batch`` the
+    number of its micro-batches already trained on."""
+
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    best_val: dict[str, Any] = field(default_factory=dict)
+    train_time: float = 0.0
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    metrics_lines: int = 0
+    window_loss: float = 0.0
+    window_n: int = 0
+    stopped_early: int | None = None
+
+
+def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, st in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return tensors, {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                     "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
+         best: dict[str, torch.Tensor] | None, optimizer: Any, scheduler: Any, keep: int) -> Path:
+    """Write a checkpoint atomically and keep only the newest ``keep``."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{loop.step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    if best is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, tmp / "best.safetensors")
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, tmp / "rng.safetensors")
+    state = {"loop": asdict(loop), "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+    with open(tmp / _DONE, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    done = [p for p in root.glob("step-*") if (p / _DONE).is_file()] if root.is_dir() else []
+    return max(done, default=None, key=lambda p: p.name)
+
+
+@dataclass
+class Loaded:
+    loop: LoopState
+    trainable: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None
+    path: Path
+
+
+def load(path: Path) -> Loaded:
+    state = json.loads((path / _DONE).read_text(encoding="utf-8"))
+    best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
+    loaded = Loaded(LoopState(**state["loop"]), load_file(path / "trainable.safetensors"), best, path)
+    loaded._state = state  # type: ignore[attr-defined]
+    return loaded
+
+
+def restore(loaded: Loaded, optimizer: Any, scheduler: Any) -> None:
+    """Put optimizer, scheduler and every RNG back exactly as they were when saved."""
+    state = loaded._state  # type: ignore[attr-defined]
+    optimizer.load_state_dict(_join_optimizer(load_file(loaded.path / "optimizer.safetensors"), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(load_file(loaded.path / "rng.safetensors"), state["rng"])

@@ -1,0 +1,163 @@
+"""Kill-and-resume: a run killed with SIGKILL at any point (mid-epoch, at an epoch end, during a
+checkpoint write) and resumed ends bit-identical to a run that was never interrupted."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import make_rows, tiny_overrides, write_agnews_csv
+from loraclf import checkpoint
+from loraclf.config import load_config
+from loraclf.errors import RunError
+from loraclf.train import Interrupted, resume, train
+
+SEED = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
+# 72 training rows, 8 per micro-batch, 2 micro-batches per step: 5 steps an epoch, 3 epochs.
+EXTRA = {"data.max_train_samples": 72, "data.max_eval_samples": 24, "train.batch_size": 8,
+         "train.gradient_accumulation_steps": 2, "train.epochs": 3, "train.checkpoint_every_steps": 1,
+         "train.keep_checkpoints": 2}
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import loraclf.checkpoint as ck
+    from loraclf.config import load_config
+    from loraclf.train import train
+
+    real_save_file = ck.save_file
+    def slow_save_file(tensors, path):  # widen the write window so a kill can land inside it
+        print("writing", flush=True)
+        real_save_file(tensors, path)
+        import time; time.sleep(0.05)
+    ck.save_file = slow_save_file
+
+    class Say:
+        def on_start(self, total, info): pass
+        def on_step(self, step, record): print(f"step {step}", flush=True)
+        def on_eval(self, record): print(f"eval {record['epoch']}", flush=True)
+
+    train(load_config(sys.argv[1], json.loads(sys.argv[2])), Say())
+    print("done", flush=True)
+""")
+
+
+def _overrides(tiny_roberta, agnews_files, out):
+    return tiny_overrides(tiny_roberta, agnews_files, out, **EXTRA)
+
+
+def _final(run: Path):
+    info = json.loads((run / "run.json").read_text())
+    return ((run / "adapter" / "adapter_model.safetensors").read_bytes(), info["metrics"], info["optimizer_steps"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_roberta, agnews_files):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(load_config(SEED, _overrides(tiny_roberta, agnews_files, out)))
+    return _final(out)
+
+
+def _kill_at(marker: str, nth: int, run: Path, overrides: dict) -> None:
+    """Start a training child process and SIGKILL it at the nth line equal to ``marker``."""
+    p = subprocess.Popen([sys.executable, "-c", CHILD, str(SEED), json.dumps(overrides)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    seen = 0
+    try:
+        for line in p.stdout:
+            if line.strip() == marker:
+                seen += 1
+                if seen == nth:
+                    p.send_signal(signal.SIGKILL)
+                    break
+    finally:
+        p.kill()
+        p.wait()
+    assert seen == nth, f"child ended before {marker!r} #{nth}"
+
+
+# Kill points: (marker, occurrence). 15 optimizer steps; each step writes 4 safetensors files.
+_rng = random.Random(1234)
+KILLS = sorted({("writing", _rng.randint(5, 55)) for _ in range(4)} |
+               {(f"step {_rng.randint(2, 15)}", 1) for _ in range(4)} | {("eval 1", 1), ("eval 2", 1)})
+
+
+@pytest.mark.parametrize("marker,nth", KILLS, ids=[f"{m.replace(' ', '')}#{n}" for m, n in KILLS])
+def test_sigkill_then_resume_is_bit_identical(marker, nth, reference, tiny_roberta, agnews_files, tmp_path):
+    run = tmp_path / "run"
+    _kill_at(marker, nth, run, _overrides(tiny_roberta, agnews_files, run))
+    assert json.loads((run / "run.json").read_text())["status"] == "running"  # killed: nothing claims completion
+    resume(run)
+    assert _final(run) == reference
+
+
+def test_stop_request_writes_checkpoint_and_resumes(reference, tiny_roberta, agnews_files, tmp_path):
+    run = tmp_path / "run"
+    stop = threading.Event()
+
+    class StopAt:
+        def on_start(self, total, info): pass
+        def on_eval(self, record): pass
+        def on_step(self, step, record):
+            if step == 7:
+                stop.set()
+
+    cfg = load_config(SEED, _overrides(tiny_roberta, agnews_files, run))
+    with pytest.raises(Interrupted, match="interrupted at step 7") as e:
+        train(cfg, StopAt(), stop)
+    assert "loraclf train --resume" in str(e.value)
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert checkpoint.latest(run).name == "step-00000007"
+    assert len(list((run / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+    resume(run)
+    assert _final(run) == reference
+
+
+def test_resume_refusals(trained_run, tiny_roberta, agnews_files, tmp_path):
+    with pytest.raises(RunError, match="already complete"):
+        resume(trained_run)
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(RunError, match="no run.json"):
+        resume(run)
+
+
+def test_resume_refuses_changed_data(tiny_roberta, agnews_files, tmp_path):
+    import shutil
+
+    data = {"train": tmp_path / "train.csv.gz", "test": agnews_files["test"]}
+    shutil.copy(agnews_files["train"], data["train"])
+    run = tmp_path / "run"
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, data, run)), stop=stop)
+    write_agnews_csv(data["train"], make_rows(240, seed=9))  # same format, other rows
+    with pytest.raises(RunError, match="data differs"):
+        resume(run)
+
+
+def test_non_finite_loss_stops_and_names_last_checkpoint(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    import loraclf.train as t
+
+    calls = {"n": 0}
+    real = t.training_loss
+
+    def nan_on_fourth(logits, labels, smoothing=0.0):
+        calls["n"] += 1
+        loss = real(logits, labels, smoothing)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(t, "training_loss", nan_on_fourth)
+    run = tmp_path / "run"
+    with pytest.raises(t.TrainingError) as e:
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)))
+    msg = str(e.value)
+    assert "loss became nan at step 2" in msg and "step-00000001" in msg
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert checkpoint.latest(run).name == "step-00000001"
