@@ -161,3 +161,24 @@ def test_non_finite_loss_stops_and_names_last_checkpoint(tiny_roberta, agnews_fi
     assert "loss became nan at step 2" in msg and "step-00000001" in msg
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
     assert checkpoint.latest(run).name == "step-00000001"
+
+
+def test_cli_uses_checkpoint_when_asked_then_resumes(tiny_roberta, agnews_files, tmp_path, capsys):
+    from loraclf.cli import main
+
+    run = tmp_path / "run"
+    stop = threading.Event()
+    stop.set()  # interrupted at the first optimizer step
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), stop=stop)
+    assert main(["evaluate", str(run)]) == 2
+    assert "run is incomplete" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--checkpoint", "--json", "--precision", "fp32"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["weights"].endswith("step-00000001") and r["n"] == 24  # data.max_eval_samples
+    assert main(["predict", str(run), "--checkpoint", "a goal"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "a goal"
+    assert main(["train", "--resume", str(run), "--lora.r", "2"]) == 2
+    assert "--resume continues a run with its own saved config" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    e.add_argument("--checkpoint", action="store_true",
+                    help="use an unfinished run's newest checkpoint (its best epoch so far)")
 
     pr = sub.add_parser("predict", help="classify texts with a run")
     pr.add_argument("run_dir", metavar="RUN_DIR")
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=1)
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    pr.add_argument("--checkpoint", action="store_true",
+                    help="use an unfinished run's newest checkpoint (its best epoch so far)")
 
     sv = sub.add_parser("serve", help="HTTP service and web page for a run (FastAPI + uvicorn)",
                         description="POST /predict, GET /health, GET /info, the page at /, the schema at "
@@ -301,7 +305,8 @@ def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError([f"evaluate does not take --{k}" for k in bad], where="command line",
                           fix=f"evaluate accepts {', '.join('--' + k for k in sorted(allowed))}")
     data = {k.split(".", 1)[1]: v for k, v in overrides.items()}
-    r = evaluate_run(args.run_dir, data, batch_size=args.batch_size, precision=args.precision)
+    r = evaluate_run(args.run_dir, data, batch_size=args.batch_size, precision=args.precision,
+                     from_checkpoint=args.checkpoint)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -354,7 +359,8 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.top_k < 1:
         raise ConfigError([f"--top-k must be >= 1 (got {args.top_k})"], where="command line")
     texts = _read_inputs(args)
-    predictor = Predictor.from_run(args.run_dir, batch_size=args.batch_size, precision=args.precision)
+    predictor = Predictor.from_run(args.run_dir, batch_size=args.batch_size, precision=args.precision,
+                                   from_checkpoint=args.checkpoint)
     results = predictor.predict(texts, top_k=args.top_k)
     buf = io.StringIO()
     if args.format == "jsonl":

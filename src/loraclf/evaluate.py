@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from . import plots
+from . import checkpoint, plots
 from .config import DataConfig
 from .data import Examples, load_eval_split
 from .errors import DataError
@@ -37,21 +37,22 @@ def evaluate_examples(predictor: Predictor, examples: Examples) -> dict[str, Any
 
 
 def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = None, batch_size: int = 64,
-                 precision: str = "auto", write: bool = True) -> dict[str, Any]:
+                 precision: str = "auto", write: bool = True, from_checkpoint: bool = False) -> dict[str, Any]:
     """Evaluate a finished run on its configured test split, or on ``data_overrides['test']``.
 
     Returns the metrics plus ``split`` and ``source``; with ``write``, saves
     RUN_DIR/eval/<name>.json and <name>_confusion.png.
     """
-    run = open_run(run_dir)
+    run = open_run(run_dir, allow_incomplete=from_checkpoint)
     data_cfg = DataConfig.model_validate({**run.cfg.data.model_dump(), **(data_overrides or {})})
     if data_cfg.test is None:
         raise DataError("the run has no test split configured", where=str(run.path),
                         fix="pass one with --data.test PATH_OR_NAME")
     examples = load_eval_split(data_cfg, data_cfg.test, run.label_names)
-    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision)
+    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, from_checkpoint=from_checkpoint)
     result = evaluate_examples(predictor, examples)
-    result.update(split="test", source=data_cfg.test, precision=predictor.precision)
+    result.update(split="test", source=data_cfg.test, precision=predictor.precision,
+                  weights=str(checkpoint.latest(run.path)) if from_checkpoint else "adapter")
     if write:
         write_evaluation(run, result, data_cfg.test)
     return result

@@ -11,9 +11,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import checkpoint
 from .data import PadCollator, sorted_batches, tokenize
-from .errors import DataError
-from .model import load_adapter, load_base, load_model_config, load_tokenizer
+from .errors import DataError, RunError
+from .model import build_model, load_adapter, load_base, load_model_config, load_tokenizer
 from .precision import autocast, choose_precision
 from .runs import Run, open_run
 
@@ -61,10 +62,16 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: Run | str | Path, batch_size: int = 64, device: torch.device | None = None,
-                 precision: str = "auto", merge: bool = True) -> Predictor:
-        run = run if isinstance(run, Run) else open_run(run)
+                 precision: str = "auto", merge: bool = True, from_checkpoint: bool = False) -> Predictor:
+        """Load a finished run; ``from_checkpoint``: an unfinished one, with the best weights of its
+        newest checkpoint (the current weights when no epoch has been evaluated yet)."""
+        if not isinstance(run, Run):
+            run = open_run(run, allow_incomplete=from_checkpoint)
         config = load_model_config(run.cfg.model, run.label_names)
-        model = load_adapter(load_base(run.cfg.model, config), run.adapter_dir)
+        if from_checkpoint:
+            model = _model_from_checkpoint(run, config)
+        else:
+            model = load_adapter(load_base(run.cfg.model, config), run.adapter_dir)
         if merge:
             model = model.merge_and_unload()
         tokenizer = load_tokenizer(run.cfg.model, path=str(run.tokenizer_dir))
@@ -98,3 +105,12 @@ class Predictor:
             })
         return results
 
+
+def _model_from_checkpoint(run: Run, config: Any) -> torch.nn.Module:
+    path = checkpoint.latest(run.path)
+    if path is None:
+        raise RunError("run has no checkpoint", where=str(run.path), fix="use a run that trained at least one step")
+    loaded = checkpoint.load(path)
+    model = build_model(run.cfg.model, run.cfg.lora, config)
+    model.load_state_dict(loaded.best if loaded.best is not None else loaded.trainable, strict=False)
+    return model
