@@ -446,7 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), "loraclf")
     try:
         rest, overrides = split_overrides(argv)
-        args = parser.parse_args(rest)
+        args, extra = parser.parse_known_args(rest)
+        if args.command == "predict":
+            # argparse binds TEXT... before later options; texts after them arrive here.
+            args.texts += [a for a in extra if not a.startswith("-")]
+            extra = [a for a in extra if a.startswith("-")]
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         _quiet_libraries()
         return COMMANDS[args.command](args, overrides)
     except LoraclfError as e:
