@@ -106,6 +106,19 @@ def build_bert(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def roberta_base_arch(tmp_path_factory) -> Path:
+    """roberta-base's architecture (no weights): 12 layers, hidden 768, 12 heads, FFN 3072,
+    vocab 50,265, 514 positions. Built on the meta device by the tests that count."""
+    from transformers import RobertaConfig
+
+    d = tmp_path_factory.mktemp("roberta-base-arch")
+    RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                  bos_token_id=0, eos_token_id=2).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_roberta(tmp_path_factory) -> Path:
     return build_roberta(tmp_path_factory.mktemp("tiny-roberta"))
 

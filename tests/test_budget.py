@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-from transformers import RobertaConfig
 
 from loraclf import budget
 from loraclf.config import load_config
@@ -10,16 +9,6 @@ from loraclf.model import build_model, load_model_config
 
 SEED = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
 AG = ["World", "Sports", "Business", "Sci/Tech"]
-
-
-@pytest.fixture(scope="module")
-def roberta_base_arch(tmp_path_factory) -> Path:
-    """roberta-base's architecture (no weights): 12 layers, hidden 768, 12 heads, FFN 3072."""
-    d = tmp_path_factory.mktemp("roberta-base-arch")
-    RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                  intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
-                  bos_token_id=0, eos_token_id=2).save_pretrained(d)
-    return d
 
 
 def test_seed_preset_counts_777988_on_roberta_base(roberta_base_arch):

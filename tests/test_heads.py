@@ -18,17 +18,6 @@ from loraclf.model import build_model, load_adapter, load_base, load_model_confi
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 HEADS = ["default", "linear", "mean", "lowrank"]
-ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                    intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)
-
-
-@pytest.fixture(scope="module")
-def roberta_base_arch(tmp_path_factory) -> Path:
-    from transformers import RobertaConfig
-
-    d = tmp_path_factory.mktemp("roberta-base-arch")
-    RobertaConfig(**ROBERTA_BASE).save_pretrained(d)
-    return d
 
 
 def _cfg(model_dir: Path, head: str, **extra):
