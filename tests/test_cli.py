@@ -141,3 +141,19 @@ def test_unknown_label_in_eval_data(trained_run, tmp_path, capsys):
     bad.write_text("text,label\nfine text,World\nother,Weather\n")
     assert main(["evaluate", str(trained_run), "--data.test", str(bad)]) == 2
     assert "row 2: label 'Weather' is not one of the classes" in _error_line(capsys)
+
+
+def test_disk_full_while_writing_the_run_is_one_line(tiny_roberta, agnews_files, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import loraclf.runs as runs
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs, "write_json", full)
+    o = tiny_overrides(tiny_roberta, agnews_files, tmp_path / "run")
+    assert main(["train", "--config", SEED, "--quiet", *_args(o)]) == 1
+    line = _error_line(capsys)
+    assert "No space left on device" in line and "labels.json" in line
+    assert not (tmp_path / "run" / "run.json").exists()  # nothing that looks like a run
