@@ -194,23 +194,30 @@ def read_texts_labels(path: str | Path, n: int | None = None, seed: int | None =
 def run_worker(cmd: list[str], json_path: Path, timeout: float | None, threads: int | None = None,
                label: str = "") -> dict[str, Any]:
     """Run one contender in its own process; its result is the JSON it writes to ``json_path``."""
+    return run_worker_all(cmd, json_path, timeout, threads, label)[0]
+
+
+def run_worker_all(cmd: list[str], json_path: Path, timeout: float | None, threads: int | None = None,
+                   label: str = "") -> list[dict[str, Any]]:
+    """Like run_worker, for a worker that writes several records: all of them (or one error record)."""
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=worker_env(threads), cwd=str(common.REPO_ROOT), capture_output=True,
                               text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         log(f"  {label}: timed out after {timeout:.0f}s")
-        return {"error": f"timed out after {timeout:.0f}s", "process_wall_s": round(time.perf_counter() - t0, 1)}
+        return [{"error": f"timed out after {timeout:.0f}s", "process_wall_s": round(time.perf_counter() - t0, 1)}]
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not json_path.exists():
         tail = (proc.stderr or proc.stdout or "")[-3000:]
         log(f"  {label}: failed (exit {proc.returncode})\n{tail}")
-        return {"error": f"exit {proc.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}",
-                "process_wall_s": round(wall, 1)}
+        return [{"error": f"exit {proc.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}",
+                 "process_wall_s": round(wall, 1)}]
     data = json.loads(json_path.read_text())
-    rec = data["results"][0] if isinstance(data, dict) and "results" in data else data
-    rec["process_wall_s"] = round(wall, 1)
-    return rec
+    recs = data["results"] if isinstance(data, dict) and "results" in data else [data]
+    for rec in recs:
+        rec["process_wall_s"] = round(wall, 1)
+    return recs
 
 
 def median(values: Sequence[Any]) -> float | None:

@@ -49,11 +49,15 @@ HERE = Path(__file__).resolve()
 
 
 # =========================================================================== workers
-def _texts(spec):
-    return harness.read_texts_labels(spec["test"], spec["rows"], spec["seed"])
+def _batch_sizes(spec):
+    return spec.get("batch_sizes") or [spec["batch_size"]]
 
 
-def loraclf_worker(spec: dict[str, Any]) -> dict[str, Any]:
+def _rows_for(spec, bs):
+    return spec["rows_bs1"] if bs == 1 and spec.get("rows_bs1") else spec["rows"]
+
+
+def loraclf_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
     import transformers
 
@@ -62,21 +66,26 @@ def loraclf_worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     from loraclf.predict import Predictor
 
-    texts, labels = _texts(spec)
     with common.Timer() as t_load:
-        pred = Predictor.from_run(spec["run_dir"], batch_size=spec["batch_size"], precision=spec["precision"])
+        pred = Predictor.from_run(spec["run_dir"], batch_size=_batch_sizes(spec)[0], precision=spec["precision"])
     names = pred.label_names
-    if spec.get("warmup", True):
-        pred.predict(texts[: max(1, spec["batch_size"])][:64])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with common.Timer() as t:
-        out = pred.predict(texts)
-    preds = [names.index(o["label"]) for o in out]
-    return _record(spec, "loraclf", pred.precision, str(pred.device), t.seconds, t_load.seconds, preds, labels)
+    out_recs = []
+    for bs in _batch_sizes(spec):
+        texts, labels = harness.read_texts_labels(spec["test"], _rows_for(spec, bs), spec["seed"])
+        pred.batch_size = bs
+        if spec.get("warmup", True):
+            pred.predict(texts[: max(1, bs)][:64])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with common.Timer() as t:
+            out = pred.predict(texts)
+        preds = [names.index(o["label"]) for o in out]
+        out_recs.append(_record(spec, bs, "loraclf", pred.precision, str(pred.device), t.seconds, t_load.seconds,
+                                preds, labels))
+    return out_recs
 
 
-def pipeline_worker(spec: dict[str, Any]) -> dict[str, Any]:
+def pipeline_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
     import transformers
     from peft import PeftModel
@@ -92,7 +101,6 @@ def pipeline_worker(spec: dict[str, Any]) -> dict[str, Any]:
     names = json.loads((run / "labels.json").read_text())
     base = cfg["model"]["name_or_path"]
     max_length = int(cfg["data"]["max_length"])
-    texts, labels = _texts(spec)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with common.Timer() as t_load:
         config = AutoConfig.from_pretrained(base, num_labels=len(names), id2label=dict(enumerate(names)),
@@ -104,18 +112,22 @@ def pipeline_worker(spec: dict[str, Any]) -> dict[str, Any]:
             tok.pad_token = tok.eos_token or tok.unk_token
         max_length = min(max_length, tok.model_max_length or max_length)
         pipe = pipeline("text-classification", model=model, tokenizer=tok, device=device)
-    kw = {"batch_size": spec["batch_size"], "truncation": True, "max_length": max_length}
-    if spec.get("warmup", True):
-        pipe(texts[: max(1, spec["batch_size"])][:64], **kw)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with common.Timer() as t:
-        out = pipe(texts, **kw)
-    preds = [names.index(o["label"]) for o in out]
-    return _record(spec, "pipeline", "fp32", str(device), t.seconds, t_load.seconds, preds, labels)
+    out_recs = []
+    for bs in _batch_sizes(spec):
+        texts, labels = harness.read_texts_labels(spec["test"], _rows_for(spec, bs), spec["seed"])
+        kw = {"batch_size": bs, "truncation": True, "max_length": max_length}
+        if spec.get("warmup", True):
+            pipe(texts[: max(1, bs)][:64], **kw)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with common.Timer() as t:
+            out = pipe(texts, **kw)
+        preds = [names.index(o["label"]) for o in out]
+        out_recs.append(_record(spec, bs, "pipeline", "fp32", str(device), t.seconds, t_load.seconds, preds, labels))
+    return out_recs
 
 
-def _record(spec, stack, precision, device, seconds, load_s, preds, labels) -> dict[str, Any]:
+def _record(spec, bs, stack, precision, device, seconds, load_s, preds, labels) -> dict[str, Any]:
     import torch
 
     mem = common.peak_memory()
@@ -125,7 +137,7 @@ def _record(spec, stack, precision, device, seconds, load_s, preds, labels) -> d
         "stack": stack,
         "precision": precision,
         "device": device,
-        "batch_size": spec["batch_size"],
+        "batch_size": bs,
         "rows": n,
         "seconds": round(seconds, 3),
         "examples_per_s": round(n / seconds, 2) if seconds else None,
@@ -134,7 +146,7 @@ def _record(spec, stack, precision, device, seconds, load_s, preds, labels) -> d
         "peak_rss_mib": mem["peak_rss_mib"],
         "cuda_max_allocated_mib": mem.get("cuda_max_allocated_mib"),
         "torch_threads": torch.get_num_threads(),
-        "preds": preds if spec.get("save_preds") else None,
+        "preds": preds if spec.get("save_preds") and bs in spec.get("save_preds_bs", [32]) else None,
     }
 
 
@@ -153,6 +165,10 @@ def parse_args(argv=None):
     p.add_argument("--agreement-rows", type=int, default=-1, help="test rows for the bf16-vs-fp32 agreement (-1: all; 0: skip)")
     p.add_argument("--agreement-batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--process-per", choices=["batch", "contender"], default="batch",
+                   help="batch: a process per (contender, batch size), peak RSS per batch size; contender: one process "
+                        "runs every batch size (fewer model loads, e.g. on a GPU; CUDA peaks are still per batch size, "
+                        "RSS peaks are cumulative)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--timeout", type=float, default=3600)
@@ -175,13 +191,13 @@ def _contender(spec: str) -> dict[str, Any]:
     raise SystemExit(f"unknown contender {spec!r} (loraclf[:fp32|bf16|auto] | pipeline)")
 
 
-def _run(kind: str, spec: dict[str, Any], work: Path, tag: str, args) -> dict[str, Any]:
+def _run(kind: str, spec: dict[str, Any], work: Path, tag: str, args) -> list[dict[str, Any]]:
     sp, out = work / f"{tag}.spec.json", work / f"{tag}.json"
     sp.write_text(json.dumps({**spec, "kind": kind}))
     if out.exists():
         out.unlink()
     cmd = [sys.executable, str(HERE), "--worker", str(sp), "--worker-out", str(out)]
-    return harness.run_worker(cmd, out, args.timeout, args.threads, label=tag)
+    return harness.run_worker_all(cmd, out, args.timeout, args.threads, label=tag)
 
 
 def train_run(args, work: Path) -> Path:
@@ -209,9 +225,9 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())
-        rec = loraclf_worker(spec) if spec["kind"] == "loraclf" else pipeline_worker(spec)
-        Path(args.worker_out).write_text(json.dumps({"results": [rec]}, default=str))
-        return rec
+        recs = loraclf_worker(spec) if spec["kind"] == "loraclf" else pipeline_worker(spec)
+        Path(args.worker_out).write_text(json.dumps({"results": recs}, default=str))
+        return {"results": recs}
 
     work = Path(tempfile.mkdtemp(prefix="infer_speed_", dir=harness.cache_root()))
     test = args.test or common.default_test_csv()
@@ -226,20 +242,24 @@ def main(argv=None) -> dict[str, Any]:
         f"{batch_sizes}, {args.rows} rows ({args.rows_bs1} at batch 1), {args.repeats} repeat(s)")
 
     runs: list[dict[str, Any]] = []
+    groups = [[bs] for bs in batch_sizes] if args.process_per == "batch" else [batch_sizes]
     for rep in range(args.repeats):
-        for bs in batch_sizes:
-            for c in harness.rotate(contenders, rep + bs):
-                spec = {"label": c["label"], "run_dir": str(run_dir), "precision": c["precision"], "batch_size": bs,
-                        "test": str(test), "rows": args.rows_bs1 if bs == 1 else args.rows, "seed": args.seed,
-                        "threads": args.threads, "save_preds": rep == 0 and bs == 32}
-                tag = f"{c['label'].replace(':', '-')}-bs{bs}-r{rep}"
-                rec = _run(c["kind"], spec, work, tag, args)
-                rec.update(contender=c["label"], repeat=rep, batch_size=bs)
-                runs.append(rec)
-                if "error" not in rec:
-                    log(f"repeat {rep + 1} bs {bs} {c['label']}: {rec['examples_per_s']} ex/s over {rec['rows']} rows, "
-                        f"peak RSS {rec['peak_rss_mib']} MiB" +
-                        (f", CUDA {rec['cuda_max_allocated_mib']} MiB" if rec.get("cuda_max_allocated_mib") else ""))
+        for gi, group in enumerate(groups):
+            for c in harness.rotate(contenders, rep + gi):
+                spec = {"label": c["label"], "run_dir": str(run_dir), "precision": c["precision"], "batch_sizes": group,
+                        "test": str(test), "rows": args.rows, "rows_bs1": args.rows_bs1, "seed": args.seed,
+                        "threads": args.threads, "save_preds": rep == 0, "save_preds_bs": [32]}
+                tag = f"{c['label'].replace(':', '-')}-bs{'_'.join(map(str, group))}-r{rep}"
+                recs = _run(c["kind"], spec, work, tag, args)
+                if len(recs) == 1 and "error" in recs[0]:
+                    recs = [{**recs[0], "batch_size": bs} for bs in group]
+                for rec in recs:
+                    rec.update(contender=c["label"], repeat=rep)
+                    runs.append(rec)
+                    if "error" not in rec:
+                        log(f"repeat {rep + 1} bs {rec['batch_size']} {c['label']}: {rec['examples_per_s']} ex/s over "
+                            f"{rec['rows']} rows, peak RSS {rec['peak_rss_mib']} MiB" +
+                            (f", CUDA {rec['cuda_max_allocated_mib']} MiB" if rec.get("cuda_max_allocated_mib") else ""))
 
     # ------------------------------------------------------------------ agreement (bf16 vs fp32)
     agreement: dict[str, Any] = {}
@@ -247,10 +267,11 @@ def main(argv=None) -> dict[str, Any]:
         preds = {}
         for prec in ("fp32", "bf16"):
             spec = {"label": f"loraclf:{prec}", "run_dir": str(run_dir), "precision": prec,
-                    "batch_size": args.agreement_batch_size, "test": str(test), "rows": args.agreement_rows,
-                    "seed": args.seed, "threads": args.threads, "save_preds": True, "warmup": False}
+                    "batch_sizes": [args.agreement_batch_size], "test": str(test), "rows": args.agreement_rows,
+                    "seed": args.seed, "threads": args.threads, "save_preds": True,
+                    "save_preds_bs": [args.agreement_batch_size], "warmup": False}
             log(f"agreement: loraclf {prec} on {'all' if args.agreement_rows < 0 else args.agreement_rows} test rows ...")
-            rec = _run("loraclf", spec, work, f"agree-{prec}", args)
+            rec = _run("loraclf", spec, work, f"agree-{prec}", args)[0]
             if "error" in rec:
                 agreement[prec] = {"error": rec["error"]}
                 continue
@@ -264,6 +285,11 @@ def main(argv=None) -> dict[str, Any]:
             agreement["rows"] = len(a)
     # the pipeline vs loraclf fp32 on the same speed rows (batch 32, first repeat): a sanity check
     p32 = {r["contender"]: r.get("preds") for r in runs if r.get("batch_size") == 32 and r.get("preds")}
+    if "bf16_vs_fp32_agreement" not in agreement and "loraclf:bf16" in p32 and "loraclf:fp32" in p32:
+        a, b = p32["loraclf:fp32"], p32["loraclf:bf16"]  # the speed rows at batch 32
+        agreement["bf16_vs_fp32_agreement"] = round(sum(int(x == y) for x, y in zip(a, b)) / len(a), 5)
+        agreement["rows"] = len(a)
+        agreement["from"] = "the batch-32 speed runs"
     if "pipeline" in p32 and "loraclf:fp32" in p32:
         a, b = p32["pipeline"], p32["loraclf:fp32"]
         agreement["pipeline_vs_loraclf_fp32_agreement"] = round(sum(int(x == y) for x, y in zip(a, b)) / len(a), 5)
@@ -292,8 +318,10 @@ def main(argv=None) -> dict[str, Any]:
     agree_txt = ", ".join(f"{k} {v}" for k, v in agreement.items() if not isinstance(v, dict))
     acc_txt = "; ".join(f"{k}: accuracy {v.get('accuracy')} on {v.get('rows')} rows ({v.get('examples_per_s')} ex/s at "
                         f"batch {args.agreement_batch_size})" for k, v in agreement.items() if isinstance(v, dict) and "accuracy" in v)
-    notes = (f"Run {run_dir.name} (base {base}). Medians of {args.repeats} alternating repeat(s), each run in its own "
-             f"process, after one warm-up batch. examples/s include tokenization. `vs_pipeline` = examples/s over the "
+    per = ("each (contender, batch size) in its own process" if args.process_per == "batch" else
+           "each contender in its own process running every batch size (RSS peaks cumulative)")
+    notes = (f"Run {run_dir.name} (base {base}). Medians of {args.repeats} alternating repeat(s), {per}, "
+             f"after one warm-up batch. examples/s include tokenization. `vs_pipeline` = examples/s over the "
              f"pipeline's at the same batch size. The pipeline gets the merged (plain) model. Agreement: {agree_txt}. "
              f"{acc_txt}.\n")
     columns = ["contender", "batch_size", "runs", "rows", "examples_per_s", "vs_pipeline", "accuracy", "peak_rss_mib",
