@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--cpu", action="store_true", help="force CPU even when CUDA is available")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full", action="store_true",
+                   help="full fine-tuning: no LoRA, every parameter trained (the accuracy study's reference)")
     p.add_argument(
         "--fix-ga-loss",
         action="store_true",
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = common.parse_str_list(args.targets) or DEFAULT_TARGETS.get(model.config.model_type)
     if not targets:
         sys.exit(f"no default LoRA targets for model type {model.config.model_type!r}: pass --targets")
-    lora = LoraConfig(
+    lora = None if args.full else LoraConfig(
         task_type="SEQ_CLS",
         r=args.r,
         lora_alpha=args.alpha,
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         target_modules=targets,
         layers_to_transform=layers,  # None = every layer
     )
-    model = get_peft_model(model, lora)
+    if lora is not None:
+        model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     n_lora_modules = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
@@ -317,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
         "trainable_params": trainable,
         "total_params": total_params,
         "lora_modules": n_lora_modules,
-        "lora": {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "targets": targets, "layers": layers},
+        "lora": None if args.full else {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "targets": targets,
+                                        "layers": layers},
         "recipe": {
             "optim": getattr(targs.optim, "value", str(targs.optim)),
             "lr": args.lr,
