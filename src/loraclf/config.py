@@ -141,6 +141,11 @@ class TrainConfig(_Section):
     loraplus_lr_ratio: float | None = Field(
         None, ge=1, description="LoRA+: learning rate of LoRA B matrices (and 1-D tensors) = learning_rate x this "
         "(PEFT create_loraplus_optimizer); null = off")
+    cache_frozen_prefix: bool | None = Field(
+        None, description="when LoRA adapts only layers k and above, compute the embeddings and layers below k "
+        "once (eval mode: no dropout there) and train from layer k; null = on where it applies")
+    prefix_cache_ram_mb: int = Field(4096, ge=0, description="frozen-prefix cache kept in RAM up to this size, "
+                                     "memory-mapped in the run directory beyond it")
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after this many epochs without a better validation accuracy; null = off")
 

@@ -454,20 +454,28 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.input_ids[i], (int(self.labels[i]) if self.labels is not None else -1)
 
 
+class IndexedDataset(TokenizedDataset):
+    """Items carry their row index, for collators that look rows up elsewhere (the prefix cache)."""
+
+    def __getitem__(self, i: int) -> tuple[list[int], int, int]:  # type: ignore[override]
+        return (*super().__getitem__(i), i)
+
+
 class PadCollator:
     """Pads a batch to its own longest row. Output: input_ids/attention_mask [B, T], labels [B]."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
-    def __call__(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in items)
+    def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
+        """``items``: (token ids, label, ...) tuples; fields after the label are left to subclasses."""
+        width = max(len(it[0]) for it in items)
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(items):
-            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        for row, it in enumerate(items):
+            input_ids[row, : len(it[0])] = torch.as_tensor(it[0], dtype=torch.long)
+            attention_mask[row, : len(it[0])] = 1
+        labels = torch.tensor([it[1] for it in items], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -109,6 +109,16 @@ def is_linear(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
+def find_blocks(model: torch.nn.Module, n: int) -> str:
+    """Dotted name of the ModuleList holding the ``n`` repeated layers (``...encoder.layer``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and n > 0:
+            if any(is_linear(m) for m in module[0].modules()):
+                return name
+    raise ModelError(f"cannot find the {n} repeated blocks of a '{type(model).__name__}'",
+                     where="model.name_or_path", fix="set lora.* by hand and check it with loraclf params")
+
+
 def _matches(name: str, suffix: str) -> bool:
     """PEFT's rule for target_modules / exclude_modules given as a list: the name or a dotted suffix."""
     return name == suffix or name.endswith("." + suffix)

@@ -48,7 +48,7 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig
 from .config import Config, build_config
 from .errors import BudgetError, ModelError
 from .heads import DEFAULT_HEAD_RANK, HEADS, classifier_attr, install_head, trained_head_params
-from .model import is_linear, load_model_config, num_layers
+from .model import find_blocks, is_linear, load_model_config, num_layers
 
 DEFAULT_HEADS = ("linear", "mean", f"lowrank:{DEFAULT_HEAD_RANK}", "default")
 
@@ -214,15 +214,6 @@ def _role(path: str, in_f: int, out_f: int) -> tuple[str, str]:
     return "other", "ffn"
 
 
-def _find_blocks(model: torch.nn.Module, n: int) -> str:
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n and n > 0:
-            if any(is_linear(m) for m in module[0].modules()):
-                return name
-    raise ModelError(f"cannot find the {n} repeated blocks of a '{type(model).__name__}' to plan LoRA for",
-                     where="model.name_or_path", fix="set lora.* by hand and check it with loraclf params")
-
-
 def analyze(cfg: Config, label_names: list[str], heads: tuple[str, ...] = DEFAULT_HEADS) -> Architecture:
     """Read the architecture of ``cfg.model`` on the meta device: blocks, linear layers, head sizes."""
     config = load_model_config(cfg.model, label_names)
@@ -258,7 +249,7 @@ def parse_head(spec: str) -> tuple[str, int | None]:
 def analyze_model(model: torch.nn.Module, config: PretrainedConfig) -> Architecture:
     """Blocks and their linear layers (``heads`` left empty: ``analyze`` fills them)."""
     n = num_layers(config)
-    container = _find_blocks(model, n)
+    container = find_blocks(model, n)
     try:
         cls_attr = classifier_attr(model)
     except ModelError:

@@ -5,6 +5,8 @@ weights so inference costs exactly what the base model costs.
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,21 +23,26 @@ from .runs import Run, open_run
 
 @torch.no_grad()
 def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
-               device: torch.device, precision: str = "fp32") -> np.ndarray:
-    """Class logits, float32 [N, C], in the order of ``input_ids``."""
+               device: torch.device, precision: str = "fp32", prefix: tuple[Any, Any] | None = None) -> np.ndarray:
+    """Class logits, float32 [N, C], in the order of ``input_ids``. ``prefix``: (FrozenPrefix,
+    PrefixStore) holding these rows' hidden states below the first trained layer (training's
+    validation; see loraclf.prefix)."""
     was_training = model.training
     model.eval()
     collate = PadCollator(pad_id)
     out: np.ndarray | None = None
     try:
-        for idx in sorted_batches([len(x) for x in input_ids], batch_size):
-            batch = collate([(input_ids[i], -1) for i in idx])
-            with autocast(device, precision):
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
-            if out is None:
-                out = np.empty((len(input_ids), logits.shape[-1]), dtype=np.float32)
-            out[idx] = logits.float().cpu().numpy()
+        with prefix[0].active() if prefix is not None else contextlib.nullcontext():
+            for idx in sorted_batches([len(x) for x in input_ids], batch_size):
+                batch = collate([(input_ids[i], -1) for i in idx])
+                if prefix is not None:
+                    prefix[0].feed(prefix[1].batch(idx, batch["input_ids"].shape[1]).to(device))
+                with autocast(device, precision):
+                    logits = model(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device)).logits
+                if out is None:
+                    out = np.empty((len(input_ids), logits.shape[-1]), dtype=np.float32)
+                out[idx] = logits.float().cpu().numpy()
     finally:
         model.train(was_training)
     return out if out is not None else np.empty((0, 0), dtype=np.float32)

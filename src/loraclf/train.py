@@ -8,6 +8,7 @@ nothing behind that looks like a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -23,12 +24,13 @@ from transformers import get_scheduler
 
 from . import budget, checkpoint, plots, runs
 from .config import Config, TrainConfig, save_config
-from .data import LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, load_splits, tokenize
-from .errors import LoraclfError, RunError, TrainingError
+from .data import IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, load_splits, tokenize
+from .errors import ConfigError, LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
 from .model import build_model, load_model_config, load_tokenizer, resolve_name, trainable_state_dict
 from .precision import autocast, choose_precision
 from .predict import logits_for
+from .prefix import FrozenPrefix, PrefixCollator, PrefixStore
 
 
 class Callback(Protocol):
@@ -85,9 +87,11 @@ class _Metrics:
             f.write(json.dumps(record) + "\n")
 
 
-def _evaluate(model, ids, labels, names, cfg: Config, accelerator: Accelerator, precision: str) -> dict[str, Any]:
+def _evaluate(model, ids, labels, names, cfg: Config, accelerator: Accelerator, precision: str,
+              prefix: tuple[FrozenPrefix, PrefixStore] | None = None) -> dict[str, Any]:
     model = accelerator.unwrap_model(model)
-    logits = logits_for(model, ids, cfg_pad_id(model), cfg.train.eval_batch_size, accelerator.device, precision)
+    logits = logits_for(model, ids, cfg_pad_id(model), cfg.train.eval_batch_size, accelerator.device, precision,
+                        prefix)
     loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     out = classification_metrics(labels, logits.argmax(-1), names)
     out["loss"] = loss
@@ -128,9 +132,36 @@ def prepare(cfg: Config, label_names: list[str] | None = None) -> tuple[Splits, 
     model_config = load_model_config(cfg.model, splits.label_names)
     if model_config.pad_token_id is None:
         model_config.pad_token_id = tokenizer.pad_token_id
-    counts = budget.breakdown(build_model(cfg.model, cfg.lora, model_config, meta=True))
+    meta_model = build_model(cfg.model, cfg.lora, model_config, meta=True)
+    counts = budget.breakdown(meta_model)
     budget.check(counts, cfg.train.max_trainable_params)
+    if cfg.train.cache_frozen_prefix and FrozenPrefix.find(meta_model) is None:
+        raise ConfigError(["train.cache_frozen_prefix is true but there is no frozen prefix to cache: LoRA adapts "
+                           "layer 0, or the model is not laid out as embeddings followed by layers"],
+                          where="train.cache_frozen_prefix", fix="set it to null (on where it applies) or false")
     return splits, tokenizer, model_config, counts
+
+
+def _frozen_prefix(model: torch.nn.Module, tc: TrainConfig, train_ids: list[list[int]], val_ids: list[list[int]],
+                   pad_id: int, device: torch.device, precision: str, run_dir: Path,
+                   ) -> tuple[FrozenPrefix | None, PrefixStore | None, PrefixStore | None]:
+    """The frozen prefix and its cached hidden states for the training and validation rows
+    (None where caching is off, does not apply, or fails its self-check)."""
+    if tc.cache_frozen_prefix is False:
+        return None, None, None
+    prefix = FrozenPrefix.find(model)
+    if prefix is None or not prefix.skip:
+        return prefix, None, None
+    if not prefix.agrees(val_ids or train_ids, pad_id, device, precision):
+        if tc.cache_frozen_prefix:
+            raise ConfigError(["train.cache_frozen_prefix: logits with the cache differ from the full model's on "
+                               "this architecture"], where="train.cache_frozen_prefix", fix="set it to false")
+        return None, None, None
+    ram = tc.prefix_cache_ram_mb * 2**20
+    train_store = prefix.compute(train_ids, pad_id, tc.eval_batch_size, device, precision, ram, run_dir)
+    val_store = prefix.compute(val_ids, pad_id, tc.eval_batch_size, device, precision,
+                               max(0, ram - train_store.nbytes), run_dir)
+    return prefix, train_store, val_store
 
 
 def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdown) -> tuple[Config, dict[str, Any]]:
@@ -202,15 +233,27 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
 
         train_ids = tokenize(splits.train.texts, tokenizer, cfg.data.max_length)
         val_ids = tokenize(splits.validation.texts, tokenizer, cfg.data.max_length)
-        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], tc.batch_size, tc.seed, tc.group_by_length)
-        # A private generator: every DataLoader iteration draws a seed from its generator, which
-        # would otherwise advance the global RNG that dropout uses and break exact resumption.
-        loader = torch.utils.data.DataLoader(TokenizedDataset(train_ids, splits.train.labels), batch_sampler=sampler,
-                                             collate_fn=PadCollator(tokenizer.pad_token_id),
-                                             generator=torch.Generator().manual_seed(tc.seed))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        unwrapped = accelerator.unwrap_model(model)
+
+        t_cache = time.perf_counter()
+        prefix, train_store, val_store = _frozen_prefix(unwrapped, tc, train_ids, val_ids, tokenizer.pad_token_id,
+                                                        accelerator.device, precision, run_dir)
+        stores = [s for s in (train_store, val_store) if s is not None]
+        cache_seconds = time.perf_counter() - t_cache
+        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], tc.batch_size, tc.seed, tc.group_by_length)
+        if train_store is not None:
+            dataset = IndexedDataset(train_ids, splits.train.labels)
+            collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store)
+        else:
+            dataset, collate = TokenizedDataset(train_ids, splits.train.labels), PadCollator(tokenizer.pad_token_id)
+        # A private generator: every DataLoader iteration draws a seed from its generator, which
+        # would otherwise advance the global RNG that dropout uses and break exact resumption.
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             generator=torch.Generator().manual_seed(tc.seed))
+        loader = accelerator.prepare(loader)
 
         steps_per_epoch = math.ceil(len(loader) / tc.gradient_accumulation_steps)
         total_steps = steps_per_epoch * tc.epochs
@@ -218,7 +261,6 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                   num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
         metrics = _Metrics(run_dir / runs.METRICS_FILE)
-        unwrapped = accelerator.unwrap_model(model)
         loop, best_state = checkpoint.LoopState(), None
         if ckpt is not None:
             loaded = checkpoint.load(ckpt)
@@ -226,7 +268,10 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             checkpoint.restore(loaded, optimizer, scheduler)
             loop, best_state = loaded.loop, loaded.best
             metrics.truncate(loop.metrics_lines)  # records written after the checkpoint are redone
+        loop.train_time += cache_seconds  # the cache is part of what training costs
+        cache_seconds_left = cache_seconds
         cb.on_start(total_steps, {"device": str(accelerator.device), "precision": precision,
+                                  "frozen_prefix_layers": prefix.k if train_store is not None else 0,
                                   "trainable": counts.trainable, "train_rows": len(splits.train),
                                   "resumed_at_step": loop.step if ckpt is not None else None})
 
@@ -240,56 +285,66 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                 break
             loop.epoch = epoch
             model.train()
+            if prefix is not None:
+                prefix.eval_prefix()
             sampler.begin_epoch(epoch, skip=loop.batch)
             t0 = time.perf_counter()
-            for batch in loader:
-                with accelerator.accumulate(model), autocast(accelerator.device, precision):
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    loss = training_loss(out.logits, batch["labels"], tc.label_smoothing)
-                    if not torch.isfinite(loss.detach()):
-                        last = checkpoint.latest(run_dir)
-                        raise TrainingError(
-                            f"loss became {loss.item()} at step {loop.step + 1} (epoch {epoch}); training stopped, "
-                            f"last good checkpoint: {last if last else 'none yet'}", where=str(run_dir),
-                            fix="lower --train.learning_rate or use --train.precision fp32, then train again")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and tc.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(params, tc.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                loop.batch += 1
-                loop.window_loss += loss.item()
-                loop.window_n += 1
-                loop.examples_seen += batch["input_ids"].shape[0]
-                loop.tokens_seen += int(batch["attention_mask"].sum())
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                loop.step += 1
-                if loop.step % tc.log_every_steps == 0 or loop.step == total_steps:
-                    elapsed = loop.train_time + time.perf_counter() - t0
-                    record = {"event": "train", "split": "train", "epoch": epoch, "step": loop.step,
-                              "loss": loop.window_loss / loop.window_n, "lr": scheduler.get_last_lr()[0],
-                              "examples_per_s": loop.examples_seen / elapsed}
-                    metrics.add(record)
-                    loop.window_loss, loop.window_n = 0.0, 0
-                    cb.on_step(loop.step, record)
-                else:
-                    cb.on_step(loop.step, {"loss": loss.item()})
-                every = tc.checkpoint_every_steps
-                if stop.is_set() or (every and loop.step % every == 0):
-                    now = time.perf_counter()
-                    loop.train_time += now - t0
-                    t0 = now
-                    path = save_checkpoint()
-                    if stop.is_set():
-                        raise Interrupted(f"interrupted at step {loop.step}; checkpoint written to {path}",
-                                          where=str(run_dir), fix=f"resume with: loraclf train --resume {run_dir}")
+            epoch_t0, cache_seconds_left = loop.train_time - cache_seconds_left, 0.0  # epoch 1 pays for the cache
+            with prefix.active() if prefix is not None and train_store is not None else contextlib.nullcontext():
+                for batch in loader:
+                    if train_store is not None:
+                        prefix.feed(batch.pop("hidden"))
+                    with accelerator.accumulate(model), autocast(accelerator.device, precision):
+                        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                        loss = training_loss(out.logits, batch["labels"], tc.label_smoothing)
+                        if not torch.isfinite(loss.detach()):
+                            last = checkpoint.latest(run_dir)
+                            raise TrainingError(
+                                f"loss became {loss.item()} at step {loop.step + 1} (epoch {epoch}); training stopped, "
+                                f"last good checkpoint: {last if last else 'none yet'}", where=str(run_dir),
+                                fix="lower --train.learning_rate or use --train.precision fp32, then train again")
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and tc.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    loop.batch += 1
+                    loop.window_loss += loss.item()
+                    loop.window_n += 1
+                    loop.examples_seen += batch["input_ids"].shape[0]
+                    loop.tokens_seen += int(batch["attention_mask"].sum())
+                    if not accelerator.sync_gradients:
+                        continue
+                    scheduler.step()
+                    loop.step += 1
+                    if loop.step % tc.log_every_steps == 0 or loop.step == total_steps:
+                        elapsed = loop.train_time + time.perf_counter() - t0
+                        record = {"event": "train", "split": "train", "epoch": epoch, "step": loop.step,
+                                  "loss": loop.window_loss / loop.window_n, "lr": scheduler.get_last_lr()[0],
+                                  "examples_per_s": loop.examples_seen / elapsed}
+                        metrics.add(record)
+                        loop.window_loss, loop.window_n = 0.0, 0
+                        cb.on_step(loop.step, record)
+                    else:
+                        cb.on_step(loop.step, {"loss": loss.item()})
+                    every = tc.checkpoint_every_steps
+                    if stop.is_set() or (every and loop.step % every == 0):
+                        now = time.perf_counter()
+                        loop.train_time += now - t0
+                        t0 = now
+                        path = save_checkpoint()
+                        if stop.is_set():
+                            raise Interrupted(f"interrupted at step {loop.step}; checkpoint written to {path}",
+                                              where=str(run_dir), fix=f"resume with: loraclf train --resume {run_dir}")
             loop.train_time += time.perf_counter() - t0
 
-            val = _evaluate(model, val_ids, splits.validation.labels, splits.label_names, cfg, accelerator, precision)
+            t_eval = time.perf_counter()
+            val = _evaluate(model, val_ids, splits.validation.labels, splits.label_names, cfg, accelerator, precision,
+                            (prefix, val_store) if val_store is not None else None)
             record = {"event": "eval", "split": "validation", "epoch": epoch, "step": loop.step,
-                      **{k: val[k] for k in ("loss", "accuracy", "macro_f1", "n")}}
+                      **{k: val[k] for k in ("loss", "accuracy", "macro_f1", "n")},
+                      "train_seconds": round(loop.train_time - epoch_t0, 3),
+                      "eval_seconds": round(time.perf_counter() - t_eval, 3)}
             metrics.add(record)
             cb.on_eval(record)
             if val["accuracy"] > loop.best_acc:
@@ -330,7 +385,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                      "test": {k: test[k] for k in ("accuracy", "macro_f1", "loss", "n")} if test else None},
             throughput={"train_examples_per_s": loop.examples_seen / loop.train_time if loop.train_time else None,
                         "train_tokens_per_s": loop.tokens_seen / loop.train_time if loop.train_time else None,
-                        "train_seconds": loop.train_time},
+                        "train_seconds": loop.train_time,
+                        "frozen_prefix_layers": prefix.k if train_store is not None else 0,
+                        "prefix_cache_seconds": round(cache_seconds, 3) if train_store is not None else None},
             wall_time_s=time.perf_counter() - t_start + info.get("wall_time_s", 0.0),
         )
         if accelerator.is_main_process:
@@ -342,6 +399,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", error=str(e) or type(e).__name__)
         runs.write_json(run_dir / runs.RUN_FILE, info)
         raise
+    finally:
+        for store in locals().get("stores") or []:
+            store.close()  # a memory-mapped cache is deleted with its folder
 
 
 def write_extras(run_dir: Path, splits: Splits, info: dict[str, Any], per_class: int = 3) -> None:

@@ -1,0 +1,96 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from loraclf.config import LoraSettings, ModelConfig, load_config
+from loraclf.data import tokenize
+from loraclf.errors import ConfigError
+from loraclf.model import build_model, load_model_config, load_tokenizer
+from loraclf.prefix import FrozenPrefix
+from loraclf.train import train
+
+SEED = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
+NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def _model(path: Path, layers):
+    mcfg = ModelConfig(name_or_path=str(path))
+    torch.manual_seed(0)
+    return build_model(mcfg, LoraSettings(r=4, alpha=8, layers=layers), load_model_config(mcfg, NAMES)), mcfg
+
+
+@pytest.mark.parametrize("layers, k", [([2, 3], 2), ([3], 3), ([0, 3], None), (None, None)])
+def test_prefix_is_the_untrained_bottom(tiny_roberta, layers, k):
+    model, _ = _model(tiny_roberta, layers)
+    prefix = FrozenPrefix.find(model)
+    assert (prefix.k if prefix else None) == k
+
+
+@pytest.mark.parametrize("fixture, layers", [("tiny_roberta", [2, 3]), ("tiny_bert", [1])])
+def test_cached_logits_equal_full_forward(request, fixture, layers):
+    path = request.getfixturevalue(fixture)
+    model, mcfg = _model(path, layers)
+    with torch.no_grad():  # a trained-looking adapter: LoRA B is zero at initialisation
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = tokenize(["war minister says", "goal " * 30, "shares of the bank rose today after profit"],
+                   load_tokenizer(mcfg), 128)
+    prefix = FrozenPrefix.find(model)
+    assert prefix.agrees(ids, 1 if fixture == "tiny_roberta" else 0, torch.device("cpu"), "fp32")
+    # and the check is not vacuous: a wrong cache is caught
+    store = prefix.compute(ids, 0, 2, torch.device("cpu"), "fp32", ram_bytes=1 << 30)
+    store.data[:] += torch.randn(store.data.shape, generator=torch.Generator().manual_seed(0)).numpy()
+    model.eval()
+    batch = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in ids], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.long) for x in ids], batch_first=True)
+    with torch.no_grad():
+        full = model(input_ids=batch, attention_mask=mask).logits
+        with prefix.active():
+            prefix.feed(store.batch(range(len(ids)), batch.shape[1]))
+            wrong = model(input_ids=batch, attention_mask=mask).logits
+    assert not torch.allclose(full, wrong, atol=1e-5, rtol=1e-3)
+
+
+def _run(tiny_roberta, agnews_files, out, **extra):
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, out,
+                                           **{"lora.layers": [2, 3], "train.epochs": 2,
+                                              "data.max_train_samples": 96, **extra}))
+    train(cfg)
+    info = json.loads((out / "run.json").read_text())
+    return load_file(out / "adapter" / "adapter_model.safetensors"), info
+
+
+def test_cached_run_equals_uncached_run_with_prefix_in_eval_mode(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    # ram budget 0: the cache is memory-mapped on disk, the path large datasets take
+    cached, info_c = _run(tiny_roberta, agnews_files, tmp_path / "cached", **{"train.prefix_cache_ram_mb": 0})
+    assert info_c["throughput"]["frozen_prefix_layers"] == 2
+    assert not list((tmp_path / "cached").glob(".prefix-cache-*"))  # the memory map is deleted
+    plain, info_p = _run(tiny_roberta, agnews_files, tmp_path / "plain", **{"train.cache_frozen_prefix": False})
+    assert info_p["throughput"]["frozen_prefix_layers"] == 0
+    monkeypatch.setattr(FrozenPrefix, "skip", False)  # prefix in eval mode, computed every step
+    reference, info_r = _run(tiny_roberta, agnews_files, tmp_path / "reference")
+    assert info_r["throughput"]["frozen_prefix_layers"] == 0
+
+    assert cached.keys() == reference.keys()
+    for k in cached:
+        torch.testing.assert_close(cached[k], reference[k], atol=2e-5, rtol=1e-4)
+    for split in ("validation", "test"):
+        assert info_c["metrics"][split]["accuracy"] == info_r["metrics"][split]["accuracy"]
+        assert info_c["metrics"][split]["loss"] == pytest.approx(info_r["metrics"][split]["loss"], abs=1e-4)
+    # ... while dropout in the prefix (caching off) trains a different adapter: the test can fail
+    assert any(not torch.allclose(plain[k], reference[k], atol=1e-4) for k in plain)
+
+
+def test_cache_requested_where_nothing_is_frozen_is_refused_before_anything_is_written(
+        tiny_roberta, agnews_files, tmp_path):
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r",
+                                           **{"lora.layers": [0, 1], "train.cache_frozen_prefix": True}))
+    with pytest.raises(ConfigError, match="no frozen prefix") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "r").exists()
