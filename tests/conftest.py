@@ -13,6 +13,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Caches (token ids) go to a fresh folder per test session, never the user's ~/.cache.
+os.environ["LORACLF_CACHE"] = __import__("tempfile").mkdtemp(prefix="loraclf-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

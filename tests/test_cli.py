@@ -56,6 +56,12 @@ def test_train_evaluate_predict_end_to_end(tiny_roberta, agnews_files, tmp_path,
     rows = dst.read_text().splitlines()
     assert rows[0] == "text,label,p_World,p_Sports,p_Business,p_Sci/Tech" and len(rows) == 3
 
+    capsys.readouterr()
+    assert main(["predict", str(run), "a", "--max-tokens", "0"]) == 2
+    assert "--max-tokens must be >= 1 (got 0)" in _error_line(capsys)
+    assert main(["predict", str(run), "the match goal", "bank shares", "--max-tokens", "4"]) == 0
+    assert [json.loads(l)["text"] for l in capsys.readouterr().out.splitlines()] == ["the match goal", "bank shares"]
+
     jl = tmp_path / "in.jsonl"
     jl.write_text('{"body": "robot chip"}\n')
     assert main(["predict", str(run), "--input", str(jl), "--text-column", "body"]) == 0

@@ -8,7 +8,8 @@ import pytest
 from conftest import make_rows, write_agnews_csv
 from loraclf.config import DataConfig
 from loraclf.data import (AG_NEWS_LABELS, LengthGroupedBatchSampler, PadCollator, detect_format, load_eval_split,
-                          load_splits, read_table, sorted_batches, to_examples)
+                          load_splits, read_table, sorted_batches, to_examples, tokenize, tokenize_cached)
+import loraclf.data as data_mod
 from loraclf.errors import DataError
 
 
@@ -157,6 +158,57 @@ def test_length_grouped_sampler_covers_every_row_once_and_groups():
     assert list(s) == batches  # same epoch -> same order
     s.begin_epoch(2)
     assert list(s) != batches
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_token_budget_batches_fit_the_budget_and_cover_every_row_once(group):
+    lengths = np.random.default_rng(1).integers(3, 120, size=700)
+    s = LengthGroupedBatchSampler(lengths, batch_size=16, seed=5, group_by_length=group, mega=8, max_tokens=600)
+    for epoch in (1, 2):
+        s.begin_epoch(epoch)
+        batches = list(s)
+        assert sorted(i for b in batches for i in b) == list(range(700))
+        assert all(len(b) * max(lengths[b]) <= 600 for b in batches)
+        assert len(batches) == s.batches_in_epoch(epoch) == len(s)
+    if group:  # sorted chunks: short rows come in bigger batches than long rows
+        sizes = {len(b): max(lengths[b]) for b in batches}
+        assert max(sizes) > 16 and sizes[max(sizes)] < sizes[min(sizes)]
+    one = LengthGroupedBatchSampler([500, 900, 10], batch_size=4, seed=0, max_tokens=100)
+    one.begin_epoch(1)
+    assert sorted(map(sorted, one)) == [[0], [1], [2]]  # a row over the budget still gets a batch
+
+
+def test_sorted_batches_under_a_token_budget():
+    lengths = [10, 50, 3, 50, 7, 9]
+    batches = sorted_batches(lengths, batch_size=4, max_tokens=100)
+    assert batches == [[1, 3], [0, 5, 4, 2]]
+    assert all(len(b) * max(lengths[i] for i in b) <= 100 for b in batches)
+    assert sorted_batches(lengths, batch_size=4) == [[1, 3, 0, 5], [4, 2]]
+
+
+def test_token_cache_hits_misses_and_survives_damage(tiny_roberta, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_roberta)
+    texts = ["war minister says", "goal goal", "shares rose"]
+    first = tokenize_cached(texts, tok, 64, tmp_path)
+    assert first == tokenize(texts, tok, 64)
+    files = list((tmp_path / "tokens").glob("*.npz"))
+    assert len(files) == 1
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized although cached")
+
+    monkeypatch.setattr(data_mod, "tokenize", no_tokenizing)
+    assert tokenize_cached(texts, tok, 64, tmp_path) == first  # a hit: no tokenizer call
+    monkeypatch.undo()
+    # other texts or another max_length are other entries
+    assert tokenize_cached(texts[:2], tok, 64, tmp_path) == first[:2]
+    assert tokenize_cached(texts, tok, 3, tmp_path) == tokenize(texts, tok, 3)
+    assert len(list((tmp_path / "tokens").glob("*.npz"))) == 3
+    files[0].write_bytes(b"not a zip")  # damaged entry: tokenized again, rewritten
+    assert tokenize_cached(texts, tok, 64, tmp_path) == first
+    assert tokenize_cached(texts, tok, 64, None) == first  # no cache at all
 
 
 def test_pad_collator_and_sorted_batches():

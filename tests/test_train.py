@@ -87,3 +87,18 @@ def test_failed_run_is_marked_and_refused(tiny_roberta, agnews_files, tmp_path, 
     assert info["status"] == "failed" and "simulated crash" in info["error"]
     with pytest.raises(RunError, match="incomplete"):
         open_run(tmp_path / "r")
+
+
+def test_token_budget_batches_train_and_plan_the_schedule_on_them(tiny_roberta, agnews_files, tmp_path):
+    from loraclf.data import LengthGroupedBatchSampler, load_splits, tokenize
+    from loraclf.model import load_tokenizer
+
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r",
+                                           **{"train.max_tokens_per_batch": 200, "train.epochs": 2,
+                                              "data.max_train_samples": 64}))
+    train(cfg)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    # the schedule's length is the number of token-budget batches of each epoch
+    ids = tokenize(load_splits(cfg.data).train.texts, load_tokenizer(cfg.model), cfg.data.max_length)
+    s = LengthGroupedBatchSampler([len(x) for x in ids], 16, cfg.train.seed, max_tokens=200)
+    assert info["optimizer_steps"] == s.batches_in_epoch(1) + s.batches_in_epoch(2) > 2 * 64 // 16

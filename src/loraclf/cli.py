@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    e.add_argument("--max-tokens", type=int, default=None,
+                    help="also cap each batch at this many padded tokens (rows x longest row)")
     e.add_argument("--checkpoint", action="store_true",
                     help="use an unfinished run's newest checkpoint (its best epoch so far)")
 
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=1)
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    pr.add_argument("--max-tokens", type=int, default=None,
+                    help="also cap each batch at this many padded tokens (rows x longest row)")
     pr.add_argument("--checkpoint", action="store_true",
                     help="use an unfinished run's newest checkpoint (its best epoch so far)")
 
@@ -305,8 +309,9 @@ def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError([f"evaluate does not take --{k}" for k in bad], where="command line",
                           fix=f"evaluate accepts {', '.join('--' + k for k in sorted(allowed))}")
     data = {k.split(".", 1)[1]: v for k, v in overrides.items()}
+    _check_max_tokens(args)
     r = evaluate_run(args.run_dir, data, batch_size=args.batch_size, precision=args.precision,
-                     from_checkpoint=args.checkpoint)
+                     from_checkpoint=args.checkpoint, max_tokens=args.max_tokens)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -359,8 +364,9 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.top_k < 1:
         raise ConfigError([f"--top-k must be >= 1 (got {args.top_k})"], where="command line")
     texts = _read_inputs(args)
+    _check_max_tokens(args)
     predictor = Predictor.from_run(args.run_dir, batch_size=args.batch_size, precision=args.precision,
-                                   from_checkpoint=args.checkpoint)
+                                   from_checkpoint=args.checkpoint, max_tokens=args.max_tokens)
     results = predictor.predict(texts, top_k=args.top_k)
     buf = io.StringIO()
     if args.format == "jsonl":
@@ -411,6 +417,13 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     run_server(app, sock, log_level=args.log_level)
     print("stopped", file=sys.stderr)
     return 0
+
+
+def _check_max_tokens(args: argparse.Namespace) -> None:
+    bad = [f"--{k.replace('_', '-')} must be >= 1 (got {v})" for k, v in
+           (("batch_size", args.batch_size), ("max_tokens", args.max_tokens)) if v is not None and v < 1]
+    if bad:
+        raise ConfigError(bad, where="command line")
 
 
 def cmd_report(args: argparse.Namespace, overrides: dict[str, Any]) -> int:

@@ -105,6 +105,8 @@ class DataConfig(_Section):
     max_eval_samples: int | None = Field(None, gt=0, description="use at most this many validation/test rows")
     max_length: int = Field(512, gt=1, description="truncate texts to this many tokens")
     max_text_chars: int = Field(100_000, gt=0, description="reject texts longer than this (characters)")
+    token_cache: bool = Field(True, description="keep token ids on disk ($LORACLF_CACHE, else ~/.cache/loraclf), "
+                              "keyed by tokenizer, max_length and texts: reruns skip tokenization")
 
     @model_validator(mode="after")
     def _names_unique(self) -> DataConfig:
@@ -133,6 +135,10 @@ class TrainConfig(_Section):
     )
     max_trainable_params: int = Field(1_000_000, gt=0, description="hard budget: LoRA + head")
     group_by_length: bool = Field(True, description="batch rows of similar length together")
+    max_tokens_per_batch: int | None = Field(
+        None, gt=0, description="token budget per micro-batch (rows x longest row): batches hold as many "
+        "rows as fit, so short rows come in bigger batches; batch_size is then only the mega-batch unit; "
+        "null = batch_size rows")
     log_every_steps: int = Field(20, gt=0, description="optimizer steps between train-loss records")
     checkpoint_every_steps: int | None = Field(500, gt=0, description="optimizer steps between checkpoints "
                                                 "(also written at every epoch end); null = epoch ends only")

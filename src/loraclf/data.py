@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,6 +443,64 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list
     return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
 
 
+def cache_root() -> Path:
+    """Where loraclf keeps caches: $LORACLF_CACHE, else $XDG_CACHE_HOME/loraclf, else ~/.cache/loraclf."""
+    env = os.environ.get("LORACLF_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraclf"
+
+
+def _token_cache_key(texts: Sequence[str], tokenizer: Any, max_length: int) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # The serialised fast tokenizer covers vocabulary, merges, normaliser and post-processor;
+    # special tokens and truncation length are added because they change the ids too.
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # Truncation/padding state is left behind by the previous call, not part of the tokenizer.
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr((type(tokenizer).__name__, tokenizer.all_special_tokens, max_length,
+                   getattr(tokenizer, "model_max_length", None))).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()[:32]
+
+
+def tokenize_cached(texts: Sequence[str], tokenizer: Any, max_length: int,
+                    cache_dir: Path | None) -> list[list[int]]:
+    """``tokenize`` through an on-disk cache keyed by tokenizer, max_length and the texts
+    themselves, so a rerun, a resume or another recipe on the same data skips tokenization.
+    ``cache_dir`` None: no cache. A damaged or unwritable cache is never an error."""
+    if cache_dir is None:
+        return tokenize(texts, tokenizer, max_length)
+    path = cache_dir / "tokens" / f"{_token_cache_key(texts, tokenizer, max_length)}.npz"
+    try:
+        with np.load(path) as z:
+            flat, offsets = z["ids"], z["offsets"]
+        if len(offsets) == len(texts) + 1:
+            return [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    except (OSError, ValueError, KeyError, EOFError):
+        pass  # missing or damaged: tokenize again
+    ids = tokenize(texts, tokenizer, max_length)
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in ids], out=offsets[1:])
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+        np.savez(tmp, ids=flat, offsets=offsets)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError:
+        pass
+    return ids
+
+
 class TokenizedDataset(torch.utils.data.Dataset):
     def __init__(self, input_ids: list[list[int]], labels: np.ndarray | None = None):
         self.input_ids = input_ids
@@ -488,9 +547,10 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
-                 mega: int = 50):
+                 mega: int = 50, max_tokens: int | None = None):
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
+        self.max_tokens = max_tokens
         self.seed = seed
         self.group_by_length = group_by_length
         self.mega = mega
@@ -507,27 +567,52 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         """Batches in a full epoch (``skip`` aside): the schedule is planned on full epochs."""
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return len(self._batches(self.epoch)) if self.max_tokens else math.ceil(len(self.lengths) / self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng((self.seed, self.epoch))
+    def batches_in_epoch(self, epoch: int) -> int:
+        """With a token budget the count varies by epoch; the schedule sums them up front."""
+        return len(self._batches(epoch)) if self.max_tokens else len(self)
+
+    def _cut(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Consecutive batches of ``rows``: ``batch_size`` rows each, or with ``max_tokens`` as
+        many rows as keep (rows x longest row) within the budget (always at least one row)."""
+        if not self.max_tokens:
+            return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        out, start, longest = [], 0, 0
+        for i, n in enumerate(self.lengths[rows]):
+            longest = max(longest, int(n))
+            if i > start and (i + 1 - start) * longest > self.max_tokens:
+                out.append(rows[start:i])
+                start, longest = i, int(n)
+        out.append(rows[start:])
+        return out
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng((self.seed, epoch))
         perm = rng.permutation(len(self.lengths))
         if not self.group_by_length:
-            batches = [perm[i : i + self.batch_size] for i in range(0, len(perm), self.batch_size)]
-        else:
-            size = self.batch_size * self.mega
-            batches = []
-            for start in range(0, len(perm), size):
-                chunk = perm[start : start + size]
-                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-            order = rng.permutation(len(batches))
-            batches = [batches[i] for i in order]
-        for b in batches[self.skip :]:
+            return self._cut(perm)
+        size = self.batch_size * self.mega
+        batches = []
+        for start in range(0, len(perm), size):
+            chunk = perm[start : start + size]
+            batches.extend(self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")]))
+        order = rng.permutation(len(batches))
+        return [batches[i] for i in order]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self._batches(self.epoch)[self.skip :]:
             yield b.tolist()
 
 
-def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Inference batches: rows sorted by length (longest first), so padding is minimal."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Inference batches: rows sorted by length (longest first), so padding is minimal; at
+    most ``batch_size`` rows and, with ``max_tokens``, at most that many (padded) tokens."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    out, start = [], 0
+    while start < len(order):
+        rows = batch_size if not max_tokens else max(1, min(batch_size, max_tokens // max(1, int(lengths[order[start]]))))
+        out.append(order[start : start + rows].tolist())
+        start += rows
+    return out

@@ -37,7 +37,8 @@ def evaluate_examples(predictor: Predictor, examples: Examples) -> dict[str, Any
 
 
 def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = None, batch_size: int = 64,
-                 precision: str = "auto", write: bool = True, from_checkpoint: bool = False) -> dict[str, Any]:
+                 precision: str = "auto", write: bool = True, from_checkpoint: bool = False,
+                 max_tokens: int | None = None) -> dict[str, Any]:
     """Evaluate a finished run on its configured test split, or on ``data_overrides['test']``.
 
     Returns the metrics plus ``split`` and ``source``; with ``write``, saves
@@ -49,7 +50,8 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
         raise DataError("the run has no test split configured", where=str(run.path),
                         fix="pass one with --data.test PATH_OR_NAME")
     examples = load_eval_split(data_cfg, data_cfg.test, run.label_names)
-    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, from_checkpoint=from_checkpoint)
+    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, from_checkpoint=from_checkpoint,
+                                   max_tokens=max_tokens)
     result = evaluate_examples(predictor, examples)
     result.update(split="test", source=data_cfg.test, precision=predictor.precision,
                   weights=str(checkpoint.latest(run.path)) if from_checkpoint else "adapter")

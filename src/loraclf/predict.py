@@ -23,8 +23,10 @@ from .runs import Run, open_run
 
 @torch.no_grad()
 def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
-               device: torch.device, precision: str = "fp32", prefix: tuple[Any, Any] | None = None) -> np.ndarray:
-    """Class logits, float32 [N, C], in the order of ``input_ids``. ``prefix``: (FrozenPrefix,
+               device: torch.device, precision: str = "fp32", prefix: tuple[Any, Any] | None = None,
+               max_tokens: int | None = None) -> np.ndarray:
+    """Class logits, float32 [N, C], in the order of ``input_ids``; batches of at most
+    ``batch_size`` rows and ``max_tokens`` padded tokens. ``prefix``: (FrozenPrefix,
     PrefixStore) holding these rows' hidden states below the first trained layer (training's
     validation; see loraclf.prefix)."""
     was_training = model.training
@@ -33,7 +35,7 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
     out: np.ndarray | None = None
     try:
         with prefix[0].active() if prefix is not None else contextlib.nullcontext():
-            for idx in sorted_batches([len(x) for x in input_ids], batch_size):
+            for idx in sorted_batches([len(x) for x in input_ids], batch_size, max_tokens):
                 batch = collate([(input_ids[i], -1) for i in idx])
                 if prefix is not None:
                     prefix[0].feed(prefix[1].batch(idx, batch["input_ids"].shape[1]).to(device))
@@ -58,18 +60,27 @@ class Predictor:
     """A trained classifier ready for inference (LoRA merged, eval mode)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, label_names: list[str], max_length: int,
-                 batch_size: int = 64, device: torch.device | None = None, precision: str = "auto"):
+                 batch_size: int = 64, device: torch.device | None = None, precision: str = "auto",
+                 max_tokens: int | None = None):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device).eval()
+        self.precision = choose_precision(precision, self.device)
+        model = model.to(self.device).eval()
+        if self.precision == "bf16":
+            # Inference holds the weights in bf16 rather than autocasting fp32 weights: autocast
+            # re-casts every weight on every forward, which made small GPU batches slower than
+            # fp32 (BENCHMARKS.md). Logits are returned as float32 either way.
+            model = model.to(torch.bfloat16)
+        self.model = model
         self.tokenizer = tokenizer
         self.label_names = label_names
         self.max_length = max_length
         self.batch_size = batch_size
-        self.precision = choose_precision(precision, self.device)
+        self.max_tokens = max_tokens
 
     @classmethod
     def from_run(cls, run: Run | str | Path, batch_size: int = 64, device: torch.device | None = None,
-                 precision: str = "auto", merge: bool = True, from_checkpoint: bool = False) -> Predictor:
+                 precision: str = "auto", merge: bool = True, from_checkpoint: bool = False,
+                 max_tokens: int | None = None) -> Predictor:
         """Load a finished run; ``from_checkpoint``: an unfinished one, with the best weights of its
         newest checkpoint (the current weights when no epoch has been evaluated yet)."""
         if not isinstance(run, Run):
@@ -82,7 +93,8 @@ class Predictor:
         if merge:
             model = model.merge_and_unload()
         tokenizer = load_tokenizer(run.cfg.model, path=str(run.tokenizer_dir))
-        return cls(model, tokenizer, run.label_names, run.cfg.data.max_length, batch_size, device, precision)
+        return cls(model, tokenizer, run.label_names, run.cfg.data.max_length, batch_size, device, precision,
+                   max_tokens)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         for i, t in enumerate(texts):
@@ -95,7 +107,7 @@ class Predictor:
         if not texts:
             return np.empty((0, len(self.label_names)), dtype=np.float32)
         return logits_for(self.model, self.encode(texts), self.tokenizer.pad_token_id, self.batch_size,
-                          self.device, self.precision)
+                          self.device, self.precision, max_tokens=self.max_tokens)
 
     def predict(self, texts: Sequence[str], top_k: int = 1) -> list[dict[str, Any]]:
         """Per text: label, probabilities of every class, and the ``top_k`` classes."""

@@ -24,7 +24,8 @@ from transformers import get_scheduler
 
 from . import budget, checkpoint, plots, runs
 from .config import Config, TrainConfig, save_config
-from .data import IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, load_splits, tokenize
+from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, cache_root,
+                   load_splits, tokenize_cached)
 from .errors import ConfigError, LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
 from .model import build_model, load_model_config, load_tokenizer, resolve_name, trainable_state_dict
@@ -231,8 +232,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         set_seed(tc.seed)  # before the model: the head and LoRA A matrices are initialised randomly
         model = build_model(cfg.model, cfg.lora, model_config)
 
-        train_ids = tokenize(splits.train.texts, tokenizer, cfg.data.max_length)
-        val_ids = tokenize(splits.validation.texts, tokenizer, cfg.data.max_length)
+        cache_dir = cache_root() if cfg.data.token_cache else None
+        train_ids = tokenize_cached(splits.train.texts, tokenizer, cfg.data.max_length, cache_dir)
+        val_ids = tokenize_cached(splits.validation.texts, tokenizer, cfg.data.max_length, cache_dir)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -243,7 +245,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                                         accelerator.device, precision, run_dir)
         stores = [s for s in (train_store, val_store) if s is not None]
         cache_seconds = time.perf_counter() - t_cache
-        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], tc.batch_size, tc.seed, tc.group_by_length)
+        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], tc.batch_size, tc.seed, tc.group_by_length,
+                                            max_tokens=tc.max_tokens_per_batch)
         if train_store is not None:
             dataset = IndexedDataset(train_ids, splits.train.labels)
             collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store)
@@ -255,8 +258,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                              generator=torch.Generator().manual_seed(tc.seed))
         loader = accelerator.prepare(loader)
 
-        steps_per_epoch = math.ceil(len(loader) / tc.gradient_accumulation_steps)
-        total_steps = steps_per_epoch * tc.epochs
+        total_steps = sum(math.ceil(sampler.batches_in_epoch(e) / tc.gradient_accumulation_steps)
+                          for e in range(1, tc.epochs + 1))
         scheduler = get_scheduler("constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
                                   num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
@@ -367,7 +370,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             runs.replace_dir(tmp, run_dir / runs.ADAPTER_DIR)
         test = None
         if splits.test is not None:
-            test_ids = tokenize(splits.test.texts, tokenizer, cfg.data.max_length)
+            test_ids = tokenize_cached(splits.test.texts, tokenizer, cfg.data.max_length, cache_dir)
             test = _evaluate(model, test_ids, splits.test.labels, splits.label_names, cfg, accelerator, precision)
             metrics.add({"event": "eval", "split": "test", "epoch": loop.best_epoch, "step": loop.step,
                          **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "n")}})
