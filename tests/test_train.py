@@ -102,3 +102,20 @@ def test_token_budget_batches_train_and_plan_the_schedule_on_them(tiny_roberta, 
     ids = tokenize(load_splits(cfg.data).train.texts, load_tokenizer(cfg.model), cfg.data.max_length)
     s = LengthGroupedBatchSampler([len(x) for x in ids], 16, cfg.train.seed, max_tokens=200)
     assert info["optimizer_steps"] == s.batches_in_epoch(1) + s.batches_in_epoch(2) > 2 * 64 // 16
+
+
+def test_compiled_training_matches_eager(tiny_roberta, agnews_files, tmp_path):
+    import torch
+
+    weights = {}
+    for comp in (False, True):
+        cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / str(comp),
+                                               **{"train.compile": comp, "train.epochs": 1,
+                                                  "data.max_train_samples": 48}))
+        train(cfg)
+        weights[comp] = load_file(tmp_path / str(comp) / "adapter" / "adapter_model.safetensors")
+    assert weights[True].keys() == weights[False].keys()
+    for k in weights[True]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-4, rtol=1e-3)
+    # training moved the adapter: the comparison is not between two untouched initialisations
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights[True].items() if "lora_B" in k)

@@ -135,6 +135,8 @@ class TrainConfig(_Section):
     )
     max_trainable_params: int = Field(1_000_000, gt=0, description="hard budget: LoRA + head")
     group_by_length: bool = Field(True, description="batch rows of similar length together")
+    compile: bool = Field(False, description="torch.compile the model (accelerate, inductor, dynamic shapes, "
+                          "each repeated layer compiled once); the first steps pay the compilation")
     max_tokens_per_batch: int | None = Field(
         None, gt=0, description="token budget per micro-batch (rows x longest row): batches hold as many "
         "rows as fit, so short rows come in bigger batches; batch_size is then only the mega-batch unit; "

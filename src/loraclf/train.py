@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 from transformers import get_scheduler
 
 from . import budget, checkpoint, plots, runs
@@ -227,7 +227,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     tc = cfg.train
     run_dir = Path(tc.output_dir)
     try:
-        accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps)
+        dynamo = TorchDynamoPlugin(backend="inductor", dynamic=True, use_regional_compilation=True) if tc.compile \
+            else None
+        accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps, dynamo_plugin=dynamo)
         precision = choose_precision(tc.precision, accelerator.device)
         set_seed(tc.seed)  # before the model: the head and LoRA A matrices are initialised randomly
         model = build_model(cfg.model, cfg.lora, model_config)
