@@ -119,3 +119,29 @@ def test_compiled_training_matches_eager(tiny_roberta, agnews_files, tmp_path):
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-4, rtol=1e-3)
     # training moved the adapter: the comparison is not between two untouched initialisations
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights[True].items() if "lora_B" in k)
+
+
+def test_fused_accumulation_trains_the_same_adapter(tiny_roberta, agnews_files, tmp_path):
+    import shutil
+
+    import torch
+
+    # Without dropout and with plain (ungrouped) batches, two micro-batches of 16 rows and one
+    # batch of 32 are the same rows and the same mean loss: the adapters must agree.
+    model = tmp_path / "no-dropout"
+    shutil.copytree(tiny_roberta, model)
+    conf = json.loads((model / "config.json").read_text())
+    conf.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(conf))
+    weights, steps = {}, {}
+    for fused in (False, True):
+        cfg = load_config(SEED, tiny_overrides(model, agnews_files, tmp_path / str(fused),
+                                               **{"train.fuse_accumulation": fused, "train.epochs": 2,
+                                                  "train.gradient_accumulation_steps": 2, "lora.dropout": 0.0,
+                                                  "train.group_by_length": False, "data.max_train_samples": 64}))
+        train(cfg)
+        weights[fused] = load_file(tmp_path / str(fused) / "adapter" / "adapter_model.safetensors")
+        steps[fused] = json.loads((tmp_path / str(fused) / "run.json").read_text())["optimizer_steps"]
+    assert steps[True] == steps[False] == 4
+    for k in weights[True]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-5, rtol=1e-4)

@@ -135,6 +135,10 @@ class TrainConfig(_Section):
     )
     max_trainable_params: int = Field(1_000_000, gt=0, description="hard budget: LoRA + head")
     group_by_length: bool = Field(True, description="batch rows of similar length together")
+    fuse_accumulation: bool = Field(
+        False, description="run the gradient_accumulation_steps micro-batches of an optimizer step as one batch "
+        "of batch_size x steps rows: the same mean loss over the same rows, in fewer and larger kernels "
+        "(dropout draws and batch padding differ); for accelerators with the memory")
     compile: bool = Field(False, description="torch.compile the model (accelerate, inductor, dynamic shapes, "
                           "each repeated layer compiled once); the first steps pay the compilation")
     max_tokens_per_batch: int | None = Field(

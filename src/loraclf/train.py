@@ -229,7 +229,11 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     try:
         dynamo = TorchDynamoPlugin(backend="inductor", dynamic=True, use_regional_compilation=True) if tc.compile \
             else None
-        accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps, dynamo_plugin=dynamo)
+        # Equal-sized micro-batches each averaged, then averaged again, give the mean over all their
+        # rows: one batch of batch_size x steps rows computes the same loss and gradient.
+        batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if tc.fuse_accumulation
+                                    else (tc.batch_size, tc.gradient_accumulation_steps))
+        accelerator = Accelerator(gradient_accumulation_steps=accumulation, dynamo_plugin=dynamo)
         precision = choose_precision(tc.precision, accelerator.device)
         set_seed(tc.seed)  # before the model: the head and LoRA A matrices are initialised randomly
         model = build_model(cfg.model, cfg.lora, model_config)
@@ -247,7 +251,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                                         accelerator.device, precision, run_dir)
         stores = [s for s in (train_store, val_store) if s is not None]
         cache_seconds = time.perf_counter() - t_cache
-        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], tc.batch_size, tc.seed, tc.group_by_length,
+        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], batch_size, tc.seed, tc.group_by_length,
                                             max_tokens=tc.max_tokens_per_batch)
         if train_store is not None:
             dataset = IndexedDataset(train_ids, splits.train.labels)
@@ -260,7 +264,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                              generator=torch.Generator().manual_seed(tc.seed))
         loader = accelerator.prepare(loader)
 
-        total_steps = sum(math.ceil(sampler.batches_in_epoch(e) / tc.gradient_accumulation_steps)
+        total_steps = sum(math.ceil(sampler.batches_in_epoch(e) / accumulation)
                           for e in range(1, tc.epochs + 1))
         scheduler = get_scheduler("constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
                                   num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
