@@ -6,11 +6,14 @@ machine. Every run is its own Python process (so peak RSS / CUDA memory are per 
 and the contenders alternate, in a rotated order, ``--repeats`` times; the tables give medians
 and ratios to the first loraclf contender.
 
-Contenders (``--contenders``, comma separated), each ``name[:precision][:padN]``:
+Contenders (``--contenders``, comma separated), each ``name[:precision][:padN][:flag...]``:
   * ``loraclf``  - ``loraclf.train.train`` on a Config from ``load_config(configs/agnews-seed.yaml,
                    overrides)``; precision ``--precision`` unless given (fp32 | bf16 | auto);
                    ``padN`` (bench only) rounds every padded batch length up to a multiple of N,
-                   by wrapping loraclf's PadCollator in the worker process;
+                   by wrapping loraclf's PadCollator in the worker process; flags set config keys
+                   for that contender: ``compile`` (train.compile), ``fused``
+                   (train.fuse_accumulation), ``noprefix`` / ``prefix`` (train.cache_frozen_prefix
+                   false / true), ``tokN`` (train.max_tokens_per_batch N), ``notokcache``;
   * ``seed``     - bench/baseline_trainer.py --stack seed (chunk-of-1,000 padding), fp32;
   * ``tuned``    - bench/baseline_trainer.py --stack tuned (per-batch padding, length-grouped), fp32
                    unless a precision is given (e.g. ``tuned:bf16`` on a GPU).
@@ -51,19 +54,32 @@ HERE = Path(__file__).resolve()
 
 
 # =========================================================================== contenders
+# loraclf contender flags (e.g. loraclf:bf16:compile:fused): config overrides for that contender only
+LORACLF_FLAGS = {
+    "compile": {"train.compile": True},
+    "fused": {"train.fuse_accumulation": True},
+    "noprefix": {"train.cache_frozen_prefix": False},
+    "prefix": {"train.cache_frozen_prefix": True},
+    "notokcache": {"data.token_cache": False},
+}
+
 def parse_contender(spec: str, default_precision: str) -> dict[str, Any]:
     parts = spec.strip().split(":")
     name = parts[0]
     if name not in ("loraclf", "seed", "tuned"):
-        raise SystemExit(f"unknown contender {spec!r} (loraclf | seed | tuned)[:precision][:padN]")
-    c: dict[str, Any] = {"name": name, "precision": None, "pad_multiple": None}
+        raise SystemExit(f"unknown contender {spec!r} (loraclf | seed | tuned)[:precision][:padN][:flag...]")
+    c: dict[str, Any] = {"name": name, "precision": None, "pad_multiple": None, "overrides": {}}
     for p in parts[1:]:
         if p in ("fp32", "bf16", "auto", "fp16"):
             c["precision"] = p
+        elif name != "loraclf":
+            raise SystemExit(f"{spec}: {p!r} applies to loraclf only")
         elif p.startswith("pad") and p[3:].isdigit():
-            if name != "loraclf":
-                raise SystemExit(f"{spec}: padN applies to loraclf only")
             c["pad_multiple"] = int(p[3:])
+        elif p.startswith("tok") and p[3:].isdigit():
+            c["overrides"]["train.max_tokens_per_batch"] = int(p[3:])
+        elif p in LORACLF_FLAGS:
+            c["overrides"].update(LORACLF_FLAGS[p])
         else:
             raise SystemExit(f"cannot parse {p!r} in contender {spec!r}")
     if c["precision"] is None:
@@ -102,7 +118,17 @@ def _install_pad_wrapper(pad_multiple: int | None) -> Any:
             counts["shapes"].add(tuple(out["input_ids"].shape))
             return out
 
+    class BenchPrefixCollator(lt.PrefixCollator):  # the frozen-prefix path's collator, counted alike
+        def __call__(self, items):
+            out = super().__call__(items)
+            counts["real"] += int(out["attention_mask"].sum())
+            counts["total"] += int(out["input_ids"].numel())
+            counts["batches"] += 1
+            counts["shapes"].add(tuple(out["input_ids"].shape))
+            return out
+
     lt.PadCollator = BenchPadCollator
+    lt.PrefixCollator = BenchPrefixCollator
     return counts
 
 
@@ -209,6 +235,12 @@ def loraclf_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "s_per_step_first_quarter": round(_median(durs[:q]), 4) if durs else None,
         "s_per_step_last_quarter": round(_median(durs[-q:]), 4) if durs else None,
         "s_per_step_median": round(_median(durs), 4) if durs else None,
+        # per-epoch training-loop seconds (epoch 1 includes the frozen-prefix cache, when there is one)
+        "epoch_seconds": [r.get("train_seconds") for r in vals],
+        "first_epoch_s": vals[0].get("train_seconds") if vals else None,
+        "later_epoch_s": _median([r.get("train_seconds") for r in vals[1:]]) if len(vals) > 1 else None,
+        "frozen_prefix_layers": thr.get("frozen_prefix_layers"),
+        "prefix_cache_s": thr.get("prefix_cache_seconds"),
         "train_call_wall_s": round(t_all.seconds, 2),
         "torch_threads": torch.get_num_threads(),
         "trainable_params": result.trainable_params,
@@ -232,7 +264,8 @@ def contender_cmd(c: dict[str, Any], args, data: dict[str, Any], model_path: str
             "label": c["label"], "model_path": model_path, "train": data["train"], "validation": data["validation"],
             "test": args.test, "layers": layers, "epochs": args.epochs, "precision": c["precision"],
             "pad_multiple": c["pad_multiple"], "seed": args.seed, "threads": args.threads,
-            "run_dir": str(work / f"run-{tag}"), "keep_run": keep_run, "overrides": dict(args.override or []),
+            "run_dir": str(work / f"run-{tag}"), "keep_run": keep_run,
+            "overrides": {**dict(args.override or []), **c["overrides"]},
         }
         spec_path = work / f"{tag}.spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -252,6 +285,7 @@ SUMMARY_KEYS = [
     "train_examples_per_s", "real_tokens_per_s", "total_tokens_per_s", "pad_fraction", "seconds_per_epoch",
     "train_s", "optimizer_steps", "val_accuracy", "peak_rss_mib", "cuda_max_allocated_mib",
     "s_per_step_first_quarter", "s_per_step_last_quarter", "rss_end_of_training_mib", "distinct_batch_shapes",
+    "first_epoch_s", "later_epoch_s", "prefix_cache_s",
 ]
 
 
@@ -369,7 +403,8 @@ def main(argv=None) -> dict[str, Any]:
     )
     columns = ["contender", "runs", "train_examples_per_s", "real_tokens_per_s", "total_tokens_per_s", "pad_fraction",
                "seconds_per_epoch", "optimizer_steps", "val_accuracy", "peak_rss_mib", "cuda_max_allocated_mib",
-               "s_per_step_first_quarter", "s_per_step_last_quarter", f"{ref}_speedup"]
+               "s_per_step_first_quarter", "s_per_step_last_quarter", "first_epoch_s", "later_epoch_s",
+               f"{ref}_speedup"]
     payload_records = [{**t, "settings": settings, "paired_ratios": paired.get(t["contender"])} for t in table]
     jp, mp = common.write_results(name, payload_records, columns, title=f"Training speed: {model_label}",
                                   notes=notes, machine=machine, json_path=args.out)
