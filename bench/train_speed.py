@@ -239,6 +239,7 @@ def loraclf_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "epoch_seconds": [r.get("train_seconds") for r in vals],
         "first_epoch_s": vals[0].get("train_seconds") if vals else None,
         "later_epoch_s": _median([r.get("train_seconds") for r in vals[1:]]) if len(vals) > 1 else None,
+        "epoch_eval_seconds": [r.get("eval_seconds") for r in vals],  # validation after each epoch
         "frozen_prefix_layers": thr.get("frozen_prefix_layers"),
         "prefix_cache_s": thr.get("prefix_cache_seconds"),
         "train_call_wall_s": round(t_all.seconds, 2),
