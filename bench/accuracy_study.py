@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         if not ok:
             raise SystemExit(f"loraclf plan failed: {err}")
     layers = json.dumps(harness.seed_layers(model))
+    # the seed recipe's query/value under this architecture's module names (MPNet: q, v)
+    model_type = json.loads((Path(model) / "config.json").read_text()).get("model_type") if Path(model).is_dir() else None
+    from baseline_trainer import DEFAULT_TARGETS
+
+    seed_targets = json.dumps(DEFAULT_TARGETS.get(model_type, ["query", "value"]))
 
     runs: list[dict[str, Any]] = []
     for i, seed in enumerate(seeds):
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             harness.log(f"{tag} ...")
             if method == "seed":
                 rec = loraclf_run(harness.SEED_CONFIG, model, data, test_path, args.epochs, seed, work / tag,
-                                  ["--lora.layers", layers], args.threads, args.timeout, tag)
+                                  ["--lora.layers", layers, "--lora.target_modules", seed_targets], args.threads,
+                                  args.timeout, tag)
             elif method == "best":
                 rec = loraclf_run(best_cfg, model, data, test_path, args.epochs, seed, work / tag, [],
                                   args.threads, args.timeout, tag)

@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", default=None, help="LoRA layers (default: the seed's that exist)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--override", nargs=2, action="append", metavar=("KEY", "VALUE"), help="extra config override")
     p.add_argument("--name", default=None)
     p.add_argument("--out-dir", default=None)
@@ -46,6 +47,9 @@ def main(argv=None) -> None:
 
     from loraclf.config import load_config
     from loraclf.train import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model_path, label = harness.resolve_model(args.model)
     layers = common.parse_int_list(args.layers) if args.layers else harness.seed_layers(model_path)

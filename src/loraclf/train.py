@@ -29,7 +29,7 @@ from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Split
 from .errors import ConfigError, LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
 from .model import build_model, load_model_config, load_tokenizer, resolve_name, trainable_state_dict
-from .precision import autocast, choose_precision
+from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .predict import logits_for
 from .prefix import FrozenPrefix, PrefixCollator, PrefixStore
 
@@ -237,6 +237,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         precision = choose_precision(tc.precision, accelerator.device)
         set_seed(tc.seed)  # before the model: the head and LoRA A matrices are initialised randomly
         model = build_model(cfg.model, cfg.lora, model_config)
+        if precision == "bf16":
+            cast_frozen_matmul_weights(model)
 
         cache_dir = cache_root() if cfg.data.token_cache else None
         train_ids = tokenize_cached(splits.train.texts, tokenizer, cfg.data.max_length, cache_dir)

@@ -1,0 +1,57 @@
+import json
+from pathlib import Path
+
+import torch
+
+from conftest import tiny_overrides
+from loraclf.config import LoraSettings, ModelConfig, load_config
+from loraclf.model import build_model, load_model_config
+from loraclf.precision import autocast, cast_frozen_matmul_weights, choose_precision
+from loraclf.train import train
+
+NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+SEED = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
+
+
+def test_frozen_weights_in_bf16_give_exactly_the_autocast_result(tiny_roberta):
+    mcfg = ModelConfig(name_or_path=str(tiny_roberta))
+    torch.manual_seed(0)
+    model = build_model(mcfg, LoraSettings(r=4, alpha=8, layers=[1, 2]), load_model_config(mcfg, NAMES)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([[0, 5, 9, 13, 2], [0, 7, 2, 1, 1]])
+    mask = (ids != 1).long()
+    cpu = torch.device("cpu")
+    with torch.no_grad(), autocast(cpu, "bf16"):
+        before = model(input_ids=ids, attention_mask=mask).logits
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    n = cast_frozen_matmul_weights(model)
+    # 4 layers x 6 linear layers (q, k, v, attention output, FFN in, FFN out) x (weight + bias),
+    # plus PEFT's frozen original of the trained head (dense + out_proj, weight + bias)
+    assert n == 4 * 6 * 2 + 4
+    assert all(p.dtype == torch.float32 for n_, p in model.named_parameters() if n_ in trainable)
+    assert all(p.dtype == torch.float32 for n_, p in model.named_parameters() if "LayerNorm" in n_ or "embeddings" in n_)
+    with torch.no_grad(), autocast(cpu, "bf16"):
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    assert cast_frozen_matmul_weights(model) == 0  # idempotent
+
+
+def test_bf16_training_keeps_trainable_weights_fp32_and_learns(tiny_roberta, agnews_files, tmp_path):
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r",
+                                           **{"train.precision": "bf16", "train.epochs": 3}))
+    train(cfg)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["precision"] == "bf16" and info["status"] == "complete"
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors").values()} == {
+        torch.float32}
+
+
+def test_precision_choice():
+    assert choose_precision("fp32", torch.device("cpu")) == "fp32"
+    assert choose_precision("bf16", torch.device("cpu")) == "bf16"  # emulated when asked explicitly
+    assert choose_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
