@@ -104,35 +104,49 @@ def test_token_budget_batches_train_and_plan_the_schedule_on_them(tiny_roberta, 
     assert info["optimizer_steps"] == s.batches_in_epoch(1) + s.batches_in_epoch(2) > 2 * 64 // 16
 
 
+def _without_dropout(model: Path, dest: Path) -> Path:
+    """A copy of a tiny model with dropout off: runs that draw dropout masks differently (one
+    batch instead of two, compiled kernels) then compute the same thing."""
+    import shutil
+
+    shutil.copytree(model, dest)
+    conf = json.loads((dest / "config.json").read_text())
+    conf.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (dest / "config.json").write_text(json.dumps(conf))
+    return dest
+
+
 def test_compiled_training_matches_eager(tiny_roberta, agnews_files, tmp_path):
     import torch
 
+    # compiled kernels draw dropout masks with their own generator: compare without dropout
+    model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
     weights = {}
     for comp in (False, True):
-        cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / str(comp),
-                                               **{"train.compile": comp, "train.epochs": 1,
+        cfg = load_config(SEED, tiny_overrides(model, agnews_files, tmp_path / str(comp),
+                                               **{"train.compile": comp, "train.epochs": 1, "lora.dropout": 0.0,
                                                   "data.max_train_samples": 48}))
         train(cfg)
         weights[comp] = load_file(tmp_path / str(comp) / "adapter" / "adapter_model.safetensors")
+    # the same parameter names (no "_orig_mod."), so the adapter loads like an eager run's
     assert weights[True].keys() == weights[False].keys()
     for k in weights[True]:
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-4, rtol=1e-3)
+    from loraclf.predict import Predictor
+
+    texts = ["goal for the striker", "bank profit rises"]
+    np_logits = [Predictor.from_run(tmp_path / str(c), precision="fp32").logits(texts) for c in (False, True)]
+    torch.testing.assert_close(torch.from_numpy(np_logits[1]), torch.from_numpy(np_logits[0]), atol=1e-4, rtol=1e-3)
     # training moved the adapter: the comparison is not between two untouched initialisations
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights[True].items() if "lora_B" in k)
 
 
 def test_fused_accumulation_trains_the_same_adapter(tiny_roberta, agnews_files, tmp_path):
-    import shutil
-
     import torch
 
     # Without dropout and with plain (ungrouped) batches, two micro-batches of 16 rows and one
     # batch of 32 are the same rows and the same mean loss: the adapters must agree.
-    model = tmp_path / "no-dropout"
-    shutil.copytree(tiny_roberta, model)
-    conf = json.loads((model / "config.json").read_text())
-    conf.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (model / "config.json").write_text(json.dumps(conf))
+    model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
     weights, steps = {}, {}
     for fused in (False, True):
         cfg = load_config(SEED, tiny_overrides(model, agnews_files, tmp_path / str(fused),

@@ -139,8 +139,8 @@ class TrainConfig(_Section):
         False, description="run the gradient_accumulation_steps micro-batches of an optimizer step as one batch "
         "of batch_size x steps rows: the same mean loss over the same rows, in fewer and larger kernels "
         "(dropout draws and batch padding differ); for accelerators with the memory")
-    compile: bool = Field(False, description="torch.compile the model (accelerate, inductor, dynamic shapes, "
-                          "each repeated layer compiled once); the first steps pay the compilation")
+    compile: bool = Field(False, description="torch.compile each layer in place (inductor, dynamic shapes); "
+                          "the first steps pay the compilation")
     max_tokens_per_batch: int | None = Field(
         None, gt=0, description="token budget per micro-batch (rows x longest row): batches hold as many "
         "rows as fit, so short rows come in bigger batches; batch_size is then only the mega-batch unit; "

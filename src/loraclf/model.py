@@ -119,6 +119,20 @@ def find_blocks(model: torch.nn.Module, n: int) -> str:
                      where="model.name_or_path", fix="set lora.* by hand and check it with loraclf params")
 
 
+def compile_in_place(model: torch.nn.Module) -> None:
+    """torch.compile each repeated block (or, failing that, the whole model) in place with
+    ``Module.compile``: parameter names stay as they are, so checkpoints and the saved adapter
+    are the same as an eager run's (wrapping in OptimizedModule would add ``_orig_mod.`` to every
+    key and break loading). Dynamic shapes, because every length-grouped batch has its own."""
+    try:
+        blocks = dict(model.named_modules())[find_blocks(model, num_layers(model.config))]
+    except ModelError:
+        model.compile(dynamic=True)
+        return
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
 def _matches(name: str, suffix: str) -> bool:
     """PEFT's rule for target_modules / exclude_modules given as a list: the name or a dotted suffix."""
     return name == suffix or name.endswith("." + suffix)

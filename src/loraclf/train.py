@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from . import budget, checkpoint, plots, runs
@@ -28,7 +28,8 @@ from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Split
                    load_splits, tokenize_cached)
 from .errors import ConfigError, LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
-from .model import build_model, load_model_config, load_tokenizer, resolve_name, trainable_state_dict
+from .model import (build_model, compile_in_place, load_model_config, load_tokenizer, resolve_name,
+                    trainable_state_dict)
 from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .predict import logits_for
 from .prefix import FrozenPrefix, PrefixCollator, PrefixStore
@@ -227,18 +228,18 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     tc = cfg.train
     run_dir = Path(tc.output_dir)
     try:
-        dynamo = TorchDynamoPlugin(backend="inductor", dynamic=True, use_regional_compilation=True) if tc.compile \
-            else None
         # Equal-sized micro-batches each averaged, then averaged again, give the mean over all their
         # rows: one batch of batch_size x steps rows computes the same loss and gradient.
         batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if tc.fuse_accumulation
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
-        accelerator = Accelerator(gradient_accumulation_steps=accumulation, dynamo_plugin=dynamo)
+        accelerator = Accelerator(gradient_accumulation_steps=accumulation)
         precision = choose_precision(tc.precision, accelerator.device)
         set_seed(tc.seed)  # before the model: the head and LoRA A matrices are initialised randomly
         model = build_model(cfg.model, cfg.lora, model_config)
         if precision == "bf16":
             cast_frozen_matmul_weights(model)
+        if tc.compile:
+            compile_in_place(model)
 
         cache_dir = cache_root() if cfg.data.token_cache else None
         train_ids = tokenize_cached(splits.train.texts, tokenizer, cfg.data.max_length, cache_dir)
