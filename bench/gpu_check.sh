@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU check for issue 3, to run on an H100 in a single device call (about 8-9 minutes; the step limits add up to 500 s):
 #
-#   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=600)
+#   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=560)
 #
 # All on the roberta-base architecture (random weights from .bench/models/roberta-base: the FLOPs
 # of roberta-base), AG News rows from .bench/data/ag_news:
 # (a) train speed, seed recipe, effective batch 32, bf16: loraclf as is, loraclf with
-#     train.fuse_accumulation (one batch of 32 per optimizer step) + train.compile, and the tuned HF
+#     train.fuse_accumulation (one batch of 32 per optimizer step) + train.compile, the same with CUDA
+#     graphs (compile_mode reduce-overhead, batch lengths padded to multiples of 32), and the tuned HF
 #     Trainer (target >= 12,000 train examples/s)              -> train_speed_roberta.{json,md}
 # (b) frozen-prefix cache: LoRA on layers 6-11 only, 3 epochs, cache on vs off; epochs after the
 #     first should be >= 1.7x faster with the cache            -> prefix_speed_roberta.{json,md}
@@ -64,10 +65,10 @@ if [ "$SMOKE" = 1 ]; then
   B_LIMIT=300; B_ARGS=(--rows 64 --val-rows 32)
   C_LIMIT=400; C_ARGS=(--rows 64 --rows-bs1 4 --batch-sizes 1,32)
 else
-  # (a) gives each contender (A_LIMIT - 15) / 3 s: room for the compiled one's compilation
-  A_LIMIT=300; A_ARGS=(--rows 8000 --val-rows 1000)
-  B_LIMIT=100; B_ARGS=(--rows 4000 --val-rows 1000)
-  C_LIMIT=100; C_ARGS=(--rows -1 --rows-bs1 256 --batch-sizes 1,32,256)
+  # (a) gives each contender (A_LIMIT - 15) / 4 s: room for the compiled ones' compilation
+  A_LIMIT=315; A_ARGS=(--rows 6000 --val-rows 1000)
+  B_LIMIT=90; B_ARGS=(--rows 3000 --val-rows 1000)
+  C_LIMIT=90; C_ARGS=(--rows -1 --rows-bs1 256 --batch-sizes 1,32,256)
 fi
 
 say "gpu_check: SMOKE=$SMOKE OUT=$OUT python=$PY"
@@ -88,10 +89,10 @@ EOF
 
 # ---------------------------------------------------------------- (a) roberta-arch train speed
 RUN_A=${LORACLF_BENCH_CACHE}/gpu-roberta-run
-step "$A_LIMIT" "(a) roberta-base arch train speed: loraclf bf16, loraclf bf16 fused+compiled, tuned Trainer bf16" \
+step "$A_LIMIT" "(a) roberta-base arch train speed: loraclf bf16, fused+compiled, fused+CUDA graphs, tuned Trainer bf16" \
   "$PY" bench/train_speed.py --model "$ROBERTA" --train "$TRAIN" --epochs 1 --precision bf16 \
-  --contenders loraclf:bf16,loraclf:bf16:fused:compile,tuned:bf16 --repeats 1 --keep-run "$RUN_A" \
-  --timeout $(((A_LIMIT - 15) / 3)) --name train_speed_roberta --out "$OUT/train_speed_roberta.json" "${A_ARGS[@]}"
+  --contenders loraclf:bf16,loraclf:bf16:fused:compile,loraclf:bf16:fused:cg:pad32,tuned:bf16 --repeats 1 \
+  --keep-run "$RUN_A" --timeout $(((A_LIMIT - 15) / 4)) --name train_speed_roberta --out "$OUT/train_speed_roberta.json" "${A_ARGS[@]}"
 
 # ---------------------------------------------------------------- (b) frozen-prefix cache
 step "$B_LIMIT" "(b) frozen-prefix cache, LoRA on layers 6-11: cache on vs off" \

@@ -9,9 +9,10 @@ and ratios to the first loraclf contender.
 Contenders (``--contenders``, comma separated), each ``name[:precision][:padN][:flag...]``:
   * ``loraclf``  - ``loraclf.train.train`` on a Config from ``load_config(configs/agnews-seed.yaml,
                    overrides)``; precision ``--precision`` unless given (fp32 | bf16 | auto);
-                   ``padN`` (bench only) rounds every padded batch length up to a multiple of N,
-                   by wrapping loraclf's PadCollator in the worker process; flags set config keys
-                   for that contender: ``compile`` (train.compile), ``fused``
+                   ``padN`` rounds every padded batch length up to a multiple of N
+                   (data.pad_to_multiple_of); flags set config keys
+                   for that contender: ``compile`` (train.compile), ``cg`` (train.compile with
+                   compile_mode reduce-overhead: CUDA graphs), ``fused``
                    (train.fuse_accumulation), ``noprefix`` / ``prefix`` (train.cache_frozen_prefix
                    false / true), ``tokN`` (train.max_tokens_per_batch N), ``notokcache``;
   * ``seed``     - bench/baseline_trainer.py --stack seed (chunk-of-1,000 padding), fp32;
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -57,6 +57,8 @@ HERE = Path(__file__).resolve()
 # loraclf contender flags (e.g. loraclf:bf16:compile:fused): config overrides for that contender only
 LORACLF_FLAGS = {
     "compile": {"train.compile": True},
+    # CUDA graphs (torch.compile mode reduce-overhead): one graph recorded per batch shape
+    "cg": {"train.compile": True, "train.compile_mode": "reduce-overhead"},
     "fused": {"train.fuse_accumulation": True},
     "noprefix": {"train.cache_frozen_prefix": False},
     "prefix": {"train.cache_frozen_prefix": True},
@@ -76,6 +78,7 @@ def parse_contender(spec: str, default_precision: str) -> dict[str, Any]:
             raise SystemExit(f"{spec}: {p!r} applies to loraclf only")
         elif p.startswith("pad") and p[3:].isdigit():
             c["pad_multiple"] = int(p[3:])
+            c["overrides"]["data.pad_to_multiple_of"] = int(p[3:])
         elif p.startswith("tok") and p[3:].isdigit():
             c["overrides"]["train.max_tokens_per_batch"] = int(p[3:])
         elif p in LORACLF_FLAGS:
@@ -92,9 +95,8 @@ def parse_contender(spec: str, default_precision: str) -> dict[str, Any]:
 
 # =========================================================================== loraclf worker
 def _install_pad_wrapper(pad_multiple: int | None) -> Any:
-    """Wrap loraclf.train's PadCollator: count real/padded tokens of every training batch and,
-    with ``pad_multiple``, round the padded length up to a multiple of it (bench only)."""
-    import torch
+    """Wrap loraclf.train's PadCollator: count real/padded tokens of every training batch
+    (``pad_multiple`` is data.pad_to_multiple_of, set as a config override)."""
     import loraclf.train as lt
 
     counts = {"real": 0, "total": 0, "batches": 0, "shapes": set()}
@@ -103,15 +105,6 @@ def _install_pad_wrapper(pad_multiple: int | None) -> Any:
     class BenchPadCollator(base):  # type: ignore[misc, valid-type]
         def __call__(self, items):
             out = super().__call__(items)
-            if pad_multiple and pad_multiple > 1:
-                b, t = out["input_ids"].shape
-                width = math.ceil(t / pad_multiple) * pad_multiple
-                if width != t:
-                    ids = torch.full((b, width), self.pad_id, dtype=out["input_ids"].dtype)
-                    mask = torch.zeros((b, width), dtype=out["attention_mask"].dtype)
-                    ids[:, :t] = out["input_ids"]
-                    mask[:, :t] = out["attention_mask"]
-                    out["input_ids"], out["attention_mask"] = ids, mask
             counts["real"] += int(out["attention_mask"].sum())
             counts["total"] += int(out["input_ids"].numel())
             counts["batches"] += 1

@@ -216,7 +216,17 @@ def test_pad_collator_and_sorted_batches():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [0, 2]
+    assert batch["n_tokens"] == 4
     assert sorted_batches([3, 9, 1, 5], 2) == [[1, 3], [0, 2]]
+
+
+def test_pad_collator_rounds_width_up_to_a_multiple_but_not_past_max_width():
+    items = [([5, 6, 7], 0), ([8], 2)]
+    assert PadCollator(1, multiple=8)(items)["input_ids"].shape == (2, 8)
+    assert PadCollator(1, multiple=8)(items)["attention_mask"].sum() == 4
+    assert PadCollator(1, multiple=8, max_width=6)(items)["input_ids"].shape == (2, 6)
+    assert PadCollator(1, multiple=2, max_width=2)(items)["input_ids"].shape == (2, 3)  # never cuts a row
+    assert PadCollator(1, multiple=3)(items)["input_ids"].shape == (2, 3)
 
 
 def test_ag_news_rows_fixture_is_balanced():

@@ -159,3 +159,25 @@ def test_fused_accumulation_trains_the_same_adapter(tiny_roberta, agnews_files, 
     assert steps[True] == steps[False] == 4
     for k in weights[True]:
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_to_a_multiple_trains_the_same_adapter(tiny_roberta, agnews_files, tmp_path):
+    import torch
+
+    # Extra padding is masked out: without dropout, rounding batch widths up to a multiple of 16
+    # must give the adapter of a run padded to each batch's longest row, and the same counts.
+    model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
+    weights, runs_ = {}, {}
+    for multiple in (None, 16):
+        out = tmp_path / str(multiple)
+        train(load_config(SEED, tiny_overrides(model, agnews_files, out,
+                                               **{"data.pad_to_multiple_of": multiple, "train.epochs": 1,
+                                                  "lora.dropout": 0.0, "data.max_train_samples": 64})))
+        weights[multiple] = load_file(out / "adapter" / "adapter_model.safetensors")
+        runs_[multiple] = json.loads((out / "run.json").read_text())
+    assert runs_[16]["optimizer_steps"] == runs_[None]["optimizer_steps"]
+    # real tokens are counted on the host, padding excluded
+    assert runs_[16]["throughput"]["train_tokens_per_s"] * runs_[16]["throughput"]["train_seconds"] == \
+        pytest.approx(runs_[None]["throughput"]["train_tokens_per_s"] * runs_[None]["throughput"]["train_seconds"])
+    for k in weights[16]:
+        torch.testing.assert_close(weights[16][k], weights[None][k], atol=1e-5, rtol=1e-4)

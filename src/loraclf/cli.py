@@ -173,10 +173,11 @@ class _Bar:
     def on_step(self, step: int, record: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            post = {"loss": f"{record['loss']:.4f}"}
-            if "examples_per_s" in record:
-                post["ex/s"] = f"{record['examples_per_s']:.1f}"
-            self.bar.set_postfix(post, refresh=False)
+            if "loss" in record:  # log steps only: reading the loss every step would stall a GPU
+                post = {"loss": f"{record['loss']:.4f}"}
+                if "examples_per_s" in record:
+                    post["ex/s"] = f"{record['examples_per_s']:.1f}"
+                self.bar.set_postfix(post, refresh=False)
 
     def on_eval(self, record: dict[str, Any]) -> None:
         msg = (f"epoch {record['epoch']} {record['split']}: accuracy {record['accuracy']:.4f} "

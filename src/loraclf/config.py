@@ -105,6 +105,9 @@ class DataConfig(_Section):
     max_eval_samples: int | None = Field(None, gt=0, description="use at most this many validation/test rows")
     max_length: int = Field(512, gt=1, description="truncate texts to this many tokens")
     max_text_chars: int = Field(100_000, gt=0, description="reject texts longer than this (characters)")
+    pad_to_multiple_of: int | None = Field(
+        None, gt=0, description="round each training batch's padded length up to a multiple of this "
+        "(fewer distinct shapes for torch.compile / CUDA graphs, tensor-core friendly); null = pad to the longest row")
     token_cache: bool = Field(True, description="keep token ids on disk ($LORACLF_CACHE, else ~/.cache/loraclf), "
                               "keyed by tokenizer, max_length and texts: reruns skip tokenization")
 
@@ -141,6 +144,9 @@ class TrainConfig(_Section):
         "(dropout draws and batch padding differ); for accelerators with the memory")
     compile: bool = Field(False, description="torch.compile each layer in place (inductor, dynamic shapes); "
                           "the first steps pay the compilation")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when train.compile is on; reduce-overhead replays CUDA graphs "
+        "(GPU only: one graph per batch shape, so pair it with data.pad_to_multiple_of)")
     max_tokens_per_batch: int | None = Field(
         None, gt=0, description="token budget per micro-batch (rows x longest row): batches hold as many "
         "rows as fit, so short rows come in bigger batches; batch_size is then only the mega-batch unit; "

@@ -521,21 +521,30 @@ class IndexedDataset(TokenizedDataset):
 
 
 class PadCollator:
-    """Pads a batch to its own longest row. Output: input_ids/attention_mask [B, T], labels [B]."""
+    """Pads a batch to its own longest row, rounded up to ``multiple`` tokens when given (fewer
+    distinct shapes: CUDA graphs record one per shape). Output: input_ids/attention_mask [B, T],
+    labels [B], and ``n_tokens``, the real tokens as a Python int (counted here, on the host, so the
+    training loop never waits for the device to count them)."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, multiple: int | None = None, max_width: int | None = None):
         self.pad_id = pad_id
+        self.multiple = multiple
+        self.max_width = max_width  # rounding never passes max_length (position embeddings end there)
 
-    def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
         """``items``: (token ids, label, ...) tuples; fields after the label are left to subclasses."""
         width = max(len(it[0]) for it in items)
+        if self.multiple:
+            rounded = -(-width // self.multiple) * self.multiple
+            width = max(width, min(rounded, self.max_width or rounded))
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, it in enumerate(items):
             input_ids[row, : len(it[0])] = torch.as_tensor(it[0], dtype=torch.long)
             attention_mask[row, : len(it[0])] = 1
         labels = torch.tensor([it[1] for it in items], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "n_tokens": sum(len(it[0]) for it in items)}
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):

@@ -119,18 +119,19 @@ def find_blocks(model: torch.nn.Module, n: int) -> str:
                      where="model.name_or_path", fix="set lora.* by hand and check it with loraclf params")
 
 
-def compile_in_place(model: torch.nn.Module) -> None:
+def compile_in_place(model: torch.nn.Module, mode: str = "default") -> None:
     """torch.compile each repeated block (or, failing that, the whole model) in place with
     ``Module.compile``: parameter names stay as they are, so checkpoints and the saved adapter
     are the same as an eager run's (wrapping in OptimizedModule would add ``_orig_mod.`` to every
-    key and break loading). Dynamic shapes, because every length-grouped batch has its own."""
+    key and break loading). Dynamic shapes, because every length-grouped batch has its own.
+    ``mode``: torch.compile's ("reduce-overhead" adds CUDA graphs, one recorded per shape)."""
     try:
         blocks = dict(model.named_modules())[find_blocks(model, num_layers(model.config))]
     except ModelError:
-        model.compile(dynamic=True)
+        model.compile(dynamic=True, mode=mode)
         return
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, mode=mode)
 
 
 def _matches(name: str, suffix: str) -> bool:

@@ -229,11 +229,11 @@ class FrozenPrefix:
 class PrefixCollator(PadCollator):
     """Pads a batch of (ids, label, row index) and adds ``hidden`` float32 [B, T, H] from the store."""
 
-    def __init__(self, pad_id: int, store: PrefixStore):
-        super().__init__(pad_id)
+    def __init__(self, pad_id: int, store: PrefixStore, multiple: int | None = None, max_width: int | None = None):
+        super().__init__(pad_id, multiple, max_width)
         self.store = store
 
-    def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
         batch = super().__call__(items)
         batch["hidden"] = self.store.batch([it[2] for it in items], batch["input_ids"].shape[1])
         return batch

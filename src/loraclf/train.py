@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -232,14 +232,20 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         # rows: one batch of batch_size x steps rows computes the same loss and gradient.
         batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if tc.fuse_accumulation
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
-        accelerator = Accelerator(gradient_accumulation_steps=accumulation)
+        # non_blocking + pinned memory: batch copies overlap the previous step's kernels on a GPU
+        accelerator = Accelerator(gradient_accumulation_steps=accumulation,
+                                  dataloader_config=DataLoaderConfiguration(non_blocking=True))
+        on_cuda = accelerator.device.type == "cuda"
         precision = choose_precision(tc.precision, accelerator.device)
         set_seed(tc.seed)  # before the model: the head and LoRA A matrices are initialised randomly
         model = build_model(cfg.model, cfg.lora, model_config)
         if precision == "bf16":
             cast_frozen_matmul_weights(model)
         if tc.compile:
-            compile_in_place(model)
+            compile_in_place(model, tc.compile_mode)
+        # CUDA graph trees must be told where a training step begins: graph outputs of one step are
+        # overwritten by the next
+        cudagraphs = on_cuda and tc.compile and tc.compile_mode == "reduce-overhead"
 
         cache_dir = cache_root() if cfg.data.token_cache else None
         train_ids = tokenize_cached(splits.train.texts, tokenizer, cfg.data.max_length, cache_dir)
@@ -258,12 +264,14 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                             max_tokens=tc.max_tokens_per_batch)
         if train_store is not None:
             dataset = IndexedDataset(train_ids, splits.train.labels)
-            collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store)
+            collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store, cfg.data.pad_to_multiple_of,
+                                                  cfg.data.max_length)
         else:
-            dataset, collate = TokenizedDataset(train_ids, splits.train.labels), PadCollator(tokenizer.pad_token_id)
+            dataset = TokenizedDataset(train_ids, splits.train.labels)
+            collate = PadCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of, cfg.data.max_length)
         # A private generator: every DataLoader iteration draws a seed from its generator, which
         # would otherwise advance the global RNG that dropout uses and break exact resumption.
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=on_cuda,
                                              generator=torch.Generator().manual_seed(tc.seed))
         loader = accelerator.prepare(loader)
 
@@ -287,7 +295,29 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                   "trainable": counts.trainable, "train_rows": len(splits.train),
                                   "resumed_at_step": loop.step if ckpt is not None else None})
 
+        # The per-batch losses stay on the device and are summed there; the host reads them (one
+        # synchronisation) only at log steps, checkpoints and epoch ends. Reading every step would
+        # stop the host from queuing the next step while the device runs this one.
+        pending = {"loss": torch.zeros((), device=accelerator.device), "n": 0, "since": loop.step}
+
+        def flush_losses() -> None:
+            if pending["n"] == 0:
+                return
+            total = pending["loss"].item()
+            if not math.isfinite(total):
+                last = checkpoint.latest(run_dir)
+                steps = (f"at step {loop.step}" if loop.step - pending["since"] <= 1
+                         else f"between steps {pending['since'] + 1} and {loop.step}")
+                raise TrainingError(
+                    f"loss became {total} {steps} (epoch {loop.epoch}); training stopped, "
+                    f"last good checkpoint: {last if last else 'none yet'}", where=str(run_dir),
+                    fix="lower --train.learning_rate or use --train.precision fp32, then train again")
+            loop.window_loss += total
+            loop.window_n += pending["n"]
+            pending.update(loss=torch.zeros((), device=accelerator.device), n=0, since=loop.step)
+
         def save_checkpoint() -> Path:
+            flush_losses()  # a non-finite loss since the last check must not reach a checkpoint
             loop.metrics_lines = len(metrics.records)
             return checkpoint.save(run_dir, loop, trainable_state_dict(unwrapped), best_state, optimizer, scheduler,
                                    keep=tc.keep_checkpoints)
@@ -306,30 +336,27 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                 for batch in loader:
                     if train_store is not None:
                         prefix.feed(batch.pop("hidden"))
+                    if cudagraphs:
+                        torch.compiler.cudagraph_mark_step_begin()
                     with accelerator.accumulate(model), autocast(accelerator.device, precision):
                         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                         loss = training_loss(out.logits, batch["labels"], tc.label_smoothing)
-                        if not torch.isfinite(loss.detach()):
-                            last = checkpoint.latest(run_dir)
-                            raise TrainingError(
-                                f"loss became {loss.item()} at step {loop.step + 1} (epoch {epoch}); training stopped, "
-                                f"last good checkpoint: {last if last else 'none yet'}", where=str(run_dir),
-                                fix="lower --train.learning_rate or use --train.precision fp32, then train again")
+                        pending["loss"] += loss.detach().float()
+                        pending["n"] += 1
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and tc.max_grad_norm is not None:
                             accelerator.clip_grad_norm_(params, tc.max_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad()
                     loop.batch += 1
-                    loop.window_loss += loss.item()
-                    loop.window_n += 1
                     loop.examples_seen += batch["input_ids"].shape[0]
-                    loop.tokens_seen += int(batch["attention_mask"].sum())
+                    loop.tokens_seen += batch["n_tokens"]
                     if not accelerator.sync_gradients:
                         continue
                     scheduler.step()
                     loop.step += 1
                     if loop.step % tc.log_every_steps == 0 or loop.step == total_steps:
+                        flush_losses()
                         elapsed = loop.train_time + time.perf_counter() - t0
                         record = {"event": "train", "split": "train", "epoch": epoch, "step": loop.step,
                                   "loss": loop.window_loss / loop.window_n, "lr": scheduler.get_last_lr()[0],
@@ -338,7 +365,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                         loop.window_loss, loop.window_n = 0.0, 0
                         cb.on_step(loop.step, record)
                     else:
-                        cb.on_step(loop.step, {"loss": loss.item()})
+                        cb.on_step(loop.step, {})
                     every = tc.checkpoint_every_steps
                     if stop.is_set() or (every and loop.step % every == 0):
                         now = time.perf_counter()
@@ -348,6 +375,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                         if stop.is_set():
                             raise Interrupted(f"interrupted at step {loop.step}; checkpoint written to {path}",
                                               where=str(run_dir), fix=f"resume with: loraclf train --resume {run_dir}")
+            flush_losses()
             loop.train_time += time.perf_counter() - t0
 
             t_eval = time.perf_counter()
