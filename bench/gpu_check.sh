@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# One GPU check for issue 3, to run on an H100 in a single device call (about 8-9 minutes; the step limits add up to 500 s):
+# One GPU check for issue 3, to run in a single device call (about 8.5 minutes; step limits add up to 510 s):
 #
-#   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=560)
+#   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=570)
 #
 # All on the roberta-base architecture (random weights from .bench/models/roberta-base: the FLOPs
-# of roberta-base), AG News rows from .bench/data/ag_news:
-# (a) train speed, seed recipe, effective batch 32, bf16: loraclf as is, loraclf with
-#     train.fuse_accumulation (one batch of 32 per optimizer step) + train.compile, the same with CUDA
-#     graphs (compile_mode reduce-overhead, batch lengths padded to multiples of 32), and the tuned HF
-#     Trainer (target >= 12,000 train examples/s)              -> train_speed_roberta.{json,md}
-# (b) frozen-prefix cache: LoRA on layers 6-11 only, 3 epochs, cache on vs off; epochs after the
-#     first should be >= 1.7x faster with the cache            -> prefix_speed_roberta.{json,md}
+# of roberta-base), AG News rows from .bench/data/ag_news. What the last GPU session (H200,
+# 2026-11-27, BENCHMARKS.md) left open, in order of what it costs to learn:
+# (a) train speed, seed recipe, effective batch 32, bf16, 3 epochs (first epoch vs later ones: the
+#     first was 2.6x slower than later epochs, a per-new-shape warm-up?): loraclf with fused
+#     accumulation, the same with batch lengths padded to multiples of 32 (fewer distinct shapes),
+#     and the tuned HF Trainer                                 -> train_speed_roberta.{json,md}
+# (b) where a GPU step's time goes: torch.profiler over a short fused run, host operator time vs
+#     device kernel time (is the step host-bound?)             -> profile_gpu_roberta.{json,md}
 # (c) inference on (a)'s run: loraclf predict (bf16 weights, fp32) vs pipeline at batch 1, 32, 256
-#     (target >= 25,000 examples/s), bf16-vs-fp32 agreement   -> infer_speed_roberta.{json,md}
+#     (target >= 25,000 examples/s); bf16 was slower than fp32 at batch <= 32 last time
+#                                                              -> infer_speed_roberta.{json,md}
+# (d) CUDA graphs (train.compile_mode reduce-overhead + pad32), which died with SIGSEGV last time,
+#     with faulthandler on to say where                        -> train_speed_roberta_cg.{json,md}
 # Progress, with timestamps, goes to stdout and $OUT/gpu_check.log.
 # Each step has its own time limit; a failed step is logged and the next one runs.
 #
@@ -61,14 +65,15 @@ ROBERTA=.bench/models/roberta-base
 [ -d "$ROBERTA" ] || ROBERTA=../shared/models/roberta-base
 
 if [ "$SMOKE" = 1 ]; then
-  A_LIMIT=500; A_ARGS=(--rows 64 --val-rows 32)
-  B_LIMIT=300; B_ARGS=(--rows 64 --val-rows 32)
+  A_LIMIT=500; A_ARGS=(--rows 64 --val-rows 32 --epochs 2); A_EACH=150
+  B_LIMIT=200; B_ARGS=(--rows 64)
   C_LIMIT=400; C_ARGS=(--rows 64 --rows-bs1 4 --batch-sizes 1,32)
+  D_LIMIT=300; D_ARGS=(--rows 64 --val-rows 32)
 else
-  # (a) gives each contender (A_LIMIT - 15) / 4 s: room for the compiled ones' compilation
-  A_LIMIT=315; A_ARGS=(--rows 6000 --val-rows 1000)
-  B_LIMIT=90; B_ARGS=(--rows 3000 --val-rows 1000)
-  C_LIMIT=90; C_ARGS=(--rows -1 --rows-bs1 256 --batch-sizes 1,32,256)
+  A_LIMIT=230; A_ARGS=(--rows 4000 --val-rows 500 --epochs 3); A_EACH=70
+  B_LIMIT=60; B_ARGS=(--rows 800)
+  C_LIMIT=130; C_ARGS=(--rows -1 --rows-bs1 128 --batch-sizes 1,32,256)
+  D_LIMIT=90; D_ARGS=(--rows 3000 --val-rows 300)
 fi
 
 say "gpu_check: SMOKE=$SMOKE OUT=$OUT python=$PY"
@@ -89,27 +94,35 @@ EOF
 
 # ---------------------------------------------------------------- (a) roberta-arch train speed
 RUN_A=${LORACLF_BENCH_CACHE}/gpu-roberta-run
-step "$A_LIMIT" "(a) roberta-base arch train speed: loraclf bf16, fused+compiled, fused+CUDA graphs, tuned Trainer bf16" \
-  "$PY" bench/train_speed.py --model "$ROBERTA" --train "$TRAIN" --epochs 1 --precision bf16 \
-  --contenders loraclf:bf16,loraclf:bf16:fused:compile,loraclf:bf16:fused:cg:pad32,tuned:bf16 --repeats 1 \
-  --keep-run "$RUN_A" --timeout $(((A_LIMIT - 15) / 4)) --name train_speed_roberta --out "$OUT/train_speed_roberta.json" "${A_ARGS[@]}"
+step "$A_LIMIT" "(a) roberta-base arch train speed, 3 epochs: loraclf bf16 fused, fused+pad32, tuned Trainer bf16" \
+  "$PY" bench/train_speed.py --model "$ROBERTA" --train "$TRAIN" --precision bf16 \
+  --contenders loraclf:bf16:fused,loraclf:bf16:fused:pad32,tuned:bf16 --repeats 1 \
+  --keep-run "$RUN_A" --timeout "$A_EACH" --name train_speed_roberta --out "$OUT/train_speed_roberta.json" "${A_ARGS[@]}"
 
-# ---------------------------------------------------------------- (b) frozen-prefix cache
-step "$B_LIMIT" "(b) frozen-prefix cache, LoRA on layers 6-11: cache on vs off" \
-  "$PY" bench/train_speed.py --model "$ROBERTA" --train "$TRAIN" --epochs 3 --precision bf16 --layers 6,7,8,9,10,11 \
-  --contenders loraclf:bf16,loraclf:bf16:noprefix --repeats 1 --timeout $(((B_LIMIT - 10) / 2)) \
-  --name prefix_speed_roberta --out "$OUT/prefix_speed_roberta.json" "${B_ARGS[@]}"
+# ---------------------------------------------------------------- (b) profile of GPU steps
+step "$B_LIMIT" "(b) profile: host operator time vs device kernel time, fused bf16" \
+  "$PY" bench/profile_train.py --model "$ROBERTA" --train "$TRAIN" --precision bf16 \
+  --override train.fuse_accumulation true --name profile_gpu_roberta --out-dir "$OUT" "${B_ARGS[@]}"
 
 # ---------------------------------------------------------------- (c) inference on (a)'s run
-RUN_B=$RUN_A
-if [ -f "$RUN_B/run.json" ]; then
+if [ -f "$RUN_A/run.json" ]; then
   step "$C_LIMIT" "(c) roberta-base arch inference: loraclf bf16/fp32 vs pipeline" \
-    "$PY" bench/infer_speed.py --run "$RUN_B" --test "$TEST" --contenders loraclf:bf16,loraclf:fp32,pipeline \
+    "$PY" bench/infer_speed.py --run "$RUN_A" --test "$TEST" --contenders loraclf:bf16,loraclf:fp32,pipeline \
     --repeats 1 --process-per contender --agreement-rows 0 --timeout $((C_LIMIT - 10)) \
     --name infer_speed_roberta --out "$OUT/infer_speed_roberta.json" "${C_ARGS[@]}"
 else
   say "(c) skipped: no run from (a)"
 fi
 
+# ---------------------------------------------------------------- (d) CUDA graphs, with a stack on a crash
+export PYTHONFAULTHANDLER=1
+step "$D_LIMIT" "(d) CUDA graphs: loraclf bf16 fused, compile_mode reduce-overhead, pad32" \
+  "$PY" bench/train_speed.py --model "$ROBERTA" --train "$TRAIN" --epochs 1 --precision bf16 \
+  --contenders loraclf:bf16:fused:cg:pad32 --repeats 1 --timeout $((D_LIMIT - 10)) \
+  --name train_speed_roberta_cg --out "$OUT/train_speed_roberta_cg.json" "${D_ARGS[@]}"
+
+# The device returns at most 8 files: the Markdown tables travel as one file.
+for f in "$OUT"/*.md; do [ -f "$f" ] && { echo "<!-- $(basename "$f") -->"; cat "$f"; echo; }; done >"$OUT/tables.md.tmp"
+rm -f "$OUT"/*.md && mv "$OUT/tables.md.tmp" "$OUT/tables.md"
 say "gpu_check done; files in $OUT:"
 ls -la "$OUT" | tee -a "$LOG"

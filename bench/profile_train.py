@@ -68,6 +68,12 @@ def main(argv=None) -> None:
     run = json.loads((work / "run" / "run.json").read_text())
     device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     events = prof.key_averages()
+    # On a GPU the question is whether the device or the host is the bottleneck: the host's own
+    # operator time (dispatch, Python-side launches) next to the kernels' time, over the same run.
+    host_ms = sum(e.self_cpu_time_total for e in events) / 1000
+    device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000 if torch.cuda.is_available() else None
+    top_host = [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 1)}
+                for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.top]]
     total = sum(getattr(e, device_key) for e in events) or 1.0
     rows = sorted(events, key=lambda e: getattr(e, device_key), reverse=True)[: args.top]
     top = [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, device_key) / 1000, 1),
@@ -86,6 +92,8 @@ def main(argv=None) -> None:
               "device": run.get("device"), "wall_s_profiled": round(wall, 2),
               "train_seconds": thr.get("train_seconds"), "train_examples_per_s": thr.get("train_examples_per_s"),
               "time_key": device_key, "phase_shares_of_op_self_time": shares, "top_ops": top,
+              "host_op_ms": round(host_ms, 1), "device_kernel_ms": round(device_ms, 1) if device_ms else None,
+              "top_host_ops": top_host,
               "machine": common.machine_info(), "date": time.strftime("%Y-%m-%d")}
     name = args.name or f"profile_{args.model if args.model in ('minilm', 'roberta-arch') else Path(model_path).name}"
     out_dir = Path(args.out_dir) if args.out_dir else common.BENCH_DIR / "results"
@@ -99,6 +107,11 @@ def main(argv=None) -> None:
           "Share of operator self time by kind (an op can fall in two kinds):", "",
           common.markdown_table([{"kind": k, "share": v} for k, v in shares.items()]), "",
           f"Top {args.top} operators by self time:", "", common.markdown_table(top), ""]
+    if device_ms is not None:
+        md += [f"Host operator self time {host_ms:,.0f} ms vs device kernel time {device_ms:,.0f} ms over the "
+               f"profiled run (training loop {thr.get('train_seconds', 0) * 1000:,.0f} ms wall): a step whose "
+               "kernels take much less than the wall time is waiting on the host.", "",
+               f"Top {args.top} operators by host self time:", "", common.markdown_table(top_host), ""]
     (out_dir / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
 
