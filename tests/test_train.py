@@ -181,3 +181,19 @@ def test_padding_to_a_multiple_trains_the_same_adapter(tiny_roberta, agnews_file
         pytest.approx(runs_[None]["throughput"]["train_tokens_per_s"] * runs_[None]["throughput"]["train_seconds"])
     for k in weights[16]:
         torch.testing.assert_close(weights[16][k], weights[None][k], atol=1e-5, rtol=1e-4)
+
+
+def test_fuse_accumulation_defaults_to_off_on_a_cpu(tiny_roberta, agnews_files, tmp_path):
+    import torch
+
+    # null means "on a GPU only": on this CPU the default run must be the unfused run, bit for bit
+    assert load_config(SEED).train.fuse_accumulation is None
+    weights = {}
+    for fused in (None, False):
+        out = tmp_path / str(fused)
+        train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, out,
+                                               **{"train.fuse_accumulation": fused, "train.epochs": 1,
+                                                  "train.gradient_accumulation_steps": 2,
+                                                  "data.max_train_samples": 64})))
+        weights[fused] = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(weights[None][k], weights[False][k]) for k in weights[False])

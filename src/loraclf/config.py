@@ -138,10 +138,11 @@ class TrainConfig(_Section):
     )
     max_trainable_params: int = Field(1_000_000, gt=0, description="hard budget: LoRA + head")
     group_by_length: bool = Field(True, description="batch rows of similar length together")
-    fuse_accumulation: bool = Field(
-        False, description="run the gradient_accumulation_steps micro-batches of an optimizer step as one batch "
+    fuse_accumulation: bool | None = Field(
+        None, description="run the gradient_accumulation_steps micro-batches of an optimizer step as one batch "
         "of batch_size x steps rows: the same mean loss over the same rows, in fewer and larger kernels "
-        "(dropout draws and batch padding differ); for accelerators with the memory")
+        "(dropout draws and batch padding differ); null = on when training on a GPU (1.8x there, "
+        "BENCHMARKS.md), off on CPUs")
     compile: bool = Field(False, description="torch.compile each layer in place (inductor, dynamic shapes); "
                           "the first steps pay the compilation")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(

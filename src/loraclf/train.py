@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -230,7 +230,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     try:
         # Equal-sized micro-batches each averaged, then averaged again, give the mean over all their
         # rows: one batch of batch_size x steps rows computes the same loss and gradient.
-        batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if tc.fuse_accumulation
+        fuse = tc.fuse_accumulation if tc.fuse_accumulation is not None else PartialState().device.type == "cuda"
+        batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if fuse
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
         # non_blocking + pinned memory: batch copies overlap the previous step's kernels on a GPU
         accelerator = Accelerator(gradient_accumulation_steps=accumulation,
