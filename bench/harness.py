@@ -51,7 +51,6 @@ def cache_root() -> Path:
 def worker_env(threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")  # the same for every contender
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env["PYTHONUNBUFFERED"] = "1"
     if threads:
