@@ -94,31 +94,27 @@ def parse_contender(spec: str, default_precision: str) -> dict[str, Any]:
 
 
 # =========================================================================== loraclf worker
-def _install_pad_wrapper(pad_multiple: int | None) -> Any:
-    """Wrap loraclf.train's PadCollator: count real/padded tokens of every training batch
-    (``pad_multiple`` is data.pad_to_multiple_of, set as a config override)."""
+def _install_pad_wrapper() -> Any:
+    """Wrap loraclf.train's collators to count real/padded tokens and the shapes of every training
+    batch (rounding to a multiple is loraclf's own data.pad_to_multiple_of, set as an override)."""
     import loraclf.train as lt
 
     counts = {"real": 0, "total": 0, "batches": 0, "shapes": set()}
-    base = lt.PadCollator
 
-    class BenchPadCollator(base):  # type: ignore[misc, valid-type]
+    def count(out):
+        counts["real"] += out["n_tokens"]
+        counts["total"] += int(out["input_ids"].numel())
+        counts["batches"] += 1
+        counts["shapes"].add(tuple(out["input_ids"].shape))
+        return out
+
+    class BenchPadCollator(lt.PadCollator):  # type: ignore[misc, valid-type]
         def __call__(self, items):
-            out = super().__call__(items)
-            counts["real"] += int(out["attention_mask"].sum())
-            counts["total"] += int(out["input_ids"].numel())
-            counts["batches"] += 1
-            counts["shapes"].add(tuple(out["input_ids"].shape))
-            return out
+            return count(super().__call__(items))
 
     class BenchPrefixCollator(lt.PrefixCollator):  # the frozen-prefix path's collator, counted alike
         def __call__(self, items):
-            out = super().__call__(items)
-            counts["real"] += int(out["attention_mask"].sum())
-            counts["total"] += int(out["input_ids"].numel())
-            counts["batches"] += 1
-            counts["shapes"].add(tuple(out["input_ids"].shape))
-            return out
+            return count(super().__call__(items))
 
     lt.PadCollator = BenchPadCollator
     lt.PrefixCollator = BenchPrefixCollator
@@ -168,7 +164,7 @@ def loraclf_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from loraclf.config import load_config
     from loraclf.train import train
 
-    counts = _install_pad_wrapper(spec.get("pad_multiple"))
+    counts = _install_pad_wrapper()
     overrides = {
         "model.name_or_path": spec["model_path"],
         "data.train": spec["train"],

@@ -60,7 +60,7 @@ def cast_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype = torc
     for module in model.modules():
         if type(module) is not torch.nn.Linear:
             continue
-        for name, p in module.named_parameters(recurse=False):
+        for p in module.parameters(recurse=False):
             if not p.requires_grad and p.dtype != dtype:
                 p.data = p.data.to(dtype)
                 cast += 1

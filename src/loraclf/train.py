@@ -315,7 +315,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                     fix="lower --train.learning_rate or use --train.precision fp32, then train again")
             loop.window_loss += total
             loop.window_n += pending["n"]
-            pending.update(loss=torch.zeros((), device=accelerator.device), n=0, since=loop.step)
+            pending["loss"].zero_()
+            pending.update(n=0, since=loop.step)
 
         def save_checkpoint() -> Path:
             flush_losses()  # a non-finite loss since the last check must not reach a checkpoint
