@@ -53,7 +53,7 @@ else
   fi
   export PYTHONPATH="$PWD/.bench/site:$PWD/src"
 fi
-# Tokenizer parallelism left on: with it off, one thread's ~3,000 texts/s capped inference last time
+# Tokenizer parallelism left on: with it off, one thread tokenized every text last time (a share of (c)'s time)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export LORACLF_BENCH_CACHE=${LORACLF_BENCH_CACHE:-/tmp/loraclf-bench}
 
