@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None, help="seconds per run")
     p.add_argument("--name", default=None, help="result name (default accuracy_<model>)")
     p.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
+    p.add_argument("--loraclf-args", default="",
+                   help="extra 'loraclf train' arguments for the seed and best methods, e.g. '--train.cuda_graphs true'")
     return p.parse_args(argv)
 
 
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
 
     seed_targets = json.dumps(DEFAULT_TARGETS.get(model_type, ["query", "value"]))
 
+    extra = shlex.split(args.loraclf_args)
     runs: list[dict[str, Any]] = []
     for i, seed in enumerate(seeds):
         for method in harness.rotate(methods, i):
@@ -175,10 +179,10 @@ def main(argv: list[str] | None = None) -> None:
             harness.log(f"{tag} ...")
             if method == "seed":
                 rec = loraclf_run(harness.SEED_CONFIG, model, data, test_path, args.epochs, seed, work / tag,
-                                  ["--lora.layers", layers, "--lora.target_modules", seed_targets], args.threads,
-                                  args.timeout, tag)
+                                  ["--lora.layers", layers, "--lora.target_modules", seed_targets, *extra],
+                                  args.threads, args.timeout, tag)
             elif method == "best":
-                rec = loraclf_run(best_cfg, model, data, test_path, args.epochs, seed, work / tag, [],
+                rec = loraclf_run(best_cfg, model, data, test_path, args.epochs, seed, work / tag, extra,
                                   args.threads, args.timeout, tag)
             elif method == "full":
                 rec = full_run(model, data, test_path, args.test_rows, args.epochs, seed, args.full_lr,
@@ -188,7 +192,15 @@ def main(argv: list[str] | None = None) -> None:
             rec.update(method=method, seed=seed)
             runs.append(rec)
             harness.log(f"  {tag}: " + ", ".join(f"{k} {v}" for k, v in rec.items() if k not in ("method", "seed")))
+            # after every run: a study cut short by a time limit keeps what it measured
+            md = write_results(args, name, label, model, data, test_path, seeds, methods, runs)
+    harness.log(f"wrote {name}.json/.md/.png")
+    print("\n".join(md))
 
+
+def write_results(args: argparse.Namespace, name: str, label: str, model: str, data: dict[str, Any], test_path: str,
+                  seeds: list[int], methods: list[str], runs: list[dict[str, Any]]) -> list[str]:
+    """Summary (mean, std per method; best minus the others), JSON, Markdown and the plot."""
     summary = []
     for method in methods:
         ok = [r for r in runs if r["method"] == method and "error" not in r]
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
               "val_rows": data["val_rows"], "test": test_path, "test_rows": args.test_rows, "epochs": args.epochs,
               "seeds": seeds, "budget": args.budget, "full_lr": args.full_lr, "threads": args.threads,
               "summary": summary, "comparisons": comparisons, "runs": runs, "machine": machine,
-              "date": time.strftime("%Y-%m-%d")}
+              "loraclf_args": args.loraclf_args, "date": time.strftime("%Y-%m-%d")}
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [{"method": s["method"], "trainable_params": s["trainable_params"], "seeds": s["seeds"],
              "test_accuracy_mean": s["mean_accuracy"], "test_accuracy_std": s["std_accuracy"],
@@ -224,15 +236,16 @@ def main(argv: list[str] | None = None) -> None:
           f"Machine: {machine['cpu_model']} ({machine.get('cpu_count')} CPUs, {args.threads or 'default'} torch threads per run), GPU: {machine.get('gpu_name') or 'none'}. "
           f"{data['train_rows']} training rows and {data['val_rows']} validation rows from {Path(data['source']).name}, "
           f"test: {Path(test_path).name} ({'all rows' if args.test_rows < 0 else f'first {args.test_rows} rows'}), "
-          f"{args.epochs} epochs, seeds {seeds}.", "",
+          f"{args.epochs} epochs, seeds {seeds}{f', loraclf runs with {args.loraclf_args}' if args.loraclf_args else ''}"
+          f"{'' if len(runs) == len(seeds) * len(methods) else f' (partial: {len(runs)} of {len(seeds) * len(methods)} runs)'}.",
+          "",
           common.markdown_table(rows), "",
           "Per run: " + "; ".join(f"{r['method']}/{r['seed']}: {r.get('test_accuracy', r.get('error'))}" for r in runs),
           "", "Comparisons (mean test accuracy, points): " + json.dumps(comparisons), ""]
     (out_dir / f"{name}.md").write_text("\n".join(md))
     plot(summary, f"{label}: {data['train_rows']} rows, {args.epochs} epochs, {len(seeds)} seeds",
          out_dir / f"{name}.png")
-    harness.log(f"wrote {out_dir / name}.json/.md/.png")
-    print("\n".join(md))
+    return md
 
 
 if __name__ == "__main__":

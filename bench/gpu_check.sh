@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
-# One GPU check for issue 3, to run in a single device call (about 8.5 minutes; step limits add up to 510 s):
+# One GPU check for issues 3 and 4, to run in a single device call (about 9 minutes; step
+# limits add up to 520 s):
 #
 #   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=570)
 #
-# All on the roberta-base architecture (random weights from .bench/models/roberta-base: the FLOPs
-# of roberta-base), AG News rows from .bench/data/ag_news. What the last GPU session (H200,
-# 2026-11-27, BENCHMARKS.md) left open, in order of what it costs to learn:
-# (a) train speed, seed recipe, effective batch 32, bf16, 3 epochs (first epoch vs later ones: the
-#     first was 2.6x slower than later epochs, a per-new-shape warm-up?): loraclf with fused
-#     accumulation, the same with batch lengths padded to multiples of 32 (fewer distinct shapes),
-#     and the tuned HF Trainer                                 -> train_speed_roberta.{json,md}
-# (b) where a GPU step's time goes: torch.profiler over a short fused run, host operator time vs
-#     device kernel time (is the step host-bound?)             -> profile_gpu_roberta.{json,md}
-# (c) inference on (a)'s run: loraclf predict (bf16 weights, fp32) vs pipeline at batch 1, 32, 256
-#     (target >= 25,000 examples/s); bf16 was slower than fp32 at batch <= 32 last time
-#                                                              -> infer_speed_roberta.{json,md}
-# (d) CUDA graphs (train.compile_mode reduce-overhead + pad32), which died with SIGSEGV last time,
-#     with faulthandler on to say where                        -> train_speed_roberta_cg.{json,md}
+# The last GPU session (H200, 2026-11-27, BENCHMARKS.md "GPU check 2") found the training step
+# host-bound (~38 ms for 32 rows, a few ms of arithmetic) and torch.compile no help. This checks
+# loraclf's whole-step CUDA graphs (train.cuda_graphs), on the roberta-base architecture (random
+# weights from .bench/models/roberta-base: the FLOPs of roberta-base), AG News rows from
+# .bench/data/ag_news, then uses the GPU for issue 4's MiniLM study on all of train_partial:
+# (g) correctness: eager vs CUDA graphs, fp32, dropout off, 640 rows, 2 epochs: per-step losses and
+#     adapters must agree; on a failed capture, where the step synchronised   -> graph_check.{json,md}
+# (a) side by side, 4,000 rows, 3 epochs, bf16, seed recipe: loraclf fused (eager) vs fused + graphs
+#                                                              -> train_speed_roberta.{json,md}
+# (a2) graphs alone on 20,000 rows, 3 epochs, bf16 (later epochs are all replays)
+#                                                              -> train_speed_roberta_graphs.{json,md}
+# (s) issue 4's accuracy study on all-MiniLM-L6-v2 (.bench/minilm-fp16, loaded as fp32): all
+#     20,353 training rows left after 1,000 validation rows, the full test split, 1 epoch, seeds
+#     0,1,2: seed recipe vs best <=1M vs full fine-tuning (HF Trainer); loraclf runs with graphs
+#     when (g) passed; results written after every run      -> accuracy_minilm_gpu.{json,md,png}
 # Progress, with timestamps, goes to stdout and $OUT/gpu_check.log.
 # Each step has its own time limit; a failed step is logged and the next one runs.
 #
-# CPU smoke test (tiny sizes, this machine's venv, no wheel install):
+# CPU smoke test (tiny sizes, this machine's venv, no wheel install; (g) with an eager stand-in
+# for the capture; the graphs contenders fail: they need CUDA):
 #   SMOKE=1 OUT=/tmp/gpuout bash bench/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -53,28 +56,29 @@ else
   fi
   export PYTHONPATH="$PWD/.bench/site:$PWD/src"
 fi
-# Tokenizer parallelism left on: with it off, one thread tokenized every text last time (a share of (c)'s time)
+# Tokenizer parallelism left on (the CLI no longer turns it off)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export LORACLF_BENCH_CACHE=${LORACLF_BENCH_CACHE:-/tmp/loraclf-bench}
 
 TRAIN=.bench/data/ag_news/train_partial.csv.gz
 TEST=.bench/data/ag_news/test.csv.gz
-MINILM=.bench/minilm-fp16
 ROBERTA=.bench/models/roberta-base
 [ -f "$TRAIN" ] || TRAIN=../shared/data/ag_news/train_partial.csv.gz
 [ -f "$TEST" ] || TEST=../shared/data/ag_news/test.csv.gz
 [ -d "$ROBERTA" ] || ROBERTA=../shared/models/roberta-base
 
+MINILM=.bench/minilm-fp16
+[ -d "$MINILM" ] || MINILM=minilm
 if [ "$SMOKE" = 1 ]; then
-  A_LIMIT=500; A_ARGS=(--rows 64 --val-rows 32 --epochs 2); A_EACH=150
-  B_LIMIT=200; B_ARGS=(--rows 64)
-  C_LIMIT=400; C_ARGS=(--rows 64 --rows-bs1 4 --batch-sizes 1,32)
-  D_LIMIT=300; D_ARGS=(--rows 64 --val-rows 32)
+  G_LIMIT=300; G_ARGS=(--rows 64 --val-rows 32 --epochs 2 --standin)
+  A_LIMIT=400; A_ARGS=(--rows 64 --val-rows 32 --epochs 2); A_EACH=150
+  A2_LIMIT=300; A2_ARGS=(--rows 64 --val-rows 32 --epochs 2); A2_EACH=150
+  S_LIMIT=900; S_ARGS=(--rows 64 --val-rows 32 --test-rows 64 --epochs 1 --seeds 0); S_EACH=300
 else
-  A_LIMIT=230; A_ARGS=(--rows 4000 --val-rows 500 --epochs 3); A_EACH=70
-  B_LIMIT=60; B_ARGS=(--rows 800)
-  C_LIMIT=130; C_ARGS=(--rows -1 --rows-bs1 128 --batch-sizes 1,32,256)
-  D_LIMIT=90; D_ARGS=(--rows 3000 --val-rows 300)
+  G_LIMIT=80; G_ARGS=(--rows 640 --val-rows 200 --epochs 2)
+  A_LIMIT=120; A_ARGS=(--rows 4000 --val-rows 500 --epochs 3); A_EACH=70
+  A2_LIMIT=70; A2_ARGS=(--rows 20000 --val-rows 500 --epochs 3); A2_EACH=65
+  S_LIMIT=250; S_ARGS=(--rows -1 --val-rows 1000 --epochs 1 --seeds 0,1,2); S_EACH=120
 fi
 
 say "gpu_check: SMOKE=$SMOKE OUT=$OUT python=$PY"
@@ -93,34 +97,31 @@ for m in ("transformers", "peft", "accelerate", "datasets", "pydantic", "tokeniz
 EOF
 } 2>&1 | tee -a "$LOG"
 
-# ---------------------------------------------------------------- (a) roberta-arch train speed
-RUN_A=${LORACLF_BENCH_CACHE}/gpu-roberta-run
-step "$A_LIMIT" "(a) roberta-base arch train speed, 3 epochs: loraclf bf16 fused, fused+pad32, tuned Trainer bf16" \
+# ---------------------------------------------------------------- (g) graphs == eager?
+step "$G_LIMIT" "(g) CUDA graphs vs eager: same losses and adapter (fp32, dropout off)" \
+  "$PY" bench/graph_check.py --model "$ROBERTA" --train "$TRAIN" --out "$OUT/graph_check.json" "${G_ARGS[@]}"
+
+# ---------------------------------------------------------------- (a) side by side
+step "$A_LIMIT" "(a) roberta-base arch train speed, 3 epochs: loraclf bf16 fused (eager) vs fused + graphs" \
   "$PY" bench/train_speed.py --model "$ROBERTA" --train "$TRAIN" --precision bf16 \
-  --contenders loraclf:bf16:fused,loraclf:bf16:fused:pad32,tuned:bf16 --repeats 1 \
-  --keep-run "$RUN_A" --timeout "$A_EACH" --name train_speed_roberta --out "$OUT/train_speed_roberta.json" "${A_ARGS[@]}"
+  --contenders loraclf:bf16:fused,loraclf:bf16:graphs --repeats 1 --timeout "$A_EACH" \
+  --name train_speed_roberta --out "$OUT/train_speed_roberta.json" "${A_ARGS[@]}"
 
-# ---------------------------------------------------------------- (b) profile of GPU steps
-step "$B_LIMIT" "(b) profile: host operator time vs device kernel time, fused bf16" \
-  "$PY" bench/profile_train.py --model "$ROBERTA" --train "$TRAIN" --precision bf16 \
-  --override train.fuse_accumulation true --name profile_gpu_roberta --out-dir "$OUT" "${B_ARGS[@]}"
+# ---------------------------------------------------------------- (a2) graphs throughput, more rows
+step "$A2_LIMIT" "(a2) roberta-base arch, CUDA graphs alone, bf16, 20,000 rows" \
+  "$PY" bench/train_speed.py --model "$ROBERTA" --train "$TRAIN" --precision bf16 \
+  --contenders loraclf:bf16:graphs --repeats 1 --timeout "$A2_EACH" \
+  --name train_speed_roberta_graphs --out "$OUT/train_speed_roberta_graphs.json" "${A2_ARGS[@]}"
 
-# ---------------------------------------------------------------- (c) inference on (a)'s run
-if [ -f "$RUN_A/run.json" ]; then
-  step "$C_LIMIT" "(c) roberta-base arch inference: loraclf bf16/fp32 vs pipeline" \
-    "$PY" bench/infer_speed.py --run "$RUN_A" --test "$TEST" --contenders loraclf:bf16,loraclf:fp32,pipeline \
-    --repeats 1 --process-per contender --agreement-rows 0 --timeout $((C_LIMIT - 10)) \
-    --name infer_speed_roberta --out "$OUT/infer_speed_roberta.json" "${C_ARGS[@]}"
-else
-  say "(c) skipped: no run from (a)"
-fi
-
-# ---------------------------------------------------------------- (d) CUDA graphs, with a stack on a crash
-export PYTHONFAULTHANDLER=1
-step "$D_LIMIT" "(d) CUDA graphs: loraclf bf16 fused, compile_mode reduce-overhead, pad32" \
-  "$PY" bench/train_speed.py --model "$ROBERTA" --train "$TRAIN" --epochs 1 --precision bf16 \
-  --contenders loraclf:bf16:fused:cg:pad32 --repeats 1 --timeout $((D_LIMIT - 10)) \
-  --name train_speed_roberta_cg --out "$OUT/train_speed_roberta_cg.json" "${D_ARGS[@]}"
+# ---------------------------------------------------------------- (s) issue 4: MiniLM study, all rows
+GRAPHS_OK=$("$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(int(d['runs']['graphs']['ok'] and (d.get('loss_max_abs_diff') or 0) < 1e-3))" "$OUT/graph_check.json" 2>/dev/null || echo 0)
+[ "$SMOKE" = 1 ] && GRAPHS_OK=0
+LORACLF_ARGS=""
+[ "$GRAPHS_OK" = 1 ] && LORACLF_ARGS="--train.cuda_graphs true"
+say "(s) loraclf runs with: ${LORACLF_ARGS:-eager defaults}"
+step "$S_LIMIT" "(s) accuracy study, all-MiniLM-L6-v2, all of train_partial, full test, seeds 0-2" \
+  "$PY" bench/accuracy_study.py --model "$MINILM" --train "$TRAIN" --test "$TEST" --timeout "$S_EACH" \
+  --loraclf-args "$LORACLF_ARGS" --name accuracy_minilm_gpu --out-dir "$OUT" "${S_ARGS[@]}"
 
 # The device returns at most 8 files: the Markdown tables travel as one file.
 for f in "$OUT"/*.md; do [ -f "$f" ] && { echo "<!-- $(basename "$f") -->"; cat "$f"; echo; }; done >"$OUT/tables.md.tmp"

@@ -12,7 +12,8 @@ Contenders (``--contenders``, comma separated), each ``name[:precision][:padN][:
                    ``padN`` rounds every padded batch length up to a multiple of N
                    (data.pad_to_multiple_of); flags set config keys
                    for that contender: ``compile`` (train.compile), ``cg`` (train.compile with
-                   compile_mode reduce-overhead: CUDA graphs), ``fused``
+                   compile_mode reduce-overhead: CUDA graphs), ``graphs``
+                   (train.cuda_graphs: loraclf's own whole-step CUDA graphs), ``fused``
                    (train.fuse_accumulation), ``noprefix`` / ``prefix`` (train.cache_frozen_prefix
                    false / true), ``tokN`` (train.max_tokens_per_batch N), ``notokcache``;
   * ``seed``     - bench/baseline_trainer.py --stack seed (chunk-of-1,000 padding), fp32;
@@ -60,6 +61,7 @@ LORACLF_FLAGS = {
     # CUDA graphs (torch.compile mode reduce-overhead): one graph recorded per batch shape
     "cg": {"train.compile": True, "train.compile_mode": "reduce-overhead"},
     "fused": {"train.fuse_accumulation": True},
+    "graphs": {"train.cuda_graphs": True},
     "noprefix": {"train.cache_frozen_prefix": False},
     "prefix": {"train.cache_frozen_prefix": True},
     "notokcache": {"data.token_cache": False},
@@ -228,6 +230,8 @@ def loraclf_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "epoch_seconds": [r.get("train_seconds") for r in vals],
         "first_epoch_s": vals[0].get("train_seconds") if vals else None,
         "later_epoch_s": _median([r.get("train_seconds") for r in vals[1:]]) if len(vals) > 1 else None,
+        "later_epoch_examples_per_s": (round(train_rows / _median([r.get("train_seconds") for r in vals[1:]]), 1)
+                                       if len(vals) > 1 and train_rows else None),
         "epoch_eval_seconds": [r.get("eval_seconds") for r in vals],  # validation after each epoch
         "frozen_prefix_layers": thr.get("frozen_prefix_layers"),
         "prefix_cache_s": thr.get("prefix_cache_seconds"),
@@ -275,7 +279,7 @@ SUMMARY_KEYS = [
     "train_examples_per_s", "real_tokens_per_s", "total_tokens_per_s", "pad_fraction", "seconds_per_epoch",
     "train_s", "optimizer_steps", "val_accuracy", "peak_rss_mib", "cuda_max_allocated_mib",
     "s_per_step_first_quarter", "s_per_step_last_quarter", "rss_end_of_training_mib", "distinct_batch_shapes",
-    "first_epoch_s", "later_epoch_s", "prefix_cache_s",
+    "first_epoch_s", "later_epoch_s", "later_epoch_examples_per_s", "prefix_cache_s",
 ]
 
 
@@ -394,6 +398,7 @@ def main(argv=None) -> dict[str, Any]:
     columns = ["contender", "runs", "train_examples_per_s", "real_tokens_per_s", "total_tokens_per_s", "pad_fraction",
                "seconds_per_epoch", "optimizer_steps", "val_accuracy", "peak_rss_mib", "cuda_max_allocated_mib",
                "s_per_step_first_quarter", "s_per_step_last_quarter", "first_epoch_s", "later_epoch_s",
+               "later_epoch_examples_per_s",
                f"{ref}_speedup"]
     payload_records = [{**t, "settings": settings, "paired_ratios": paired.get(t["contender"])} for t in table]
     jp, mp = common.write_results(name, payload_records, columns, title=f"Training speed: {model_label}",

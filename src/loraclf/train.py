@@ -28,11 +28,16 @@ from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Split
                    load_splits, tokenize_cached)
 from .errors import ConfigError, LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
+from .graphs import StepGraphs
 from .model import (build_model, compile_in_place, load_model_config, load_tokenizer, resolve_name,
                     trainable_state_dict)
 from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .predict import logits_for
 from .prefix import FrozenPrefix, PrefixCollator, PrefixStore
+
+
+# what a training step reads from a collated batch (n_tokens is host-side bookkeeping)
+STEP_INPUTS = ("input_ids", "attention_mask", "labels", "hidden")
 
 
 class Callback(Protocol):
@@ -125,6 +130,15 @@ def cfg_pad_id(model: torch.nn.Module) -> int:
     return 0 if pad is None else int(pad)
 
 
+def _cuda_graphs_unsupported() -> str | None:
+    """Why this process cannot train with CUDA graphs, or None. (Multi-GPU would need the
+    gradient all-reduce inside the graph, which DDP does not do as captured here.)"""
+    state = PartialState()
+    if state.device.type != "cuda" or state.num_processes > 1:
+        return f"needs one CUDA GPU; this run would train on {state.device} in {state.num_processes} process(es)"
+    return None
+
+
 def prepare(cfg: Config, label_names: list[str] | None = None) -> tuple[Splits, Any, Any, budget.Breakdown]:
     """All checks that need no weights: data rows, tokenizer, architecture, budget."""
     splits = load_splits(cfg.data, label_names)
@@ -137,6 +151,8 @@ def prepare(cfg: Config, label_names: list[str] | None = None) -> tuple[Splits, 
     meta_model = build_model(cfg.model, cfg.lora, model_config, meta=True)
     counts = budget.breakdown(meta_model)
     budget.check(counts, cfg.train.max_trainable_params)
+    if cfg.train.cuda_graphs and (problem := _cuda_graphs_unsupported()):
+        raise ConfigError([problem], where="train.cuda_graphs", fix="set it to false")
     if cfg.train.cache_frozen_prefix and FrozenPrefix.find(meta_model) is None:
         raise ConfigError(["train.cache_frozen_prefix is true but there is no frozen prefix to cache: LoRA adapts "
                            "layer 0, or the model is not laid out as embeddings followed by layers"],
@@ -230,7 +246,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     try:
         # Equal-sized micro-batches each averaged, then averaged again, give the mean over all their
         # rows: one batch of batch_size x steps rows computes the same loss and gradient.
-        fuse = tc.fuse_accumulation if tc.fuse_accumulation is not None else PartialState().device.type == "cuda"
+        fuse = tc.fuse_accumulation if tc.fuse_accumulation is not None else (
+            tc.cuda_graphs or PartialState().device.type == "cuda")
         batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if fuse
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
         # non_blocking + pinned memory: batch copies overlap the previous step's kernels on a GPU
@@ -263,13 +280,15 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         cache_seconds = time.perf_counter() - t_cache
         sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], batch_size, tc.seed, tc.group_by_length,
                                             max_tokens=tc.max_tokens_per_batch)
+        # a CUDA graph per batch shape: round lengths so that few shapes occur
+        pad_multiple = cfg.data.pad_to_multiple_of or (16 if tc.cuda_graphs else None)
         if train_store is not None:
             dataset = IndexedDataset(train_ids, splits.train.labels)
-            collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store, cfg.data.pad_to_multiple_of,
+            collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store, pad_multiple,
                                                   cfg.data.max_length)
         else:
             dataset = TokenizedDataset(train_ids, splits.train.labels)
-            collate = PadCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of, cfg.data.max_length)
+            collate = PadCollator(tokenizer.pad_token_id, pad_multiple, cfg.data.max_length)
         # A private generator: every DataLoader iteration draws a seed from its generator, which
         # would otherwise advance the global RNG that dropout uses and break exact resumption.
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=on_cuda,
@@ -281,6 +300,20 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         scheduler = get_scheduler("constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
                                   num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
+        def forward_backward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            """Loss and gradients of one micro-batch (clipped when the optimizer steps next);
+            returns the detached float32 loss. No host synchronisation: CUDA graphs capture it."""
+            if "hidden" in inputs:
+                prefix.feed(inputs["hidden"])
+            with autocast(accelerator.device, precision):
+                out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                loss = training_loss(out.logits, inputs["labels"], tc.label_smoothing)
+            accelerator.backward(loss)
+            if (step_graphs is not None or accelerator.sync_gradients) and tc.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+            return loss.detach().float()
+
+        step_graphs = StepGraphs(forward_backward, params) if tc.cuda_graphs else None
         metrics = _Metrics(run_dir / runs.METRICS_FILE)
         loop, best_state = checkpoint.LoopState(), None
         if ckpt is not None:
@@ -336,24 +369,24 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             epoch_t0, cache_seconds_left = loop.train_time - cache_seconds_left, 0.0  # epoch 1 pays for the cache
             with prefix.active() if prefix is not None and train_store is not None else contextlib.nullcontext():
                 for batch in loader:
-                    if train_store is not None:
-                        prefix.feed(batch.pop("hidden"))
-                    if cudagraphs:
-                        torch.compiler.cudagraph_mark_step_begin()
-                    with accelerator.accumulate(model), autocast(accelerator.device, precision):
-                        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                        loss = training_loss(out.logits, batch["labels"], tc.label_smoothing)
-                        pending["loss"] += loss.detach().float()
-                        pending["n"] += 1
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and tc.max_grad_norm is not None:
-                            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                    inputs = {k: batch[k] for k in STEP_INPUTS if k in batch}
+                    if step_graphs is not None:
+                        pending["loss"] += step_graphs(inputs)  # zeroes the gradients first
                         optimizer.step()
-                        optimizer.zero_grad()
+                        synced = True
+                    else:
+                        if cudagraphs:
+                            torch.compiler.cudagraph_mark_step_begin()
+                        with accelerator.accumulate(model):
+                            pending["loss"] += forward_backward(inputs)
+                            optimizer.step()
+                            optimizer.zero_grad()
+                        synced = accelerator.sync_gradients
+                    pending["n"] += 1
                     loop.batch += 1
                     loop.examples_seen += batch["input_ids"].shape[0]
                     loop.tokens_seen += batch["n_tokens"]
-                    if not accelerator.sync_gradients:
+                    if not synced:
                         continue
                     scheduler.step()
                     loop.step += 1
