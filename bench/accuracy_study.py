@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None, help="seconds per run")
     p.add_argument("--name", default=None, help="result name (default accuracy_<model>)")
     p.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="write one study from the results of several partial ones (same model, rows, epochs; e.g. "
+                   "seeds run in separate GPU calls) instead of training")
+    p.add_argument("--merge-source", default=None, help="with --merge: the training CSV, where the parts did not record it")
     p.add_argument("--loraclf-args", default="",
                    help="extra 'loraclf train' arguments for the seed and best methods, e.g. '--train.cuda_graphs true'")
     return p.parse_args(argv)
@@ -142,8 +146,32 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(args: argparse.Namespace) -> None:
+    """One study from several partial result files: runs concatenated, settings checked equal."""
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    same = ("model", "model_path", "train_rows", "val_rows", "test_rows", "epochs", "budget", "full_lr", "loraclf_args")
+    for f, part in zip(args.merge[1:], parts[1:]):
+        differ = [k for k in same if part.get(k) != parts[0].get(k)]
+        if differ:
+            raise SystemExit(f"{f}: {', '.join(differ)} differ from {args.merge[0]}; these results do not merge")
+    first = parts[0]
+    for k in ("epochs", "test_rows", "budget", "full_lr", "threads", "loraclf_args"):
+        setattr(args, k, first.get(k))
+    runs = sorted((r for part in parts for r in part["runs"]), key=lambda r: r["seed"])
+    seeds = sorted({r["seed"] for r in runs})
+    methods = list(dict.fromkeys(r["method"] for part in parts for r in part["runs"]))
+    data = {"train_rows": first["train_rows"], "val_rows": first["val_rows"],
+            "source": args.merge_source or first.get("source")}
+    name = args.name or first["name"]
+    md = write_results(args, name, first["model"], first["model_path"], data, first["test"], seeds, methods, runs,
+                       machine=first["machine"], merged_from=[Path(f).name for f in args.merge])
+    print("\n".join(md))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     model, label = harness.resolve_model(args.model)
     test = args.test or str(common.default_test_csv())
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -199,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_results(args: argparse.Namespace, name: str, label: str, model: str, data: dict[str, Any], test_path: str,
-                  seeds: list[int], methods: list[str], runs: list[dict[str, Any]]) -> list[str]:
+                  seeds: list[int], methods: list[str], runs: list[dict[str, Any]],
+                  machine: dict[str, Any] | None = None, merged_from: list[str] | None = None) -> list[str]:
     """Summary (mean, std per method; best minus the others), JSON, Markdown and the plot."""
     summary = []
     for method in methods:
@@ -219,22 +248,24 @@ def write_results(args: argparse.Namespace, name: str, label: str, model: str, d
                 comparisons[f"best_minus_{other}_points"] = round(100 * (by["best"]["mean_accuracy"]
                                                                          - by[other]["mean_accuracy"]), 2)
 
-    machine = common.machine_info()
+    machine = machine or common.machine_info()
     out_dir = Path(args.out_dir) if args.out_dir else common.BENCH_DIR / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"name": name, "model": label, "model_path": model, "train_rows": data["train_rows"],
               "val_rows": data["val_rows"], "test": test_path, "test_rows": args.test_rows, "epochs": args.epochs,
               "seeds": seeds, "budget": args.budget, "full_lr": args.full_lr, "threads": args.threads,
               "summary": summary, "comparisons": comparisons, "runs": runs, "machine": machine,
-              "loraclf_args": args.loraclf_args, "date": time.strftime("%Y-%m-%d")}
+              "loraclf_args": args.loraclf_args, "source": data.get("source"), "date": time.strftime("%Y-%m-%d"),
+              **({"merged_from": merged_from} if merged_from else {})}
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [{"method": s["method"], "trainable_params": s["trainable_params"], "seeds": s["seeds"],
              "test_accuracy_mean": s["mean_accuracy"], "test_accuracy_std": s["std_accuracy"],
              "test_macro_f1_mean": s["mean_macro_f1"], "precision": s["precision"],
              "train_examples_per_s": s["mean_train_examples_per_s"]} for s in summary]
+    source = f" from {Path(data['source']).name}" if data.get("source") else ""
     md = [f"# Accuracy study: {label}", "",
           f"Machine: {machine['cpu_model']} ({machine.get('cpu_count')} CPUs, {args.threads or 'default'} torch threads per run), GPU: {machine.get('gpu_name') or 'none'}. "
-          f"{data['train_rows']} training rows and {data['val_rows']} validation rows from {Path(data['source']).name}, "
+          f"{data['train_rows']} training rows and {data['val_rows']} validation rows{source}, "
           f"test: {Path(test_path).name} ({'all rows' if args.test_rows < 0 else f'first {args.test_rows} rows'}), "
           f"{args.epochs} epochs, seeds {seeds}{f', loraclf runs with {args.loraclf_args}' if args.loraclf_args else ''}"
           f"{'' if len(runs) == len(seeds) * len(methods) else f' (partial: {len(runs)} of {len(seeds) * len(methods)} runs)'}.",

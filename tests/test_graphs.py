@@ -40,6 +40,13 @@ class Rerun:
         return replay, out
 
 
+class Refuses(Rerun):
+    """A capture that fails the way a host synchronisation inside it does."""
+
+    def capture(self, fn):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+
 def _toy():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Flatten(0, -1))
@@ -96,11 +103,6 @@ def test_step_graphs_cap_the_number_of_graphs():
 
 def test_failed_capture_is_one_clear_error():
     params, step = _toy()
-
-    class Refuses(Rerun):
-        def capture(self, fn):
-            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
-
     graphs = StepGraphs(step, params, backend=Refuses(), warmup=0)
     with pytest.raises(TrainingError, match=r"batch shape .*'input_ids': \(2, 5\).* failed \(CUDA error: operation "
                        r"not permitted when stream is capturing\)") as e:
@@ -145,3 +147,50 @@ def test_graphs_refused_on_cpu_before_anything_is_written(tiny_roberta, agnews_f
 def test_graphs_config_conflicts(extra, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(SEED, {"train.cuda_graphs": True, **extra})
+
+
+def test_failed_capture_falls_back_to_eager_when_not_strict():
+    params, step = _toy()
+    ref_params, ref_step = _toy()
+    graphs = StepGraphs(step, params, backend=Refuses(), warmup=0, strict=False)
+    for i, width in enumerate([5, 5, 6]):
+        batch = _batch(2, width, seed=i)
+        loss = graphs(batch)
+        for p in ref_params:
+            p.grad = None
+        assert torch.equal(loss, ref_step(batch))
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(params, ref_params))
+    summary = graphs.summary()
+    assert summary["graphs"] == 0 and summary["eager_steps"] == 3
+    assert "failed (CUDA error: operation not permitted" in summary["disabled"]
+
+
+def test_auto_graphs_fall_back_and_say_so(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    """train.cuda_graphs null where graphs apply: a model whose step cannot be captured trains
+    eagerly (the same adapter as with graphs off) and run.json says why."""
+    import loraclf.train as t
+
+    monkeypatch.setattr(t, "_cuda_graphs_unsupported", lambda: None)
+    monkeypatch.setattr(t, "StepGraphs", functools.partial(StepGraphs, backend=Refuses()))
+    model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
+    weights, infos = {}, {}
+    for mode in (None, False):
+        out = tmp_path / str(mode)
+        cfg = load_config(SEED, tiny_overrides(model, agnews_files, out, **{
+            "train.cuda_graphs": mode, "train.epochs": 1, "lora.dropout": 0.0, "data.max_train_samples": 48,
+            "data.pad_to_multiple_of": 16, "train.fuse_accumulation": True}))
+        train(cfg)
+        weights[mode] = load_file(out / "adapter" / "adapter_model.safetensors")
+        infos[mode] = json.loads((out / "run.json").read_text())
+    graphs = infos[None]["throughput"]["cuda_graphs"]
+    assert graphs["graphs"] == 0 and graphs["eager_steps"] == infos[None]["optimizer_steps"]
+    assert "failed (CUDA error" in graphs["disabled"]
+    assert infos[False]["throughput"]["cuda_graphs"] is None
+    for k in weights[None]:
+        assert torch.equal(weights[None][k], weights[False][k])
+
+
+def test_auto_graphs_stay_off_on_cpu(trained_run):
+    # the session's shared run trained with the default (null) on this CPU: no graphs
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["device"] == "cpu" and info["throughput"]["cuda_graphs"] is None

@@ -148,10 +148,12 @@ class TrainConfig(_Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode when train.compile is on; reduce-overhead replays CUDA graphs "
         "(GPU only: one graph per batch shape, so pair it with data.pad_to_multiple_of)")
-    cuda_graphs: bool = Field(
-        False, description="GPU only: capture each batch shape's forward + backward in a CUDA graph and replay it "
-        "(the step is launch-bound on GPUs); batch lengths are rounded up to data.pad_to_multiple_of (16 when "
-        "unset) so few shapes occur; needs one optimizer step per batch (fused accumulation) and no train.compile")
+    cuda_graphs: bool | None = Field(
+        None, description="capture each batch shape's forward + backward in a CUDA graph and replay it (GPU steps are "
+        "launch-bound: 6.2x on an H200, BENCHMARKS.md); batch lengths are rounded up to data.pad_to_multiple_of (16 "
+        "when unset) so few shapes occur. null = on when training on one CUDA GPU with one optimizer step per batch "
+        "and without train.compile, and a model whose step cannot be captured falls back to eager; true = insist "
+        "(an error where it cannot work); false = off")
     max_tokens_per_batch: int | None = Field(
         None, gt=0, description="token budget per micro-batch (rows x longest row): batches hold as many "
         "rows as fit, so short rows come in bigger batches; batch_size is then only the mega-batch unit; "
@@ -175,10 +177,10 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _graphs_compatible(self) -> TrainConfig:
-        if self.cuda_graphs and self.compile:
+        if self.cuda_graphs is True and self.compile:
             raise ValueError("cuda_graphs and compile are both on; pick one (compile_mode reduce-overhead is "
                              "torch.compile's own CUDA graphs)")
-        if self.cuda_graphs and self.fuse_accumulation is False and self.gradient_accumulation_steps > 1:
+        if self.cuda_graphs is True and self.fuse_accumulation is False and self.gradient_accumulation_steps > 1:
             raise ValueError("cuda_graphs needs one optimizer step per batch: set fuse_accumulation to null or true, "
                              "or gradient_accumulation_steps to 1")
         return self

@@ -59,8 +59,14 @@ class CudaGraphBackend:
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
+        current = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn()
+        except BaseException:
+            # when capture_end raises, torch.cuda.graph's exit skips restoring the stream
+            torch.cuda.set_stream(current)
+            raise
         self.pool = graph.pool()
         return graph.replay, out
 
@@ -80,11 +86,14 @@ class StepGraphs:
     ``.item()``, no data-dependent Python branches), or the capture fails. ``params``: the
     trainable parameters, whose ``.grad`` tensors are created here (zeros) and then only ever
     written in place. At most ``max_graphs`` shapes are captured; rarer shapes beyond that
-    stay eager.
+    stay eager. A failed capture raises :class:`TrainingError` when ``strict``; otherwise
+    capturing stops (``disabled`` says why) and every step from then on runs eagerly.
     """
 
     def __init__(self, step: Callable[[Batch], torch.Tensor], params: list[torch.Tensor],
-                 backend: Backend | None = None, warmup: int = 1, max_graphs: int = 32):
+                 backend: Backend | None = None, warmup: int = 1, max_graphs: int = 32, strict: bool = True):
+        self.strict = strict
+        self.disabled: str | None = None  # why capturing stopped (strict=False only)
         self.step = step
         self.params = params
         self.backend = backend if backend is not None else CudaGraphBackend()
@@ -115,7 +124,7 @@ class StepGraphs:
         captured = self.graphs.get(key)
         if captured is None:
             self.seen[key] += 1
-            if self.seen[key] <= self.warmup or len(self.graphs) >= self.max_graphs:
+            if self.disabled or self.seen[key] <= self.warmup or len(self.graphs) >= self.max_graphs:
                 self.eager_steps += 1
                 return self.backend.eager(lambda: self._run(batch))
             inputs = {name: t.clone() for name, t in batch.items()}
@@ -123,14 +132,25 @@ class StepGraphs:
                 replay, loss = self.backend.capture(lambda: self._run(inputs))
             except RuntimeError as e:
                 shape = {name: tuple(t.shape) for name, t in batch.items()}
-                raise TrainingError(
-                    f"train.cuda_graphs: capturing the training step for batch shape {shape} failed "
-                    f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); most often "
-                    "something in the model's forward or backward reads a GPU value on the host",
-                    where="train.cuda_graphs", fix="set --train.cuda_graphs false") from e
+                why = (f"capturing the training step for batch shape {shape} failed "
+                       f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
+                if self.strict:
+                    raise TrainingError(f"train.cuda_graphs: {why}; most often something in the model's forward or "
+                                        "backward reads a GPU value on the host", where="train.cuda_graphs",
+                                        fix="set --train.cuda_graphs false") from e
+                # nothing ran during the failed capture: this step and all later ones run eagerly
+                self.disabled = why
+                self.eager_steps += 1
+                return self.backend.eager(lambda: self._run(batch))
             captured = self.graphs[key] = _Captured(replay, inputs, loss)
         for name, t in batch.items():
             captured.inputs[name].copy_(t, non_blocking=True)
         captured.replay()
         self.replays += 1
         return captured.loss
+
+    def summary(self) -> dict[str, object]:
+        """What happened, for run.json: graphs captured, steps replayed / run eagerly, and why
+        capturing stopped if it did."""
+        return {"graphs": len(self.graphs), "replays": self.replays, "eager_steps": self.eager_steps,
+                "disabled": self.disabled}

@@ -151,7 +151,7 @@ def prepare(cfg: Config, label_names: list[str] | None = None) -> tuple[Splits, 
     meta_model = build_model(cfg.model, cfg.lora, model_config, meta=True)
     counts = budget.breakdown(meta_model)
     budget.check(counts, cfg.train.max_trainable_params)
-    if cfg.train.cuda_graphs and (problem := _cuda_graphs_unsupported()):
+    if cfg.train.cuda_graphs is True and (problem := _cuda_graphs_unsupported()):
         raise ConfigError([problem], where="train.cuda_graphs", fix="set it to false")
     if cfg.train.cache_frozen_prefix and FrozenPrefix.find(meta_model) is None:
         raise ConfigError(["train.cache_frozen_prefix is true but there is no frozen prefix to cache: LoRA adapts "
@@ -247,9 +247,11 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         # Equal-sized micro-batches each averaged, then averaged again, give the mean over all their
         # rows: one batch of batch_size x steps rows computes the same loss and gradient.
         fuse = tc.fuse_accumulation if tc.fuse_accumulation is not None else (
-            tc.cuda_graphs or PartialState().device.type == "cuda")
+            tc.cuda_graphs is True or PartialState().device.type == "cuda")
         batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if fuse
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
+        use_graphs = tc.cuda_graphs if tc.cuda_graphs is not None else (
+            _cuda_graphs_unsupported() is None and accumulation == 1 and not tc.compile)
         # non_blocking + pinned memory: batch copies overlap the previous step's kernels on a GPU
         accelerator = Accelerator(gradient_accumulation_steps=accumulation,
                                   dataloader_config=DataLoaderConfiguration(non_blocking=True))
@@ -281,7 +283,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], batch_size, tc.seed, tc.group_by_length,
                                             max_tokens=tc.max_tokens_per_batch)
         # a CUDA graph per batch shape: round lengths so that few shapes occur
-        pad_multiple = cfg.data.pad_to_multiple_of or (16 if tc.cuda_graphs else None)
+        pad_multiple = cfg.data.pad_to_multiple_of or (16 if use_graphs else None)
         if train_store is not None:
             dataset = IndexedDataset(train_ids, splits.train.labels)
             collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store, pad_multiple,
@@ -313,7 +315,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                 accelerator.clip_grad_norm_(params, tc.max_grad_norm)
             return loss.detach().float()
 
-        step_graphs = StepGraphs(forward_backward, params) if tc.cuda_graphs else None
+        # null (auto) falls back to eager when a capture fails; true insists
+        step_graphs = StepGraphs(forward_backward, params, strict=tc.cuda_graphs is True) if use_graphs else None
         metrics = _Metrics(run_dir / runs.METRICS_FILE)
         loop, best_state = checkpoint.LoopState(), None
         if ckpt is not None:
@@ -326,6 +329,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         cache_seconds_left = cache_seconds
         cb.on_start(total_steps, {"device": str(accelerator.device), "precision": precision,
                                   "frozen_prefix_layers": prefix.k if train_store is not None else 0,
+                                  "cuda_graphs": use_graphs,
                                   "trainable": counts.trainable, "train_rows": len(splits.train),
                                   "resumed_at_step": loop.step if ckpt is not None else None})
 
@@ -462,7 +466,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                         "train_tokens_per_s": loop.tokens_seen / loop.train_time if loop.train_time else None,
                         "train_seconds": loop.train_time,
                         "frozen_prefix_layers": prefix.k if train_store is not None else 0,
-                        "prefix_cache_seconds": round(cache_seconds, 3) if train_store is not None else None},
+                        "prefix_cache_seconds": round(cache_seconds, 3) if train_store is not None else None,
+                        "cuda_graphs": step_graphs.summary() if step_graphs is not None else None},
             wall_time_s=time.perf_counter() - t_start + info.get("wall_time_s", 0.0),
         )
         if accelerator.is_main_process:
