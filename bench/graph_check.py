@@ -1,7 +1,7 @@
 """Does ``train.cuda_graphs`` train the same adapter as the eager loop, on a real GPU?
 
 Two short runs of the same recipe, same rows, same padding (multiples of 16), dropout off
-(a graph draws its dropout masks from its own RNG offsets), fp32 by default: eager with fused
+unless ``--keep-dropout`` (then: are the masks drawn the same way?), fp32 by default: eager with fused
 accumulation, then CUDA graphs. Reports the largest difference of per-step training losses
 and of adapter tensors, validation accuracy of both, the graphs captured / replayed, the
 training-loop seconds of each epoch, and — when capture fails — the error and the places that
@@ -51,6 +51,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--out", default=str(common.RESULTS_DIR / "graph_check.json"))
+    p.add_argument("--keep-dropout", action="store_true",
+                   help="leave dropout on: do graphed and eager runs draw the same dropout masks?")
     p.add_argument("--standin", action="store_true",
                    help="CPU smoke test of this script: 'capture' runs the step eagerly (no graph is made)")
     args = p.parse_args()
@@ -66,7 +68,8 @@ def main() -> int:
 
     work = harness.cache_root() / "graph-check"
     model_path, model_label = harness.resolve_model(args.model, 0)
-    model_path = _without_dropout(model_path, work / "model-no-dropout")
+    if not args.keep_dropout:
+        model_path = _without_dropout(model_path, work / "model-no-dropout")
     data = harness.prepare_data(work / "data", harness.default_source(args.train), args.rows, args.val_rows, 0)
     made: list[StepGraphs] = []
 
@@ -89,6 +92,7 @@ def main() -> int:
     if args.standin:
         t._cuda_graphs_unsupported = lambda: None
     out: dict = {"machine": common.machine_info(), "model": model_label, "rows": data["train_rows"],
+                 "dropout": args.keep_dropout,
                  "epochs": args.epochs, "precision": args.precision, "torch": torch.__version__,
                  "transformers": transformers.__version__}
     runs = {}
@@ -97,7 +101,8 @@ def main() -> int:
         run_dir = work / name
         cfg = load_config(harness.SEED_CONFIG, {
             "model.name_or_path": model_path, "data.train": data["train"], "data.validation": data["validation"],
-            "data.format": "agnews", "data.test": None, "lora.layers": harness.seed_layers(model_path), "lora.dropout": 0.0,
+            "data.format": "agnews", "data.test": None, "lora.layers": harness.seed_layers(model_path),
+            **({} if args.keep_dropout else {"lora.dropout": 0.0}),
             "train.epochs": args.epochs, "train.output_dir": str(run_dir), "train.overwrite": True,
             "train.precision": args.precision, "train.fuse_accumulation": True, "data.pad_to_multiple_of": 16,
             "train.cuda_graphs": graphed, "train.log_every_steps": 1, "train.checkpoint_every_steps": None})
@@ -150,7 +155,7 @@ def main() -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     lines = [f"# graph_check: {model_label}, {out['rows']} rows, {args.epochs} epochs, {args.precision}, "
-             f"dropout off, pad 16; {out['machine'].get('gpu_name') or out['machine'].get('cpu_model')}", "",
+             f"dropout {'on' if args.keep_dropout else 'off'}, pad 16; {out['machine'].get('gpu_name') or out['machine'].get('cpu_model')}", "",
              "| run | ok | val acc | epoch seconds | graphs / replays / eager steps | syncs seen |", "|---|---|---|---|---|---|"]
     for name, r in runs.items():
         lines.append(f"| {name} | {r['ok']} | {r.get('val_accuracy')} | {r['epoch_seconds']} | "

@@ -88,12 +88,27 @@ def main(argv=None) -> None:
         shares[name] = round(sum(getattr(e, device_key) for e in events
                                  if any(k.lower() in e.key.lower() for k in keys)) / total, 4)
     thr = run.get("throughput") or {}
+    kernels = None
+    if torch.cuda.is_available():
+        # How many kernels a step launches and how big they are: a step of many tiny kernels stays
+        # slow even when CUDA graphs remove the launch cost (evaluation of 64 rows is included).
+        ks = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.count]
+        n = sum(e.count for e in ks)
+        buckets = {"<5us": 0, "5-20us": 0, "20-100us": 0, ">=100us": 0}
+        for e in ks:
+            mean_us = e.self_device_time_total / e.count
+            key = "<5us" if mean_us < 5 else "5-20us" if mean_us < 20 else "20-100us" if mean_us < 100 else ">=100us"
+            buckets[key] += e.count
+        steps = run.get("optimizer_steps") or 1
+        kernels = {"launches": n, "per_optimizer_step": round(n / steps, 1),
+                   "kernel_ms_per_optimizer_step": round(sum(e.self_device_time_total for e in ks) / 1000 / steps, 3),
+                   "launches_by_mean_duration": buckets}
     result = {"model": label, "rows": data["train_rows"], "layers": layers, "precision": run.get("precision"),
               "device": run.get("device"), "wall_s_profiled": round(wall, 2),
               "train_seconds": thr.get("train_seconds"), "train_examples_per_s": thr.get("train_examples_per_s"),
               "time_key": device_key, "phase_shares_of_op_self_time": shares, "top_ops": top,
               "host_op_ms": round(host_ms, 1), "device_kernel_ms": round(device_ms, 1) if device_ms else None,
-              "top_host_ops": top_host,
+              "top_host_ops": top_host, "cuda_kernels": kernels,
               "machine": common.machine_info(), "date": time.strftime("%Y-%m-%d")}
     name = args.name or f"profile_{args.model if args.model in ('minilm', 'roberta-arch') else Path(model_path).name}"
     out_dir = Path(args.out_dir) if args.out_dir else common.BENCH_DIR / "results"
@@ -111,7 +126,8 @@ def main(argv=None) -> None:
         md += [f"Host operator self time {host_ms:,.0f} ms vs device kernel time {device_ms:,.0f} ms over the "
                f"profiled run (training loop {thr.get('train_seconds', 0) * 1000:,.0f} ms wall): a step whose "
                "kernels take much less than the wall time is waiting on the host.", "",
-               f"Top {args.top} operators by host self time:", "", common.markdown_table(top_host), ""]
+               f"Top {args.top} operators by host self time:", "", common.markdown_table(top_host), "",
+               f"CUDA kernels: {json.dumps(kernels)}", ""]
     (out_dir / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
 

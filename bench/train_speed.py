@@ -12,8 +12,9 @@ Contenders (``--contenders``, comma separated), each ``name[:precision][:padN][:
                    ``padN`` rounds every padded batch length up to a multiple of N
                    (data.pad_to_multiple_of); flags set config keys
                    for that contender: ``compile`` (train.compile), ``cg`` (train.compile with
-                   compile_mode reduce-overhead: CUDA graphs), ``graphs``
-                   (train.cuda_graphs: loraclf's own whole-step CUDA graphs), ``fused``
+                   compile_mode reduce-overhead: CUDA graphs), ``graphs`` / ``eager``
+                   (train.cuda_graphs true / false: loraclf's whole-step CUDA graphs, on by
+                   default on a GPU), ``fused``
                    (train.fuse_accumulation), ``noprefix`` / ``prefix`` (train.cache_frozen_prefix
                    false / true), ``tokN`` (train.max_tokens_per_batch N), ``notokcache``;
   * ``seed``     - bench/baseline_trainer.py --stack seed (chunk-of-1,000 padding), fp32;
@@ -62,6 +63,7 @@ LORACLF_FLAGS = {
     "cg": {"train.compile": True, "train.compile_mode": "reduce-overhead"},
     "fused": {"train.fuse_accumulation": True},
     "graphs": {"train.cuda_graphs": True},
+    "eager": {"train.cuda_graphs": False},
     "noprefix": {"train.cache_frozen_prefix": False},
     "prefix": {"train.cache_frozen_prefix": True},
     "notokcache": {"data.token_cache": False},

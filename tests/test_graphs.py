@@ -110,27 +110,43 @@ def test_failed_capture_is_one_clear_error():
     assert e.value.fix == "set --train.cuda_graphs false"
 
 
-def test_training_with_graphs_equals_eager(tiny_roberta, agnews_files, tmp_path, monkeypatch):
-    """The loop's graph path (gradients zeroed inside the step, clipping inside, the optimizer
-    eager) trains the same adapter as the plain loop with the same padding."""
+def _train_modes(tiny_roberta, agnews_files, tmp_path, monkeypatch, backend, modes, **extra):
+    """One tiny training per ``train.cuda_graphs`` mode, graphs allowed on this CPU and captured
+    through ``backend``, dropout off, lengths padded to 16 in every mode: {mode: (adapter, run.json)}."""
     import loraclf.train as t
 
-    backend = Rerun()
     monkeypatch.setattr(t, "_cuda_graphs_unsupported", lambda: None)
     monkeypatch.setattr(t, "StepGraphs", functools.partial(StepGraphs, backend=backend))
     model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
-    weights = {}
-    for graphed in (False, True):
-        cfg = load_config(SEED, tiny_overrides(model, agnews_files, tmp_path / str(graphed), **{
-            "train.cuda_graphs": graphed, "train.epochs": 2, "lora.dropout": 0.0, "data.max_train_samples": 64,
-            "data.pad_to_multiple_of": 16 if not graphed else None,  # graphs pad to 16 when unset
-            "train.fuse_accumulation": True, "train.max_grad_norm": 0.05}))  # small: clipping acts
-        train(cfg)
-        weights[graphed] = load_file(tmp_path / str(graphed) / "adapter" / "adapter_model.safetensors")
-    assert backend.captures > 0
-    for k in weights[True]:
-        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-6, rtol=1e-5)
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights[True].items() if "lora_B" in k)
+    out = {}
+    for mode in modes:
+        run = tmp_path / str(mode)
+        train(load_config(SEED, tiny_overrides(model, agnews_files, run, **{
+            "train.cuda_graphs": mode, "lora.dropout": 0.0, "train.fuse_accumulation": True,
+            # graphs round lengths to 16 by default: the run without them is told to
+            **({"data.pad_to_multiple_of": 16} if mode is False else {}), **extra})))
+        out[mode] = (load_file(run / "adapter" / "adapter_model.safetensors"),
+                     json.loads((run / "run.json").read_text()))
+    return out
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-layers", "compiled-layers"])
+def test_training_with_graphs_equals_training_without(compiled, tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    """The loop's graph path (gradients zeroed inside the step, clipping inside, the optimizer
+    eager) trains the same adapter as the plain loop with the same padding; with train.compile
+    the captured step runs the compiled layers."""
+    backend = Rerun()
+    runs = _train_modes(tiny_roberta, agnews_files, tmp_path, monkeypatch, backend, (False, True),
+                        **{"train.compile": compiled, "train.epochs": 1 if compiled else 2,
+                           "data.max_train_samples": 48 if compiled else 64,
+                           "train.max_grad_norm": 0.05})  # small: clipping acts
+    (plain, plain_info), (graphed, graphed_info) = runs[False], runs[True]
+    assert backend.captures > 0 and plain_info["throughput"]["cuda_graphs"] is None
+    summary = graphed_info["throughput"]["cuda_graphs"]
+    assert summary["replays"] > 0 and summary["graphs"] == backend.captures and summary["disabled"] is None
+    for k in graphed:
+        torch.testing.assert_close(graphed[k], plain[k], atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in graphed.items() if "lora_B" in k)
 
 
 def test_graphs_refused_on_cpu_before_anything_is_written(tiny_roberta, agnews_files, tmp_path):
@@ -141,7 +157,8 @@ def test_graphs_refused_on_cpu_before_anything_is_written(tiny_roberta, agnews_f
 
 
 @pytest.mark.parametrize("extra,expected", [
-    ({"train.compile": True}, "cuda_graphs and compile are both on"),
+    ({"train.compile": True, "train.compile_mode": "reduce-overhead"}, "records torch.compile's own CUDA graphs"),
+    ({"train.compile": True, "train.compile_mode": "max-autotune"}, "records torch.compile's own CUDA graphs"),
     ({"train.fuse_accumulation": False, "train.gradient_accumulation_steps": 2}, "one optimizer step per batch"),
 ])
 def test_graphs_config_conflicts(extra, expected):
@@ -168,26 +185,15 @@ def test_failed_capture_falls_back_to_eager_when_not_strict():
 def test_auto_graphs_fall_back_and_say_so(tiny_roberta, agnews_files, tmp_path, monkeypatch):
     """train.cuda_graphs null where graphs apply: a model whose step cannot be captured trains
     eagerly (the same adapter as with graphs off) and run.json says why."""
-    import loraclf.train as t
-
-    monkeypatch.setattr(t, "_cuda_graphs_unsupported", lambda: None)
-    monkeypatch.setattr(t, "StepGraphs", functools.partial(StepGraphs, backend=Refuses()))
-    model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
-    weights, infos = {}, {}
-    for mode in (None, False):
-        out = tmp_path / str(mode)
-        cfg = load_config(SEED, tiny_overrides(model, agnews_files, out, **{
-            "train.cuda_graphs": mode, "train.epochs": 1, "lora.dropout": 0.0, "data.max_train_samples": 48,
-            "data.pad_to_multiple_of": 16, "train.fuse_accumulation": True}))
-        train(cfg)
-        weights[mode] = load_file(out / "adapter" / "adapter_model.safetensors")
-        infos[mode] = json.loads((out / "run.json").read_text())
-    graphs = infos[None]["throughput"]["cuda_graphs"]
-    assert graphs["graphs"] == 0 and graphs["eager_steps"] == infos[None]["optimizer_steps"]
+    runs = _train_modes(tiny_roberta, agnews_files, tmp_path, monkeypatch, Refuses(), (None, False),
+                        **{"train.epochs": 1, "data.max_train_samples": 48})
+    (auto, auto_info), (off, off_info) = runs[None], runs[False]
+    graphs = auto_info["throughput"]["cuda_graphs"]
+    assert graphs["graphs"] == 0 and graphs["eager_steps"] == auto_info["optimizer_steps"]
     assert "failed (CUDA error" in graphs["disabled"]
-    assert infos[False]["throughput"]["cuda_graphs"] is None
-    for k in weights[None]:
-        assert torch.equal(weights[None][k], weights[False][k])
+    assert off_info["throughput"]["cuda_graphs"] is None
+    for k in auto:
+        assert torch.equal(auto[k], off[k])
 
 
 def test_auto_graphs_stay_off_on_cpu(trained_run):

@@ -118,6 +118,10 @@ class DataConfig(_Section):
         return self
 
 
+# torch.compile modes that record CUDA graphs themselves (they cannot nest inside loraclf's)
+COMPILE_MODES_WITH_GRAPHS = ("reduce-overhead", "max-autotune")
+
+
 class TrainConfig(_Section):
     """The optimisation recipe and where its run directory goes."""
 
@@ -151,8 +155,9 @@ class TrainConfig(_Section):
     cuda_graphs: bool | None = Field(
         None, description="capture each batch shape's forward + backward in a CUDA graph and replay it (GPU steps are "
         "launch-bound: 6.2x on an H200, BENCHMARKS.md); batch lengths are rounded up to data.pad_to_multiple_of (16 "
-        "when unset) so few shapes occur. null = on when training on one CUDA GPU with one optimizer step per batch "
-        "and without train.compile, and a model whose step cannot be captured falls back to eager; true = insist "
+        "when unset) so few shapes occur; compiled layers (train.compile, modes without their own graphs) run inside "
+        "them. null = on when training on one CUDA GPU with one optimizer step per batch, unless compile_mode "
+        "records its own graphs, and a model whose step cannot be captured falls back to eager; true = insist "
         "(an error where it cannot work); false = off")
     max_tokens_per_batch: int | None = Field(
         None, gt=0, description="token budget per micro-batch (rows x longest row): batches hold as many "
@@ -177,9 +182,10 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _graphs_compatible(self) -> TrainConfig:
-        if self.cuda_graphs is True and self.compile:
-            raise ValueError("cuda_graphs and compile are both on; pick one (compile_mode reduce-overhead is "
-                             "torch.compile's own CUDA graphs)")
+        if self.cuda_graphs is True and self.compile and self.compile_mode in COMPILE_MODES_WITH_GRAPHS:
+            raise ValueError(f"cuda_graphs with compile_mode {self.compile_mode}, which records torch.compile's own "
+                             "CUDA graphs; use compile_mode default or max-autotune-no-cudagraphs (compiled layers "
+                             "inside loraclf's graphs), or turn one off")
         if self.cuda_graphs is True and self.fuse_accumulation is False and self.gradient_accumulation_steps > 1:
             raise ValueError("cuda_graphs needs one optimizer step per batch: set fuse_accumulation to null or true, "
                              "or gradient_accumulation_steps to 1")

@@ -32,7 +32,9 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
     was_training = model.training
     model.eval()
     collate = PadCollator(pad_id)
-    out: np.ndarray | None = None
+    # Logits stay on the device until the end: reading each batch back would make the host wait
+    # for the GPU before it can pad and launch the next batch.
+    parts: list[tuple[list[int], torch.Tensor]] = []
     try:
         with prefix[0].active() if prefix is not None else contextlib.nullcontext():
             for idx in sorted_batches([len(x) for x in input_ids], batch_size, max_tokens):
@@ -42,12 +44,14 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
                 with autocast(device, precision):
                     logits = model(input_ids=batch["input_ids"].to(device),
                                    attention_mask=batch["attention_mask"].to(device)).logits
-                if out is None:
-                    out = np.empty((len(input_ids), logits.shape[-1]), dtype=np.float32)
-                out[idx] = logits.float().cpu().numpy()
+                parts.append((idx, logits.float()))
     finally:
         model.train(was_training)
-    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+    if not parts:
+        return np.empty((0, 0), dtype=np.float32)
+    out = np.empty((len(input_ids), parts[0][1].shape[-1]), dtype=np.float32)
+    out[np.concatenate([idx for idx, _ in parts])] = torch.cat([t for _, t in parts]).cpu().numpy()
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

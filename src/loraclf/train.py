@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from . import budget, checkpoint, plots, runs
-from .config import Config, TrainConfig, save_config
+from .config import COMPILE_MODES_WITH_GRAPHS, Config, TrainConfig, save_config
 from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, cache_root,
                    load_splits, tokenize_cached)
 from .errors import ConfigError, LoraclfError, RunError, TrainingError
@@ -251,7 +251,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if fuse
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
         use_graphs = tc.cuda_graphs if tc.cuda_graphs is not None else (
-            _cuda_graphs_unsupported() is None and accumulation == 1 and not tc.compile)
+            _cuda_graphs_unsupported() is None and accumulation == 1
+            and not (tc.compile and tc.compile_mode in COMPILE_MODES_WITH_GRAPHS))
         # non_blocking + pinned memory: batch copies overlap the previous step's kernels on a GPU
         accelerator = Accelerator(gradient_accumulation_steps=accumulation,
                                   dataloader_config=DataLoaderConfiguration(non_blocking=True))
