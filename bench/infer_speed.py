@@ -81,7 +81,7 @@ def loraclf_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
             out = pred.predict(texts)
         preds = [names.index(o["label"]) for o in out]
         out_recs.append(_record(spec, bs, "loraclf", pred.precision, str(pred.device), t.seconds, t_load.seconds,
-                                preds, labels))
+                                preds, labels, _warm_seconds(spec, lambda: pred.predict(texts))))
     return out_recs
 
 
@@ -123,16 +123,28 @@ def pipeline_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
         with common.Timer() as t:
             out = pipe(texts, **kw)
         preds = [names.index(o["label"]) for o in out]
-        out_recs.append(_record(spec, bs, "pipeline", "fp32", str(device), t.seconds, t_load.seconds, preds, labels))
+        out_recs.append(_record(spec, bs, "pipeline", "fp32", str(device), t.seconds, t_load.seconds, preds, labels,
+                                _warm_seconds(spec, lambda: pipe(texts, **kw))))
     return out_recs
 
 
-def _record(spec, bs, stack, precision, device, seconds, load_s, preds, labels) -> dict[str, Any]:
+def _warm_seconds(spec: dict[str, Any], again) -> float | None:
+    """With --warm-pass: the same texts timed a second time in the same process, every batch
+    shape seen before (a server's steady state; the first pass pays per-shape set-up)."""
+    if not spec.get("warm_pass"):
+        return None
+    with common.Timer() as t:
+        again()
+    return t.seconds
+
+
+def _record(spec, bs, stack, precision, device, seconds, load_s, preds, labels, warm_s=None) -> dict[str, Any]:
     import torch
 
     mem = common.peak_memory()
     n = len(preds)
     return {
+        "warm_examples_per_s": round(n / warm_s, 2) if warm_s else None,
         "contender": spec["label"],
         "stack": stack,
         "precision": precision,
@@ -171,6 +183,8 @@ def parse_args(argv=None):
                         "RSS peaks are cumulative)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--warm-pass", action="store_true",
+                   help="also time a second pass over the same texts in the same process (warm_examples_per_s)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--name", default=None, help="result name (default infer_speed_<model>)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/<name>.json; .md beside it)")
@@ -248,7 +262,8 @@ def main(argv=None) -> dict[str, Any]:
             for c in harness.rotate(contenders, rep + gi):
                 spec = {"label": c["label"], "run_dir": str(run_dir), "precision": c["precision"], "batch_sizes": group,
                         "test": str(test), "rows": args.rows, "rows_bs1": args.rows_bs1, "seed": args.seed,
-                        "threads": args.threads, "save_preds": rep == 0, "save_preds_bs": [32]}
+                        "threads": args.threads, "save_preds": rep == 0, "save_preds_bs": [32],
+                        "warm_pass": args.warm_pass}
                 tag = f"{c['label'].replace(':', '-')}-bs{'_'.join(map(str, group))}-r{rep}"
                 recs = _run(c["kind"], spec, work, tag, args)
                 if len(recs) == 1 and "error" in recs[0]:
@@ -304,8 +319,8 @@ def main(argv=None) -> dict[str, Any]:
                               and r["contender"] == "pipeline" and "error" not in r])
         for c in contenders:
             mine = [r for r in runs if r["contender"] == c["label"] and r.get("batch_size") == bs]
-            s = harness.summarize(mine, ["examples_per_s", "rows", "accuracy", "peak_rss_mib", "cuda_max_allocated_mib",
-                                         "load_s"])
+            s = harness.summarize(mine, ["examples_per_s", "warm_examples_per_s", "rows", "accuracy", "peak_rss_mib",
+                                         "cuda_max_allocated_mib", "load_s"])
             row = {"contender": c["label"], "batch_size": bs, "runs": s.pop("n"), **s}
             row.pop("failed", None)
             row["rows"] = int(row["rows"]) if row.get("rows") is not None else None
@@ -325,7 +340,7 @@ def main(argv=None) -> dict[str, Any]:
              f"pipeline's at the same batch size. The pipeline gets the merged (plain) model. Agreement: {agree_txt}. "
              f"{acc_txt}.\n")
     columns = ["contender", "batch_size", "runs", "rows", "examples_per_s", "vs_pipeline", "accuracy", "peak_rss_mib",
-               "cuda_max_allocated_mib", "load_s"]
+               "cuda_max_allocated_mib", "load_s"] + (["warm_examples_per_s"] if args.warm_pass else [])
     settings = {"run_dir": str(run_dir), "base_model": base, "test": str(test), "rows": args.rows, "rows_bs1": args.rows_bs1,
                 "repeats": args.repeats, "seed": args.seed, "run_validation_accuracy":
                 (run_info.get("metrics") or {}).get("validation", {}).get("accuracy")}
