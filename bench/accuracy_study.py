@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None, help="seconds per run")
     p.add_argument("--name", default=None, help="result name (default accuracy_<model>)")
     p.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
+    p.add_argument("--method-config", action="append", default=[], metavar="NAME=YAML",
+                   help="an extra method trained by loraclf from this config (e.g. a `loraclf plan --write` pick); "
+                   "name it in --methods")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="write one study from the results of several partial ones (same model, rows, epochs; e.g. "
                    "seeds run in separate GPU calls) instead of training")
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     seed_targets = json.dumps(DEFAULT_TARGETS.get(model_type, ["query", "value"]))
 
     extra = shlex.split(args.loraclf_args)
+    method_configs = dict(m.split("=", 1) for m in args.method_config)
     runs: list[dict[str, Any]] = []
     for i, seed in enumerate(seeds):
         for method in harness.rotate(methods, i):
@@ -212,11 +216,14 @@ def main(argv: list[str] | None = None) -> None:
             elif method == "best":
                 rec = loraclf_run(best_cfg, model, data, test_path, args.epochs, seed, work / tag, extra,
                                   args.threads, args.timeout, tag)
+            elif method in method_configs:
+                rec = loraclf_run(Path(method_configs[method]), model, data, test_path, args.epochs, seed, work / tag,
+                                  extra, args.threads, args.timeout, tag)
             elif method == "full":
                 rec = full_run(model, data, test_path, args.test_rows, args.epochs, seed, args.full_lr,
                                work / f"{tag}.json", args.threads, args.timeout, tag)
             else:
-                raise SystemExit(f"unknown method {method!r} (seed | best | full)")
+                raise SystemExit(f"unknown method {method!r} (seed | best | full | a --method-config name)")
             rec.update(method=method, seed=seed)
             runs.append(rec)
             harness.log(f"  {tag}: " + ", ".join(f"{k} {v}" for k, v in rec.items() if k not in ("method", "seed")))
