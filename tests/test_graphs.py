@@ -130,17 +130,21 @@ def _train_modes(tiny_roberta, agnews_files, tmp_path, monkeypatch, backend, mod
     return out
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager-layers", "compiled-layers"])
-def test_training_with_graphs_equals_training_without(compiled, tiny_roberta, agnews_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiled,layers", [(False, None), (True, None), (False, [2, 3])],
+                         ids=["eager-layers", "compiled-layers", "frozen-prefix"])
+def test_training_with_graphs_equals_training_without(compiled, layers, tiny_roberta, agnews_files, tmp_path,
+                                                      monkeypatch):
     """The loop's graph path (gradients zeroed inside the step, clipping inside, the optimizer
     eager) trains the same adapter as the plain loop with the same padding; with train.compile
-    the captured step runs the compiled layers."""
+    the captured step runs the compiled layers; with a frozen prefix it starts from the cached
+    hidden states, fed through a static buffer."""
     backend = Rerun()
     runs = _train_modes(tiny_roberta, agnews_files, tmp_path, monkeypatch, backend, (False, True),
                         **{"train.compile": compiled, "train.epochs": 1 if compiled else 2,
-                           "data.max_train_samples": 48 if compiled else 64,
+                           "data.max_train_samples": 48 if compiled else 64, "lora.layers": layers,
                            "train.max_grad_norm": 0.05})  # small: clipping acts
     (plain, plain_info), (graphed, graphed_info) = runs[False], runs[True]
+    assert graphed_info["throughput"]["frozen_prefix_layers"] == (2 if layers else 0)
     assert backend.captures > 0 and plain_info["throughput"]["cuda_graphs"] is None
     summary = graphed_info["throughput"]["cuda_graphs"]
     assert summary["replays"] > 0 and summary["graphs"] == backend.captures and summary["disabled"] is None

@@ -303,6 +303,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         scheduler = get_scheduler("constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
                                   num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
+
         def forward_backward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
             """Loss and gradients of one micro-batch (clipped when the optimizer steps next);
             returns the detached float32 loss. No host synchronisation: CUDA graphs capture it."""
