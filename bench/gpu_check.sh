@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One GPU check for issue 3, to run in a single device call (about 9 minutes; step limits add up
-# to 530 s):
+# One GPU check for issue 3, to run in a single device call (about 9.5 minutes; step limits add
+# up to 545 s):
 #
-#   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=580)
+#   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=590)
 #
 # GPU check 3 (H200, 2026-11-27, BENCHMARKS.md) found loraclf's whole-step CUDA graphs
 # (train.cuda_graphs, now on by default on a GPU) exact and 6.2x the eager step, but still 2.1x
@@ -17,8 +17,9 @@
 #     kernels? compilation is inside the first epoch    -> train_speed_roberta_compile.{json,md}
 # (b) kernel census of the eager step (the kernels a graph replays): launches per step, kernel ms
 #     per step, how many are tiny                       -> profile_gpu_roberta.{json,md}
-# (c) inference on (a)'s run: loraclf predict (bf16 weights, fp32) vs pipeline at batch 1, 32, 256,
-#     each timed twice in its process (cold: first sight of every batch shape; warm: a server)
+# (c) inference on (a)'s run: loraclf predict (bf16 weights; bf16 + CUDA graphs of the forward;
+#     fp32) vs pipeline at batch 1, 32, 256, each timed twice in its process (cold: first sight of
+#     every batch shape; warm: a server, where graphs replay)
 #     (target >= 25,000 examples/s)                    -> infer_speed_roberta.{json,md}
 # Progress, with timestamps, goes to stdout and $OUT/gpu_check.log.
 # Each step has its own time limit; a failed step is logged and the next one runs.
@@ -77,9 +78,9 @@ if [ "$SMOKE" = 1 ]; then
 else
   G_LIMIT=60; G_ARGS=(--rows 640 --val-rows 200 --epochs 2)
   A_LIMIT=160; A_ARGS=(--rows 4000 --val-rows 500 --epochs 3); A_EACH=75
-  A3_LIMIT=150; A3_EACH=140
+  A3_LIMIT=140; A3_EACH=130
   B_LIMIT=60; B_ARGS=(--rows 800)
-  C_LIMIT=100; C_ARGS=(--rows 4000 --rows-bs1 64 --batch-sizes 1,32,256)
+  C_LIMIT=125; C_ARGS=(--rows 4000 --rows-bs1 64 --batch-sizes 1,32,256)
 fi
 
 say "gpu_check: SMOKE=$SMOKE OUT=$OUT python=$PY"
@@ -124,7 +125,7 @@ step "$B_LIMIT" "(b) profile of the eager step: kernels per step, their sizes" \
 # ---------------------------------------------------------------- (c) inference on (a)'s run
 if [ -f "$RUN_A/run.json" ]; then
   step "$C_LIMIT" "(c) roberta-base arch inference: loraclf bf16/fp32 vs pipeline" \
-    "$PY" bench/infer_speed.py --run "$RUN_A" --test "$TEST" --contenders loraclf:bf16,loraclf:fp32,pipeline \
+    "$PY" bench/infer_speed.py --run "$RUN_A" --test "$TEST" --contenders loraclf:bf16,loraclf:bf16:graphs,loraclf:fp32,pipeline \
     --repeats 1 --process-per contender --agreement-rows 0 --warm-pass --timeout $((C_LIMIT - 10)) \
     --name infer_speed_roberta --out "$OUT/infer_speed_roberta.json" "${C_ARGS[@]}"
 else

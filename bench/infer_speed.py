@@ -6,7 +6,8 @@ Contenders (``--contenders``):
   * ``loraclf:fp32`` / ``loraclf:bf16`` / ``loraclf:auto`` - ``loraclf.predict.Predictor.from_run``
     (base loaded in fp32, LoRA merged into the weights, rows sorted by length, batches of
     ``batch_size``), timed on ``Predictor.predict(texts)``: tokenization, inference, softmax and
-    the result dicts;
+    the result dicts; ``:graphs`` appended (GPU only): each batch shape's forward replayed from a
+    CUDA graph (``Predictor(cuda_graphs=True)``; pair with ``--warm-pass``);
   * ``pipeline`` - the same base + adapter loaded with transformers / PEFT directly
     (``PeftModel.from_pretrained(...).merge_and_unload()``: the pipeline gets the *merged* plain
     model, so both sides run the same weights and LoRA costs nothing on either), then
@@ -67,7 +68,8 @@ def loraclf_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
     from loraclf.predict import Predictor
 
     with common.Timer() as t_load:
-        pred = Predictor.from_run(spec["run_dir"], batch_size=_batch_sizes(spec)[0], precision=spec["precision"])
+        pred = Predictor.from_run(spec["run_dir"], batch_size=_batch_sizes(spec)[0], precision=spec["precision"],
+                                  cuda_graphs=spec.get("cuda_graphs", False))
     names = pred.label_names
     out_recs = []
     for bs in _batch_sizes(spec):
@@ -197,12 +199,16 @@ def _contender(spec: str) -> dict[str, Any]:
     parts = spec.strip().split(":")
     if parts[0] == "pipeline":
         return {"label": "pipeline", "kind": "pipeline", "precision": "fp32"}
+    graphs = parts[-1] == "graphs"
+    if graphs:
+        parts = parts[:-1]
     if parts[0] == "loraclf" and len(parts) <= 2:
         prec = parts[1] if len(parts) == 2 else "auto"
         if prec not in ("fp32", "bf16", "auto"):
             raise SystemExit(f"contender {spec!r}: precision fp32 | bf16 | auto")
-        return {"label": f"loraclf:{prec}", "kind": "loraclf", "precision": prec}
-    raise SystemExit(f"unknown contender {spec!r} (loraclf[:fp32|bf16|auto] | pipeline)")
+        return {"label": f"loraclf:{prec}" + (":graphs" if graphs else ""), "kind": "loraclf", "precision": prec,
+                "cuda_graphs": graphs}
+    raise SystemExit(f"unknown contender {spec!r} (loraclf[:fp32|bf16|auto][:graphs] | pipeline)")
 
 
 def _run(kind: str, spec: dict[str, Any], work: Path, tag: str, args) -> list[dict[str, Any]]:
@@ -261,6 +267,7 @@ def main(argv=None) -> dict[str, Any]:
         for gi, group in enumerate(groups):
             for c in harness.rotate(contenders, rep + gi):
                 spec = {"label": c["label"], "run_dir": str(run_dir), "precision": c["precision"], "batch_sizes": group,
+                        "cuda_graphs": c.get("cuda_graphs", False),
                         "test": str(test), "rows": args.rows, "rows_bs1": args.rows_bs1, "seed": args.seed,
                         "threads": args.threads, "save_preds": rep == 0, "save_preds_bs": [32],
                         "warm_pass": args.warm_pass}

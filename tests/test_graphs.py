@@ -204,3 +204,27 @@ def test_auto_graphs_stay_off_on_cpu(trained_run):
     # the session's shared run trained with the default (null) on this CPU: no graphs
     info = json.loads((trained_run / "run.json").read_text())
     assert info["device"] == "cpu" and info["throughput"]["cuda_graphs"] is None
+
+
+def test_inference_graphs_give_the_same_logits(trained_run):
+    """Predictor with CUDA graphs (stand-in capture): lengths padded to 16, each shape eager once,
+    then replayed; the logits equal plain inference's, call after call."""
+    from loraclf.predict import Predictor, forward_graphs
+
+    plain = Predictor.from_run(trained_run, precision="fp32", batch_size=8)
+    graphed = Predictor.from_run(trained_run, precision="fp32", batch_size=8)
+    backend = Rerun()
+    graphed.graphs = forward_graphs(graphed.model, graphed.device, graphed.precision, backend=backend)
+    texts = [f"{w} shares rise after the match report number {i}" for i, w in enumerate(["bank", "team", "chip"] * 7)]
+    expected = torch.from_numpy(plain.logits(texts))
+    for _ in range(3):
+        torch.testing.assert_close(torch.from_numpy(graphed.logits(texts)), expected, atol=1e-5, rtol=1e-4)
+    assert backend.captures > 0 and graphed.graphs.replays > 0
+
+
+def test_inference_graphs_refused_on_cpu(trained_run):
+    from loraclf.predict import Predictor
+
+    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device"):
+        Predictor.from_run(trained_run, precision="fp32", cuda_graphs=True)
+

@@ -79,13 +79,14 @@ class _Captured:
 
 
 class StepGraphs:
-    """Run ``step(batch) -> loss`` with its gradients zeroed first, from a CUDA graph once its
-    batch shape has been seen ``warmup`` times.
+    """Run ``step(batch) -> tensor`` with the gradients of ``params`` zeroed first, from a CUDA
+    graph once its batch shape has been seen ``warmup`` times.
 
-    ``step`` does forward, backward and clipping; it must not synchronise with the host (no
-    ``.item()``, no data-dependent Python branches), or the capture fails. ``params``: the
-    trainable parameters, whose ``.grad`` tensors are created here (zeros) and then only ever
-    written in place. At most ``max_graphs`` shapes are captured; rarer shapes beyond that
+    Training: ``step`` does forward, backward and clipping and returns the loss; ``params``, the
+    trainable parameters, get ``.grad`` tensors created here (zeros) and then only ever written
+    in place. Inference: ``step`` is a forward under ``torch.no_grad`` returning logits, and
+    ``params`` is empty. ``step`` must not synchronise with the host (no ``.item()``, no
+    data-dependent Python branches), or the capture fails. At most ``max_graphs`` shapes are captured; rarer shapes beyond that
     stay eager. A failed capture raises :class:`TrainingError` when ``strict``; otherwise
     capturing stops (``disabled`` says why) and every step from then on runs eagerly.
     """
@@ -114,12 +115,13 @@ class StepGraphs:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        torch._foreach_zero_(grads)
+        if grads:
+            torch._foreach_zero_(grads)
         return self.step(batch)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        """One forward + backward over ``batch``; returns the loss (a 0-d float tensor that the
-        next call may overwrite: read or accumulate it before calling again)."""
+        """``step`` over ``batch``; returns its output (a tensor that the next call may
+        overwrite: read, accumulate or clone it before calling again)."""
         key = self.shape_key(batch)
         captured = self.graphs.get(key)
         if captured is None:

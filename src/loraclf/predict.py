@@ -15,23 +15,43 @@ import torch
 
 from . import checkpoint
 from .data import PadCollator, sorted_batches, tokenize
-from .errors import DataError, RunError
+from .errors import ConfigError, DataError, RunError
+from .graphs import StepGraphs
 from .model import build_model, load_adapter, load_base, load_model_config, load_tokenizer
 from .precision import autocast, choose_precision
 from .runs import Run, open_run
 
 
+# padded lengths round up to this with CUDA graphs: one graph per shape, so few shapes
+GRAPH_PAD_MULTIPLE = 16
+
+
+def forward_graphs(model: torch.nn.Module, device: torch.device, precision: str, backend: Any = None) -> StepGraphs:
+    """CUDA graphs of ``model``'s inference forward, one per batch shape (see loraclf.graphs):
+    for a process that predicts many batches of recurring shapes, e.g. a server."""
+
+    @torch.no_grad()
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(device, precision):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+    return StepGraphs(forward, [], backend=backend, strict=False)
+
+
 @torch.no_grad()
 def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
                device: torch.device, precision: str = "fp32", prefix: tuple[Any, Any] | None = None,
-               max_tokens: int | None = None) -> np.ndarray:
+               max_tokens: int | None = None, graphs: StepGraphs | None = None) -> np.ndarray:
     """Class logits, float32 [N, C], in the order of ``input_ids``; batches of at most
     ``batch_size`` rows and ``max_tokens`` padded tokens. ``prefix``: (FrozenPrefix,
     PrefixStore) holding these rows' hidden states below the first trained layer (training's
-    validation; see loraclf.prefix)."""
+    validation; see loraclf.prefix). ``graphs``: :func:`forward_graphs` of this model, to run
+    each batch shape from a CUDA graph (lengths then round up to multiples of 16)."""
     was_training = model.training
     model.eval()
-    collate = PadCollator(pad_id)
+    # (rounding stops at the longest row: never past max_length, where position embeddings end)
+    collate = PadCollator(pad_id, GRAPH_PAD_MULTIPLE if graphs is not None else None,
+                          max((len(x) for x in input_ids), default=None))
     # Logits stay on the device until the end: reading each batch back would make the host wait
     # for the GPU before it can pad and launch the next batch.
     parts: list[tuple[list[int], torch.Tensor]] = []
@@ -41,9 +61,12 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
                 batch = collate([(input_ids[i], -1) for i in idx])
                 if prefix is not None:
                     prefix[0].feed(prefix[1].batch(idx, batch["input_ids"].shape[1]).to(device))
-                with autocast(device, precision):
-                    logits = model(input_ids=batch["input_ids"].to(device),
-                                   attention_mask=batch["attention_mask"].to(device)).logits
+                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+                if graphs is not None and prefix is None:
+                    logits = graphs(inputs).clone()  # the graph's output is refilled by its next replay
+                else:
+                    with autocast(device, precision):
+                        logits = model(**inputs).logits
                 parts.append((idx, logits.float()))
     finally:
         model.train(was_training)
@@ -65,7 +88,7 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, label_names: list[str], max_length: int,
                  batch_size: int = 64, device: torch.device | None = None, precision: str = "auto",
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, cuda_graphs: bool = False):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = choose_precision(precision, self.device)
         model = model.to(self.device).eval()
@@ -80,11 +103,17 @@ class Predictor:
         self.max_length = max_length
         self.batch_size = batch_size
         self.max_tokens = max_tokens
+        # Experimental (unmeasured on a GPU yet): replays of each batch shape's forward; a shape
+        # runs eagerly the first time it is seen, then from its graph
+        if cuda_graphs and self.device.type != "cuda":
+            raise ConfigError([f"cuda_graphs needs a CUDA device, not {self.device}"], where="predict",
+                              fix="leave CUDA graphs off on this machine")
+        self.graphs = forward_graphs(model, self.device, self.precision) if cuda_graphs else None
 
     @classmethod
     def from_run(cls, run: Run | str | Path, batch_size: int = 64, device: torch.device | None = None,
                  precision: str = "auto", merge: bool = True, from_checkpoint: bool = False,
-                 max_tokens: int | None = None) -> Predictor:
+                 max_tokens: int | None = None, cuda_graphs: bool = False) -> Predictor:
         """Load a finished run; ``from_checkpoint``: an unfinished one, with the best weights of its
         newest checkpoint (the current weights when no epoch has been evaluated yet)."""
         if not isinstance(run, Run):
@@ -98,7 +127,7 @@ class Predictor:
             model = model.merge_and_unload()
         tokenizer = load_tokenizer(run.cfg.model, path=str(run.tokenizer_dir))
         return cls(model, tokenizer, run.label_names, run.cfg.data.max_length, batch_size, device, precision,
-                   max_tokens)
+                   max_tokens, cuda_graphs)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         for i, t in enumerate(texts):
@@ -111,7 +140,7 @@ class Predictor:
         if not texts:
             return np.empty((0, len(self.label_names)), dtype=np.float32)
         return logits_for(self.model, self.encode(texts), self.tokenizer.pad_token_id, self.batch_size,
-                          self.device, self.precision, max_tokens=self.max_tokens)
+                          self.device, self.precision, max_tokens=self.max_tokens, graphs=self.graphs)
 
     def predict(self, texts: Sequence[str], top_k: int = 1) -> list[dict[str, Any]]:
         """Per text: label, probabilities of every class, and the ``top_k`` classes."""
