@@ -3,7 +3,8 @@
 Why: on a GPU, a LoRA step of roberta-base over 32 AG News rows is a few milliseconds of
 arithmetic but ~38 ms of Python and kernel launches (BENCHMARKS.md, "GPU check 2"): the host,
 not the GPU, sets the pace, and torch.compile did not change that. A CUDA graph records the
-step's kernels once and replays all of them with one launch.
+step's kernels once and replays all of them with one launch (6.2x on an H200: BENCHMARKS.md,
+"GPU check 3").
 
 What is captured: zeroing the gradients, the forward under autocast, the loss, the backward
 (gradients accumulate into ``.grad`` tensors that exist before the capture, so they keep their
@@ -15,8 +16,11 @@ Shapes: a graph replays fixed shapes, so each batch shape gets its own graph, ca
 second time that shape is seen; the first time runs eagerly on a side stream, which is the
 warm-up PyTorch's CUDA-graph notes ask for (cuBLAS handles, lazy inits). The training loop rounds
 batch lengths up to ``data.pad_to_multiple_of`` so that few shapes occur. All graphs share one
-memory pool: nothing a graph allocates outlives its replay except its loss, which the caller
-consumes (enqueues work on) before the next replay can overwrite it.
+memory pool: nothing a graph allocates outlives its replay except its output (the loss), which
+the caller consumes (enqueues work on) before the next replay can overwrite it.
+
+The same class replays inference forwards (``loraclf.predict.forward_graphs``: no parameters,
+logits out, cloned by the caller).
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ class CudaGraphBackend:
 class _Captured:
     replay: Callable[[], None]
     inputs: Batch
-    loss: torch.Tensor
+    output: torch.Tensor
 
 
 class StepGraphs:
@@ -86,9 +90,10 @@ class StepGraphs:
     trainable parameters, get ``.grad`` tensors created here (zeros) and then only ever written
     in place. Inference: ``step`` is a forward under ``torch.no_grad`` returning logits, and
     ``params`` is empty. ``step`` must not synchronise with the host (no ``.item()``, no
-    data-dependent Python branches), or the capture fails. At most ``max_graphs`` shapes are captured; rarer shapes beyond that
-    stay eager. A failed capture raises :class:`TrainingError` when ``strict``; otherwise
-    capturing stops (``disabled`` says why) and every step from then on runs eagerly.
+    data-dependent Python branches), or the capture fails. At most ``max_graphs`` shapes are
+    captured; rarer shapes beyond that stay eager. A failed capture raises
+    :class:`TrainingError` when ``strict``; otherwise capturing stops (``disabled`` says why)
+    and every step from then on runs eagerly.
     """
 
     def __init__(self, step: Callable[[Batch], torch.Tensor], params: list[torch.Tensor],
@@ -131,10 +136,10 @@ class StepGraphs:
                 return self.backend.eager(lambda: self._run(batch))
             inputs = {name: t.clone() for name, t in batch.items()}
             try:
-                replay, loss = self.backend.capture(lambda: self._run(inputs))
+                replay, output = self.backend.capture(lambda: self._run(inputs))
             except RuntimeError as e:
                 shape = {name: tuple(t.shape) for name, t in batch.items()}
-                why = (f"capturing the training step for batch shape {shape} failed "
+                why = (f"capturing the step for batch shape {shape} failed "
                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
                 if self.strict:
                     raise TrainingError(f"train.cuda_graphs: {why}; most often something in the model's forward or "
@@ -144,12 +149,12 @@ class StepGraphs:
                 self.disabled = why
                 self.eager_steps += 1
                 return self.backend.eager(lambda: self._run(batch))
-            captured = self.graphs[key] = _Captured(replay, inputs, loss)
+            captured = self.graphs[key] = _Captured(replay, inputs, output)
         for name, t in batch.items():
             captured.inputs[name].copy_(t, non_blocking=True)
         captured.replay()
         self.replays += 1
-        return captured.loss
+        return captured.output
 
     def summary(self) -> dict[str, object]:
         """What happened, for run.json: graphs captured, steps replayed / run eagerly, and why
