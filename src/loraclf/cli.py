@@ -164,7 +164,8 @@ class _Bar:
 
     def on_start(self, total_steps: int, info: dict[str, Any]) -> None:
         print(f"training {info['train_rows']:,} rows, {info['trainable']:,} trainable parameters, "
-              f"{info['device']}, {info['precision']}", file=sys.stderr)
+              f"{info['device']}, {info['precision']}" + (", CUDA graphs" if info.get("cuda_graphs") else ""),
+              file=sys.stderr)
         if not self.quiet:
             from tqdm.auto import tqdm
 
