@@ -197,6 +197,7 @@ def loraclf_worker(spec: dict[str, Any]) -> dict[str, Any]:
     durs = tl.step_durations()
     q = max(1, len(durs) // 4)
     train_rows = (run.get("rows") or {}).get("train")
+    later_s = _median([r.get("train_seconds") for r in vals[1:]]) if len(vals) > 1 else None
     examples = (thr.get("train_examples_per_s") or 0) * train_s
     rec = {
         "contender": spec["label"],
@@ -231,9 +232,8 @@ def loraclf_worker(spec: dict[str, Any]) -> dict[str, Any]:
         # per-epoch training-loop seconds (epoch 1 includes the frozen-prefix cache, when there is one)
         "epoch_seconds": [r.get("train_seconds") for r in vals],
         "first_epoch_s": vals[0].get("train_seconds") if vals else None,
-        "later_epoch_s": _median([r.get("train_seconds") for r in vals[1:]]) if len(vals) > 1 else None,
-        "later_epoch_examples_per_s": (round(train_rows / _median([r.get("train_seconds") for r in vals[1:]]), 1)
-                                       if len(vals) > 1 and train_rows else None),
+        "later_epoch_s": later_s,
+        "later_epoch_examples_per_s": round(train_rows / later_s, 1) if later_s and train_rows else None,
         "epoch_eval_seconds": [r.get("eval_seconds") for r in vals],  # validation after each epoch
         "frozen_prefix_layers": thr.get("frozen_prefix_layers"),
         "prefix_cache_s": thr.get("prefix_cache_seconds"),

@@ -35,6 +35,9 @@ import torch
 from .errors import TrainingError
 
 Batch = dict[str, torch.Tensor]
+# padded lengths round up to a multiple of this when graphs are on (unless data.pad_to_multiple_of
+# says otherwise): one graph per batch shape, so few shapes
+PAD_MULTIPLE = 16
 T = TypeVar("T")
 
 
@@ -124,6 +127,10 @@ class StepGraphs:
             torch._foreach_zero_(grads)
         return self.step(batch)
 
+    def _eager(self, batch: Batch) -> torch.Tensor:
+        self.eager_steps += 1
+        return self.backend.eager(lambda: self._run(batch))
+
     def __call__(self, batch: Batch) -> torch.Tensor:
         """``step`` over ``batch``; returns its output (a tensor that the next call may
         overwrite: read, accumulate or clone it before calling again)."""
@@ -132,8 +139,7 @@ class StepGraphs:
         if captured is None:
             self.seen[key] += 1
             if self.disabled or self.seen[key] <= self.warmup or len(self.graphs) >= self.max_graphs:
-                self.eager_steps += 1
-                return self.backend.eager(lambda: self._run(batch))
+                return self._eager(batch)
             inputs = {name: t.clone() for name, t in batch.items()}
             try:
                 replay, output = self.backend.capture(lambda: self._run(inputs))
@@ -147,8 +153,7 @@ class StepGraphs:
                                         fix="set --train.cuda_graphs false") from e
                 # nothing ran during the failed capture: this step and all later ones run eagerly
                 self.disabled = why
-                self.eager_steps += 1
-                return self.backend.eager(lambda: self._run(batch))
+                return self._eager(batch)
             captured = self.graphs[key] = _Captured(replay, inputs, output)
         for name, t in batch.items():
             captured.inputs[name].copy_(t, non_blocking=True)

@@ -16,14 +16,10 @@ import torch
 from . import checkpoint
 from .data import PadCollator, sorted_batches, tokenize
 from .errors import ConfigError, DataError, RunError
-from .graphs import StepGraphs
+from .graphs import PAD_MULTIPLE, StepGraphs
 from .model import build_model, load_adapter, load_base, load_model_config, load_tokenizer
 from .precision import autocast, choose_precision
 from .runs import Run, open_run
-
-
-# padded lengths round up to this with CUDA graphs: one graph per shape, so few shapes
-GRAPH_PAD_MULTIPLE = 16
 
 
 def forward_graphs(model: torch.nn.Module, device: torch.device, precision: str, backend: Any = None) -> StepGraphs:
@@ -46,11 +42,11 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
     ``batch_size`` rows and ``max_tokens`` padded tokens. ``prefix``: (FrozenPrefix,
     PrefixStore) holding these rows' hidden states below the first trained layer (training's
     validation; see loraclf.prefix). ``graphs``: :func:`forward_graphs` of this model, to run
-    each batch shape from a CUDA graph (lengths then round up to multiples of 16)."""
+    each batch shape from a CUDA graph (lengths then round up to multiples of ``PAD_MULTIPLE``)."""
     was_training = model.training
     model.eval()
     # (rounding stops at the longest row: never past max_length, where position embeddings end)
-    collate = PadCollator(pad_id, GRAPH_PAD_MULTIPLE if graphs is not None else None,
+    collate = PadCollator(pad_id, PAD_MULTIPLE if graphs is not None else None,
                           max((len(x) for x in input_ids), default=None))
     # Logits stay on the device until the end: reading each batch back would make the host wait
     # for the GPU before it can pad and launch the next batch.

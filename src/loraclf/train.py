@@ -28,7 +28,7 @@ from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Split
                    load_splits, tokenize_cached)
 from .errors import ConfigError, LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
-from .graphs import StepGraphs
+from .graphs import PAD_MULTIPLE, StepGraphs
 from .model import (build_model, compile_in_place, load_model_config, load_tokenizer, resolve_name,
                     trainable_state_dict)
 from .precision import autocast, cast_frozen_matmul_weights, choose_precision
@@ -284,7 +284,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], batch_size, tc.seed, tc.group_by_length,
                                             max_tokens=tc.max_tokens_per_batch)
         # a CUDA graph per batch shape: round lengths so that few shapes occur
-        pad_multiple = cfg.data.pad_to_multiple_of or (16 if use_graphs else None)
+        pad_multiple = cfg.data.pad_to_multiple_of or (PAD_MULTIPLE if use_graphs else None)
         if train_store is not None:
             dataset = IndexedDataset(train_ids, splits.train.labels)
             collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store, pad_multiple,
