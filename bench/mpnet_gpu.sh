@@ -21,8 +21,10 @@
 # 1 epoch, the full 7,600-row test split, seeds SEEDS, methods METHODS: the seed recipe, the
 # best <=1M recipe (agnews-best's planner pick: linear head), the low-rank-head pick that led on
 # the CPU subset (bench/results/accuracy_mpnet_subset_lowrank.yaml) and full fine-tuning (HF
-# Trainer, bf16 mixed precision). Results are written after every run, so a study cut short by
-# the time limit still returns what it measured -> accuracy_mpnet_gpu.{json,png}, tables.md.
+# Trainer, bf16 mixed precision); METHODS may also name `mean` (agnews-best's shape with a
+# mean-pooling head: bench/results/accuracy_mpnet_mean.yaml). Results are written after every
+# run, so a study cut short by the time limit still returns what it measured
+#   -> accuracy_mpnet_gpu.{json,png}, tables.md, mpnet_gpu.log
 #
 # CPU smoke test (a few rows, this machine's venv, eager training):
 #   SMOKE=1 OUT=/tmp/mpnetout bash bench/mpnet_gpu.sh
@@ -50,7 +52,8 @@ report_env
 step "$LIMIT" "MPNet accuracy study: $ROWS rows, 1 epoch, seeds $SEEDS, methods $METHODS" \
   "$PY" bench/accuracy_study.py --model "$MODEL" --train "$TRAIN" --test "$TEST" \
   --rows "$ROWS" --val-rows "$VAL" --test-rows "$TEST_ROWS" --epochs 1 --seeds "$SEEDS" --methods "$METHODS" \
-  --method-config lowrank=bench/results/accuracy_mpnet_subset_lowrank.yaml --full-precision bf16 \
+  --method-config lowrank=bench/results/accuracy_mpnet_subset_lowrank.yaml \
+  --method-config mean=bench/results/accuracy_mpnet_mean.yaml --full-precision bf16 \
   --loraclf-args "$LORACLF_ARGS" --timeout "$EACH" --name accuracy_mpnet_gpu --out-dir "$OUT"
 
 finish
