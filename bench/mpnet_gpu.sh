@@ -19,10 +19,11 @@
 #
 # The study: bench/accuracy_study.py on train_partial (ROWS training rows, 1,000 validation rows),
 # 1 epoch, the full 7,600-row test split, seeds SEEDS, methods METHODS: the seed recipe, the
-# best <=1M recipe (agnews-best's planner pick: linear head), the low-rank-head pick that led on
-# the CPU subset (bench/results/accuracy_mpnet_subset_lowrank.yaml) and full fine-tuning (HF
-# Trainer, bf16 mixed precision); METHODS may also name `mean` (agnews-best's shape with a
-# mean-pooling head: bench/results/accuracy_mpnet_mean.yaml). Results are written after every
+# best <=1M recipe (agnews-best's planner pick: linear head, LoRA+), the planner's pick with a
+# low-rank dense head (which led on the CPU subset; bench/results/mpnet_gpu_lowrank.yaml, written by
+# `loraclf plan --config configs/agnews-best.yaml --heads lowrank:64,lowrank:128,default --write`)
+# and full fine-tuning (HF Trainer, bf16 mixed precision); METHODS may also name `mean` (agnews-best's
+# shape with a mean-pooling head, bench/results/mpnet_gpu_mean.yaml). Results are written after every
 # run, so a study cut short by the time limit still returns what it measured
 #   -> accuracy_mpnet_gpu.{json,png}, tables.md, mpnet_gpu.log
 #
@@ -52,8 +53,8 @@ report_env
 step "$LIMIT" "MPNet accuracy study: $ROWS rows, 1 epoch, seeds $SEEDS, methods $METHODS" \
   "$PY" bench/accuracy_study.py --model "$MODEL" --train "$TRAIN" --test "$TEST" \
   --rows "$ROWS" --val-rows "$VAL" --test-rows "$TEST_ROWS" --epochs 1 --seeds "$SEEDS" --methods "$METHODS" \
-  --method-config lowrank=bench/results/accuracy_mpnet_subset_lowrank.yaml \
-  --method-config mean=bench/results/accuracy_mpnet_mean.yaml --full-precision bf16 \
+  --method-config lowrank=bench/results/mpnet_gpu_lowrank.yaml \
+  --method-config mean=bench/results/mpnet_gpu_mean.yaml --full-precision bf16 \
   --loraclf-args "$LORACLF_ARGS" --timeout "$EACH" --name accuracy_mpnet_gpu --out-dir "$OUT"
 
 finish
