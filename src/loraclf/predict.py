@@ -28,10 +28,16 @@ def forward_graphs(model: torch.nn.Module, device: torch.device, precision: str,
 
     @torch.no_grad()
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast(device, precision):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        return _logits(model, batch, device, precision)
 
     return StepGraphs(forward, [], backend=backend, strict=False)
+
+
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device,
+            precision: str) -> torch.Tensor:
+    """float32 logits [B, C] of one batch: the one forward that eager and graphed inference share."""
+    with autocast(device, precision):
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
 
 
 @torch.no_grad()
@@ -61,9 +67,8 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
                 if graphs is not None and prefix is None:
                     logits = graphs(inputs).clone()  # the graph's output is refilled by its next replay
                 else:
-                    with autocast(device, precision):
-                        logits = model(**inputs).logits
-                parts.append((idx, logits.float()))
+                    logits = _logits(model, inputs, device, precision)
+                parts.append((idx, logits))
     finally:
         model.train(was_training)
     if not parts:
