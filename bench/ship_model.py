@@ -16,8 +16,9 @@ several parts over back-to-back calls and be joined by the last one:
 
 ``pack`` needs torch and safetensors (here); ``status`` and ``unpack`` only the standard
 library, so they run before anything is installed there. ``unpack`` checks every part's size and
-SHA-256 against the manifest (together they pin down the whole file) and refuses, naming the missing or damaged parts, rather than
-leave a truncated model that would fail later with a confusing error.
+SHA-256 against the manifest (together they pin down the whole file) and refuses, naming the
+missing or damaged parts, rather than leave a truncated model that would fail later with a
+confusing error.
 """
 from __future__ import annotations
 
