@@ -111,7 +111,8 @@ def full_run(model: str, data: dict[str, Any], test: str, test_rows: int, epochs
     cmd = [sys.executable, str(common.BENCH_DIR / "baseline_trainer.py"), "--full", "--stack", "tuned",
            "--model", model, "--train", data["train"], "--val-from", test, "--val-rows", str(test_rows),
            "--epochs", str(epochs), "--seed", str(seed), "--lr", str(lr), "--warmup", "0.06",
-           "--precision", precision, "--fix-ga-loss", "--out", str(out), "--name", out.stem]
+           "--precision", precision, "--fix-ga-loss", "--out", str(out), "--name", out.stem,
+           "--predictions-out", str(out.with_suffix(".predictions.tsv"))]
     ok, wall, err = _run(cmd, threads, timeout, label)
     if not ok:
         return {"error": err, "wall_s": round(wall, 1)}

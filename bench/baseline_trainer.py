@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="divide the loss by the accumulation steps (transformers 5 sums it for heads that take **kwargs "
         "but ignore num_items_in_batch, e.g. BertForSequenceClassification; the default keeps HF's behaviour)",
     )
+    p.add_argument("--predictions-out", default=None,
+                   help="write the predicted label of every validation row, one per line, in the order of the rows "
+                   "in --val-from (or --train), so runs can be compared row by row")
     p.add_argument("--out", default=None, help="JSON path (a .md table is written beside it)")
     p.add_argument("--name", default=None, help="result name (default baseline_trainer_<stack>)")
     return p.parse_args(argv)
@@ -111,6 +115,17 @@ def build_model(path: str, num_labels: int, seed: int):
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
         random_init = True
     return model, random_init
+
+
+def _write_predictions(args: argparse.Namespace, predicted: np.ndarray, source_rows: int) -> None:
+    """Predicted labels back in the source file's row order (the rows were shuffled with the
+    run's seed; shuffling indices with the same seed gives the same permutation), one per
+    line; rows that were not evaluated are left out, so the file has ``len(predicted)`` lines
+    in source order, each ``<source row index>\t<label>``."""
+    order = list(range(source_rows))
+    random.Random(args.seed).shuffle(order)
+    pairs = sorted(zip(order[: len(predicted)], predicted.tolist()))
+    Path(args.predictions_out).write_text("".join(f"{i}\t{label}\n" for i, label in pairs))
 
 
 def model_label(path: str) -> str:
@@ -160,8 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = common.read_ag_news_csv(train_csv)
     if args.val_from:
         train_rows = common.shuffled_head(rows, args.rows, args.seed)
-        val_rows = common.shuffled_head(common.read_ag_news_csv(args.val_from), args.val_rows, args.seed)
+        val_all = common.read_ag_news_csv(args.val_from)
+        val_source_rows = len(val_all)
+        val_rows = common.shuffled_head(val_all, args.val_rows, args.seed)
     else:
+        val_source_rows = len(rows)
         train_rows, val_rows = common.split_rows(rows, args.rows, max(args.val_rows, 0), args.seed)
     read_s = time.perf_counter() - t0
 
@@ -277,6 +295,16 @@ def main(argv: list[str] | None = None) -> dict:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         acc = float((np.argmax(logits, axis=-1) == np.asarray(pred.label_ids)).mean())
         eval_s = t_eval.seconds
+        if args.predictions_out:
+            # transformers 5 evaluates in the length-grouped order too (its _get_eval_sampler follows
+            # train_sampling_strategy, with a freshly seeded generator, so asking again gives the same order)
+            sampler = trainer._get_eval_sampler(val_ds)
+            order = np.asarray(list(sampler) if sampler is not None else range(len(val_ds)))
+            if not np.array_equal(np.asarray(pred.label_ids), np.asarray([val_rows[i][1] for i in order])):
+                raise SystemExit("--predictions-out: could not recover the evaluation order (labels disagree)")
+            predicted = np.empty(len(order), dtype=np.int64)
+            predicted[order] = np.argmax(logits, axis=-1)
+            _write_predictions(args, predicted, val_source_rows)
 
     machine = common.machine_info()
     train_s = t_train.seconds
