@@ -24,8 +24,9 @@
 # `loraclf plan --config configs/agnews-best.yaml --heads lowrank:64,lowrank:128,default --write`)
 # and full fine-tuning (HF Trainer, bf16 mixed precision); METHODS may also name `mean` (agnews-best's
 # shape with a mean-pooling head, bench/results/mpnet_gpu_mean.yaml). Results are written after every
-# run, so a study cut short by the time limit still returns what it measured
-#   -> accuracy_mpnet_gpu.{json,png}, tables.md, mpnet_gpu.log
+# run, so a study cut short by the time limit still returns what it measured; then bench/paired.py
+# compares the runs row by row (best against each other method)
+#   -> accuracy_mpnet_gpu.{json,png}, accuracy_mpnet_gpu_paired.json, tables.md, mpnet_gpu.log
 #
 # CPU smoke test (a few rows, this machine's venv, eager training):
 #   SMOKE=1 OUT=/tmp/mpnetout bash bench/mpnet_gpu.sh
@@ -34,12 +35,12 @@ source "$(dirname "$0")/gpu_lib.sh"
 
 MODEL=.bench/mpnet-fp16
 if [ "$SMOKE" = 1 ]; then
-  ROWS=${ROWS:-48}; VAL=32; TEST_ROWS=32; SEEDS=${SEEDS:-0}; EACH=400; LIMIT=1500; LORACLF_ARGS=""
+  ROWS=${ROWS:-48}; VAL=32; TEST_ROWS=32; SEEDS=${SEEDS:-0}; EACH=400; LIMIT=1500; PAIRED_LIMIT=600; LORACLF_ARGS=""
   MODEL=${LORACLF_BENCH_CACHE}/mpnet-fp16-smoke
 else
   # 8,000 rows: three seeds of the four methods inside one call by the MiniLM timings scaled up
   # (~3-5x per example); raise ROWS (-1: all 20,353) when the timings here say there is room.
-  ROWS=${ROWS:-8000}; VAL=1000; TEST_ROWS=-1; SEEDS=${SEEDS:-0,1,2}; EACH=170; LIMIT=540
+  ROWS=${ROWS:-8000}; VAL=1000; TEST_ROWS=-1; SEEDS=${SEEDS:-0,1,2}; EACH=170; LIMIT=480; PAIRED_LIMIT=60
   LORACLF_ARGS="--train.cuda_graphs true"
 fi
 METHODS=${METHODS:-seed,best,lowrank,full}
@@ -56,5 +57,13 @@ step "$LIMIT" "MPNet accuracy study: $ROWS rows, 1 epoch, seeds $SEEDS, methods 
   --method-config lowrank=bench/results/mpnet_gpu_lowrank.yaml \
   --method-config mean=bench/results/mpnet_gpu_mean.yaml --full-precision bf16 \
   --loraclf-args "$LORACLF_ARGS" --timeout "$EACH" --name accuracy_mpnet_gpu --out-dir "$OUT"
+
+# The runs compared row by row on the same test rows (per-seed gaps, a 95 % interval, McNemar):
+# the adapters stay on the device, so this must run here
+STUDY=$LORACLF_BENCH_CACHE/study-accuracy_mpnet_gpu
+PAIRED_TEST=$TEST
+[ "$TEST_ROWS" -ge 0 ] && PAIRED_TEST=$STUDY/data/test.csv
+step "$PAIRED_LIMIT" "paired comparison of the runs above" \
+  "$PY" bench/paired.py --study "$STUDY" --test "$PAIRED_TEST" --name accuracy_mpnet_gpu_paired --out-dir "$OUT"
 
 finish

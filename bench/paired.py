@@ -9,26 +9,28 @@ Inputs, each ``METHOD:SEED=PATH``:
   * a loraclf run folder: its adapter predicts every test row (``loraclf.predict.Predictor``,
     precision ``auto`` as in ``loraclf evaluate``), kept in the run's ``eval/`` folder for reuse;
   * a ``.tsv`` written by ``bench/baseline_trainer.py --predictions-out`` (full fine-tuning):
-    ``<row index>\\t<label>`` for every test row.
+    ``<row index>\\t<label>`` for every test row;
+or ``--study DIR``: every ``<method>-seed<N>`` run folder and ``<method>-seed<N>.predictions.tsv``
+that ``bench/accuracy_study.py`` left in its work folder.
 
 For each method: accuracy per seed on all rows (and on the first ``--subset-rows``, to check a
-rerun against an earlier subset study), mean ± std. For each ``--compare A:B``: the difference
-per seed, its mean, a 95 % paired bootstrap interval over test rows of the seed-averaged
-difference (``scipy.stats.bootstrap``; it captures test-set sampling, the seeds' own spread is in
+rerun against an earlier subset study), mean ± std. For each ``--compare A:B`` (default: ``best``
+against every other method): the difference per seed, its mean, a 95 % paired bootstrap
+interval over test rows of the seed-averaged difference (``scipy.stats.bootstrap``; it captures test-set sampling, the seeds' own spread is in
 the per-seed column), and McNemar's exact test per seed (``scipy.stats.binomtest`` on the rows
 where exactly one of the two is right).
 
 Writes bench/results/<name>.json (with every run's per-row predictions) and <name>.md.
 
     .venv/bin/python bench/paired.py --test ../shared/data/ag_news/test.csv.gz --name paired_x \\
-        --run best:0=/tmp/loraclf-bench/study-x/best-seed0 --run full:0=/tmp/.../full-seed0.predictions.tsv \\
-        --compare best:full
+        --study /tmp/loraclf-bench/study-x      # or --run best:0=<run folder> --run full:0=<tsv> ...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -46,9 +48,13 @@ import harness  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--test", default=None, help="canonical AG News test CSV (default: shared test.csv.gz)")
-    p.add_argument("--run", action="append", required=True, metavar="METHOD:SEED=PATH",
+    p.add_argument("--run", action="append", default=[], metavar="METHOD:SEED=PATH",
                    help="a loraclf run folder or a baseline_trainer --predictions-out TSV")
-    p.add_argument("--compare", action="append", default=[], metavar="A:B", help="methods to compare, A minus B")
+    p.add_argument("--study", action="append", default=[], metavar="DIR",
+                   help="an accuracy_study.py work folder: every <method>-seed<N> run folder and "
+                   "<method>-seed<N>.predictions.tsv in it")
+    p.add_argument("--compare", action="append", default=[], metavar="A:B",
+                   help="methods to compare, A minus B (default: best against every other method)")
     p.add_argument("--subset-rows", type=int, default=None, help="also score the first N test rows")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -56,6 +62,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", required=True)
     p.add_argument("--out-dir", default=None, help="where results go (default bench/results)")
     return p.parse_args(argv)
+
+
+def study_runs(folder: Path) -> list[str]:
+    """``METHOD:SEED=PATH`` for the runs an accuracy study left in its work folder."""
+    specs = []
+    for path in sorted(folder.iterdir()):
+        m = re.fullmatch(r"(.+)-seed(\d+)(\.predictions\.tsv)?", path.name)
+        if m and (path.suffix == ".tsv" or (path / "run.json").is_file()):
+            specs.append(f"{m[1]}:{m[2]}={path}")
+    return specs
 
 
 def _spec(s: str) -> tuple[str, int, Path]:
@@ -114,6 +130,9 @@ def _mean_std(xs: list[float]) -> tuple[float, float | None]:
 def compare(correct: dict[str, dict[int, np.ndarray]], a: str, b: str, resamples: int) -> dict[str, Any]:
     from scipy.stats import binomtest, bootstrap
 
+    for m in (a, b):
+        if m not in correct:
+            raise SystemExit(f"--compare {a}:{b}: no run of method {m!r} (have {sorted(correct)})")
     seeds = sorted(set(correct[a]) & set(correct[b]))
     if not seeds:
         raise SystemExit(f"--compare {a}:{b}: no seed has both methods")
@@ -142,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.asarray([y for _, y in common.read_ag_news_csv(test)], dtype=np.int64)
     preds: dict[str, dict[int, np.ndarray]] = {}
     sources: dict[str, str] = {}
-    for spec in args.run:
+    specs = args.run + [spec for folder in args.study for spec in study_runs(Path(folder))]
+    if not specs:
+        raise SystemExit("nothing to compare: give --run or --study")
+    for spec in specs:
         method, seed, path = _spec(spec)
         t0 = time.perf_counter()
         pred = read_tsv(path, len(labels)) if path.suffix == ".tsv" else predict_run(path, test, labels, args.batch_size)
@@ -161,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
             rec["subset_accuracy_per_seed"] = sub
             rec["subset_mean"], _ = _mean_std(list(sub.values()))
         methods.append(rec)
-    comparisons = [compare(correct, *c.split(":", 1), args.resamples) for c in args.compare]
+    pairs = [c.split(":", 1) for c in args.compare] or [["best", m] for m in correct if m != "best" and "best" in correct]
+    comparisons = [compare(correct, a, b, args.resamples) for a, b in pairs]
 
     out_dir = Path(args.out_dir) if args.out_dir else common.BENCH_DIR / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
