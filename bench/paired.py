@@ -87,14 +87,17 @@ def predict_run(run_dir: Path, test: str, labels: np.ndarray, batch_size: int) -
     """Predicted class index per test row, [N] int64, from a loraclf run's adapter.
 
     Kept in the run's own ``eval/`` folder (where ``loraclf evaluate`` writes) as
-    ``predictions_<test file>.tsv`` and read back on later calls: a rerun of the comparison
-    with one more run does not predict the others again, and retraining replaces the folder.
+    ``predictions_<test file>_<its sha256 prefix>.tsv`` and read back on later calls: a rerun of
+    the comparison with one more run does not predict the others again, and retraining replaces
+    the folder.
     """
-    cached = run_dir / "eval" / f"predictions_{Path(test).name.removesuffix('.gz')}.tsv"
+    from loraclf.config import DataConfig
+    from loraclf.data import file_fingerprint, load_eval_split
+
+    digest = file_fingerprint(Path(test))["sha256"][:12]
+    cached = run_dir / "eval" / f"predictions_{Path(test).name.removesuffix('.gz')}_{digest}.tsv"
     if cached.is_file():
         return read_tsv(cached, len(labels))
-    from loraclf.config import DataConfig
-    from loraclf.data import load_eval_split
     from loraclf.predict import Predictor
     from loraclf.runs import open_run
 
