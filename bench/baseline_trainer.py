@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import sys
 import tempfile
 import time
@@ -117,17 +116,6 @@ def build_model(path: str, num_labels: int, seed: int):
     return model, random_init
 
 
-def _write_predictions(args: argparse.Namespace, predicted: np.ndarray, source_rows: int) -> None:
-    """Predicted labels back in the source file's row order (the rows were shuffled with the
-    run's seed; shuffling indices with the same seed gives the same permutation), one per
-    line; rows that were not evaluated are left out, so the file has ``len(predicted)`` lines
-    in source order, each ``<source row index>\t<label>``."""
-    order = list(range(source_rows))
-    random.Random(args.seed).shuffle(order)
-    pairs = sorted(zip(order[: len(predicted)], predicted.tolist()))
-    Path(args.predictions_out).write_text("".join(f"{i}\t{label}\n" for i, label in pairs))
-
-
 def model_label(path: str) -> str:
     p = Path(path)
     if not p.is_dir():
@@ -176,11 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.val_from:
         train_rows = common.shuffled_head(rows, args.rows, args.seed)
         val_all = common.read_ag_news_csv(args.val_from)
-        val_source_rows = len(val_all)
         val_rows = common.shuffled_head(val_all, args.val_rows, args.seed)
     else:
-        val_source_rows = len(rows)
+        val_all = rows
         train_rows, val_rows = common.split_rows(rows, args.rows, max(args.val_rows, 0), args.seed)
+    # where each validation row sits in its file: the same seeded shuffle of as many indices
+    # (split_rows also takes its validation rows first from a Random(seed) shuffle)
+    val_index = common.shuffled_head(range(len(val_all)), len(val_rows), args.seed)
     read_s = time.perf_counter() - t0
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -302,9 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
             order = np.asarray(list(sampler) if sampler is not None else range(len(val_ds)))
             if not np.array_equal(np.asarray(pred.label_ids), np.asarray([val_rows[i][1] for i in order])):
                 raise SystemExit("--predictions-out: could not recover the evaluation order (labels disagree)")
-            predicted = np.empty(len(order), dtype=np.int64)
-            predicted[order] = np.argmax(logits, axis=-1)
-            _write_predictions(args, predicted, val_source_rows)
+            common.write_row_predictions(args.predictions_out,
+                                         ((val_index[i], int(y)) for i, y in zip(order, np.argmax(logits, axis=-1))))
 
     machine = common.machine_info()
     train_s = t_train.seconds

@@ -133,6 +133,26 @@ def shuffled_head(rows: Sequence[tuple[str, int]], n: int | None, seed: int) -> 
     return rows if n is None or n < 0 else rows[:n]
 
 
+def write_row_predictions(path: str | Path, rows: Iterable[tuple[int, int]]) -> None:
+    """Per-row predictions, ``<row index in the source file>\t<class index>`` per line, sorted by row."""
+    Path(path).write_text("".join(f"{i}\t{label}\n" for i, label in sorted(rows)))
+
+
+def read_row_predictions(path: str | Path, n: int) -> Any:
+    """[n] int64 numpy class indices from :func:`write_row_predictions`; every row of the n-row source must be there."""
+    import numpy as np  # here, not at the top: the rest of this module needs only the standard library
+
+    pred = np.full(n, -1, dtype=np.int64)
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        i, label = (int(x) for x in line.split("\t"))
+        if not 0 <= i < n:
+            raise SystemExit(f"{path}:{lineno}: row {i} is outside the {n}-row test file (another test file?)")
+        pred[i] = label
+    if (pred < 0).any():
+        raise SystemExit(f"{path}: predictions for {int((pred < 0).sum())} of {n} test rows are missing")
+    return pred
+
+
 # --------------------------------------------------------------------------- machine
 def _cpu_model() -> str:
     try:

@@ -97,7 +97,7 @@ def predict_run(run_dir: Path, test: str, labels: np.ndarray, batch_size: int) -
     digest = file_fingerprint(Path(test))["sha256"][:12]
     cached = run_dir / "eval" / f"predictions_{Path(test).name.removesuffix('.gz')}_{digest}.tsv"
     if cached.is_file():
-        return read_tsv(cached, len(labels))
+        return common.read_row_predictions(cached, len(labels))
     from loraclf.predict import Predictor
     from loraclf.runs import open_run
 
@@ -110,19 +110,7 @@ def predict_run(run_dir: Path, test: str, labels: np.ndarray, batch_size: int) -
     predictor = Predictor.from_run(run, batch_size=batch_size)
     pred = predictor.logits(examples.texts).argmax(-1).astype(np.int64)
     cached.parent.mkdir(exist_ok=True)
-    cached.write_text("".join(f"{i}\t{label}\n" for i, label in enumerate(pred.tolist())))
-    return pred
-
-
-def read_tsv(path: Path, n: int) -> np.ndarray:
-    pred = np.full(n, -1, dtype=np.int64)
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        i, label = (int(x) for x in line.split("\t"))
-        if not 0 <= i < n:
-            raise SystemExit(f"{path}:{lineno}: row {i} is outside the {n}-row test file (another test file?)")
-        pred[i] = label
-    if (pred < 0).any():
-        raise SystemExit(f"{path}: predictions for {int((pred < 0).sum())} of {n} test rows are missing")
+    common.write_row_predictions(cached, enumerate(pred.tolist()))
     return pred
 
 
@@ -170,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in specs:
         method, seed, path = _spec(spec)
         t0 = time.perf_counter()
-        pred = read_tsv(path, len(labels)) if path.suffix == ".tsv" else predict_run(path, test, labels, args.batch_size)
+        pred = common.read_row_predictions(path, len(labels)) if path.suffix == ".tsv" else predict_run(path, test, labels, args.batch_size)
         preds.setdefault(method, {})[seed] = pred
         sources[f"{method}:{seed}"] = str(path)
         harness.log(f"{method}:{seed}: accuracy {100 * (pred == labels).mean():.2f} % ({time.perf_counter() - t0:.0f} s)")
