@@ -4,6 +4,8 @@
 #
 #   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=590)
 #
+# after building .bench/ here (absent from a fresh clone): bash bench/prepare_bench.sh
+#
 # GPU check 3 (H200, 2026-11-27, BENCHMARKS.md) found loraclf's whole-step CUDA graphs
 # (train.cuda_graphs, now on by default on a GPU) exact and 6.2x the eager step, but still 2.1x
 # short of 12,000 examples/s: the GPU now executes the captured kernels more slowly than the host

