@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .runs import share_modes
+
 CHECKPOINT_DIR = "checkpoints"
 _DONE = "state.json"  # written last inside the temporary directory
 
@@ -115,6 +117,7 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
+    share_modes(tmp)  # safetensors writes 0600
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -49,6 +49,7 @@ from .config import Config, build_config
 from .errors import BudgetError, ModelError
 from .heads import DEFAULT_HEAD_RANK, HEADS, classifier_attr, install_head, trained_head_params
 from .model import find_blocks, is_linear, load_model_config, num_layers
+from .runs import write_text
 
 DEFAULT_HEADS = ("linear", "mean", f"lowrank:{DEFAULT_HEAD_RANK}", "default")
 
@@ -398,7 +399,6 @@ def make_plans(cfg: Config, label_names: list[str], budget: int, heads: tuple[st
 def write_config(cfg: Config, path: str, plan: Plan, source: str | None = None, rank: int = 1, of: int = 1) -> None:
     """Write ``cfg`` as YAML with a header saying what the plan chose and why it fits."""
     import yaml
-    from pathlib import Path
 
     head = [
         f"# Written by `loraclf plan --budget {plan.budget}`" + (f" from {source}" if source else "")
@@ -410,7 +410,4 @@ def write_config(cfg: Config, path: str, plan: Plan, source: str | None = None, 
         f"# Train it: loraclf train --config {path}",
     ]
     text = "\n".join(head) + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    out = Path(path)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    write_text(path, text)

@@ -18,8 +18,6 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from .data import Examples, limit, load_eval_split, load_splits
 from .errors import LoraclfError
 from .evaluate import classification_metrics
 from .predict import Predictor, softmax
-from .runs import CONFIG_FILE, CURVE_FILE, METRICS_FILE, Run, open_run
+from .runs import CONFIG_FILE, CURVE_FILE, METRICS_FILE, Run, open_run, write_text
 
 HTML_FILE = "report.html"
 MD_FILE = "report.md"
@@ -123,21 +121,9 @@ def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, exa
                                f"confusion matrix: {analysis.split} (n={analysis.n})")
     content = _Content(run, _read_records(run.path / METRICS_FILE), analysis, problem)
     html_path, md_path = run.path / HTML_FILE, run.path / MD_FILE
-    _write_text(html_path, content.html())
-    _write_text(md_path, content.markdown())
+    write_text(html_path, content.html())
+    write_text(md_path, content.markdown())
     return html_path, md_path
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- content

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,18 +35,48 @@ CURVE_FILE = "learning_curve.png"
 EVAL_DIR = "eval"
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_modes(path: Path) -> None:
+    """Give ``path`` and everything below it the permissions a plain ``open``/``mkdir`` would
+    (0o666/0o777 less the umask). safetensors and mkstemp create files 0600: a run written by one
+    account (a trainer) could then not be loaded by another (a server, a teammate)."""
+    mask = _umask()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (a reader sees the old file or the new one, never half of one),
+    with ordinary permissions (the temporary file is opened 0o666 less the umask, unlike mkstemp's 0600)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -75,13 +105,21 @@ def environment() -> dict[str, str]:
 
 
 def prepare_dir(path: Path, overwrite: bool) -> None:
-    """Create an empty run directory; refuse to clobber one unless asked to."""
+    """Create an empty run directory; refuse to clobber one unless asked to, and even then replace
+    only an earlier loraclf run: ``overwrite`` must never delete a folder of the user's own files."""
     if path.exists() and not path.is_dir():
         raise RunError("exists and is not a directory", where=str(path), fix="choose another --train.output_dir")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise RunError("run directory already exists and is not empty", where=str(path),
                            fix="choose another --train.output_dir, or pass --train.overwrite true to replace it")
+        cwd, target = Path.cwd().resolve(), path.resolve()
+        if target == cwd or target in cwd.parents:
+            raise RunError("is the current directory or holds it; --train.overwrite will not delete it",
+                           where=str(path), fix="choose a subdirectory as --train.output_dir, e.g. runs/NAME")
+        if not (path / RUN_FILE).is_file():
+            raise RunError(f"not a loraclf run (no {RUN_FILE}); --train.overwrite replaces only an earlier run",
+                           where=str(path), fix="choose another --train.output_dir, or empty this folder yourself")
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -111,17 +149,18 @@ class Run:
 def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
     path = Path(path)
     if not path.is_dir():
-        raise RunError("no such run directory", where=str(path), fix="give the --train.output_dir of a finished run")
+        raise RunError("no such run directory", where=str(path), fix="give the --train.output_dir of a loraclf run")
     try:
         info = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunError("not a loraclf run (no run.json)", where=str(path),
-                       fix="give the --train.output_dir of a finished run") from None
+                       fix="give the --train.output_dir of a loraclf run") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RunError("run.json is corrupted", where=str(path), fix="train the run again") from None
     if info.get("status") != "complete" and not allow_incomplete:
         raise RunError(f"run is incomplete (status: {info.get('status')!r}); training did not finish", where=str(path),
-                       fix="train it to the end, or train again")
+                       fix=f"finish it with loraclf train --resume {path} (evaluate and predict also take "
+                           "--checkpoint: its newest checkpoint as it is)")
     try:
         import yaml
 

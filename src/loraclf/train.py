@@ -445,6 +445,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         if accelerator.is_main_process:
             tmp = run_dir / f".{runs.ADAPTER_DIR}.tmp"
             unwrapped.save_pretrained(tmp)
+            runs.share_modes(tmp)  # safetensors writes 0600
             runs.replace_dir(tmp, run_dir / runs.ADAPTER_DIR)
         test = None
         if splits.test is not None:
