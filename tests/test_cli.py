@@ -50,7 +50,7 @@ def test_train_evaluate_predict_end_to_end(tiny_roberta, agnews_files, tmp_path,
     assert [l["text"] for l in lines] == ["the match goal", "bank shares profit"] and len(lines[0]["top_k"]) == 2
 
     src = tmp_path / "in.txt"
-    src.write_text("first text\n\nsecond text\n")
+    src.write_text("first text\nsecond text\n\n")  # blank lines at the end are ignored
     dst = tmp_path / "out.csv"
     assert main(["predict", str(run), "--input", str(src), "--format", "csv", "--output", str(dst)]) == 0
     rows = dst.read_text().splitlines()
@@ -105,6 +105,14 @@ ERRORS = [
     (["predict", "RUN", "ok", ""], "text 2 is empty"),
     (["predict", "RUN", "--input", "/no/such/file.txt"], "file not found"),
     (["predict", "RUN", "x", "--top-k", "0"], "--top-k must be >= 1"),
+    (["predict", "RUN", "x", "--output", "/no/such/dir/o.jsonl"], "folder /no/such/dir does not exist"),
+    (["plan", "--config", SEED, "--write", "/no/such/dir/p.yaml"], "folder /no/such/dir does not exist"),
+    # evaluate validates its --data.* options like train does: one line, no pydantic traceback
+    (["evaluate", "RUN", "--data.max_eval_samples", "0"], "command line: --data.max_eval_samples: Input should be"),
+    (["evaluate", "RUN", "--data.format", "xml"], "command line: --data.format: Input should be"),
+    (["evaluate", "RUN", "--data.text_columns", "text"], "command line: --data.text_columns: Input should be a valid list"),
+    # a misspelt key typed on the command line is blamed on the command line, not the YAML file
+    (["train", "--config", SEED, "--train.epochz", "3"], "command line: unknown key '--train.epochz'"),
 ]
 
 
@@ -131,6 +139,47 @@ def test_train_errors_leave_nothing_behind(extra, expected, tiny_roberta, agnews
     assert main(["train", "--config", SEED, "--quiet", *_args(o)]) == 2
     assert expected in _error_line(capsys)
     assert not run.exists()
+
+
+@pytest.mark.parametrize("stdin,expected", [
+    ("", "stdin: no texts to classify"),
+    ("\n\n", "stdin: no texts to classify"),
+    ("first\n\nthird\n", "stdin: line 2 is empty"),  # skipping it would misalign outputs and inputs
+])
+def test_predict_stdin_errors(stdin, expected, trained_run, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert main(["predict", str(trained_run)]) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_predict_output_to_a_missing_folder_writes_nothing(trained_run, tmp_path, capsys):
+    out = tmp_path / "missing" / "o.jsonl"
+    assert main(["predict", str(trained_run), "x", "--output", str(out)]) == 2
+    assert "does not exist" in _error_line(capsys)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_predict_csv_has_top_k_columns(trained_run, capsys):
+    assert main(["predict", str(trained_run), "bank shares profit", "--format", "csv", "--top-k", "2",
+                 "--precision", "fp32"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    cols = header.split(",")
+    assert cols[-4:] == ["top1_label", "top1_probability", "top2_label", "top2_probability"]
+    values = dict(zip(cols, row.split(",")))
+    probs = {c[2:]: float(v) for c, v in values.items() if c.startswith("p_")}
+    ranked = sorted(probs, key=probs.get, reverse=True)
+    assert [values["top1_label"], values["top2_label"]] == ranked[:2] == [values["label"], ranked[1]]
+    assert float(values["top2_probability"]) == probs[ranked[1]]
+
+
+def test_evaluating_a_subset_keeps_the_full_evaluation(trained_run, capsys):
+    assert main(["evaluate", str(trained_run), "--precision", "fp32"]) == 0
+    full = json.loads((trained_run / "eval" / "test.csv.json").read_text())
+    assert main(["evaluate", str(trained_run), "--precision", "fp32", "--data.max_eval_samples", "5"]) == 0
+    assert json.loads((trained_run / "eval" / "test.csv.json").read_text()) == full and full["n"] == 80
+    assert json.loads((trained_run / "eval" / "test.csv.n5.json").read_text())["n"] == 5
 
 
 def test_empty_text_row_in_training_data(tiny_roberta, agnews_files, tmp_path, capsys):

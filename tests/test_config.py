@@ -46,6 +46,8 @@ def test_all_problems_reported_at_once(tmp_path):
     for fragment in ("lora.r", "unknown key 'lora.rank'", "train.precision", "unknown key 'bogus'", "train.epochs"):
         assert fragment in msg
     assert "\n" not in msg and str(p) in msg
+    # the one key typed on the command line is named as an option, and the place says both
+    assert "--train.epochs" in msg and f"{p} and command line" in msg
 
 
 def test_semantic_checks():
@@ -79,3 +81,14 @@ def test_save_load_roundtrip(tmp_path):
     cfg = load_config(None, {"lora.r": 4, "lora.layers": [0, 2], "data.label_names": ["a", "b"]})
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_evaluate_data_options_are_validated_with_their_names():
+    from loraclf.config import DataConfig, data_config
+
+    base = DataConfig(train="t.csv").model_dump()
+    assert data_config(base, {"max_eval_samples": 5}).max_eval_samples == 5
+    with pytest.raises(ConfigError) as e:
+        data_config(base, {"max_eval_samples": 0, "format": "xml"})
+    assert e.value.where == "command line" and len(e.value.problems) == 2
+    assert "--data.max_eval_samples" in str(e.value) and "--data.format" in str(e.value)

@@ -262,7 +262,9 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     budget = cfg.train.max_trainable_params if args.budget is None else args.budget
     heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
     if args.top < 0 or args.pick < 1 or not heads:
-        raise ConfigError(["--top must be >= 0, --pick >= 1 and --heads name at least one head"], where="command line")
+        raise ConfigError(["--top must be >= 0, --pick >= 1 and --heads name at least one head"], where="command line",
+                          fix="e.g. --top 10 --pick 1 --heads linear,mean")
+    _check_output(args.write, "--write")
     names = cfg.data.label_names or load_splits(cfg.data, need_test=False).label_names
     arch, plans = planner.make_plans(cfg, names, budget, heads, args.min_rank, args.max_rank)
     if not plans:
@@ -344,7 +346,7 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
             if not path.is_file():
                 raise DataError("file not found", where=str(path), fix="check the path given to --input")
             try:
-                return [ln for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+                return _lines(path.read_text(encoding="utf-8-sig"), str(path))
             except UnicodeDecodeError:
                 raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
         table = read_table(str(path), "input", DataConfig(text_columns=[args.text_column]))
@@ -354,7 +356,45 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
         return [str(v) for v in table.columns[args.text_column]]
     if sys.stdin is None or sys.stdin.isatty():
         raise DataError("no texts given", where="predict", fix="pass texts as arguments, --input FILE, or pipe them on stdin")
-    return [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
+    return _lines(sys.stdin.read(), "stdin")
+
+
+def _lines(text: str, where: str) -> list[str]:
+    """One text per line. Empty lines at the end are ignored; an empty line before a text is an
+    error, not skipped: skipping it would shift every later output row against its input line."""
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise DataError(f"line {i} is empty", where=where, fix="give one non-empty text per line")
+    return lines
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    """Fail before any work, not after it, when an output file cannot be written."""
+    if path is None:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ConfigError([f"{flag} {path} is a directory"], where="command line", fix=f"give {flag} a file name")
+    if not parent.is_dir():
+        raise ConfigError([f"{flag} {path}: folder {parent} does not exist"], where="command line",
+                          fix=f"create {parent} first, or choose another {flag}")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError([f"{flag} {path}: folder {parent} is not writable"], where="command line",
+                          fix=f"choose another {flag}")
+
+
+def _write_output(path: str, text: str, flag: str) -> None:
+    from .runs import write_text
+
+    try:
+        write_text(path, text)
+    except OSError as e:
+        raise ConfigError([f"{flag} {path}: cannot write ({e.strerror or e})"], where="command line",
+                          fix=f"choose another {flag}") from None
 
 
 def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -364,8 +404,13 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError([f"predict does not take --{k}" for k in overrides], where="command line",
                           fix="see loraclf predict --help")
     if args.top_k < 1:
-        raise ConfigError([f"--top-k must be >= 1 (got {args.top_k})"], where="command line")
+        raise ConfigError([f"--top-k must be >= 1 (got {args.top_k})"], where="command line",
+                          fix="give --top-k 1 (the label only) or more")
+    _check_output(args.output, "--output")
     texts = _read_inputs(args)
+    if not texts:
+        raise DataError("no texts to classify", where=args.input or "stdin",
+                        fix="give texts as arguments, a non-empty --input FILE, or lines on stdin")
     _check_max_tokens(args)
     predictor = Predictor.from_run(args.run_dir, batch_size=args.batch_size, precision=args.precision,
                                    from_checkpoint=args.checkpoint, max_tokens=args.max_tokens)
@@ -375,14 +420,16 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         for r in results:
             buf.write(json.dumps(r, ensure_ascii=False) + "\n")
     else:
+        # --top-k > 1 adds the k best classes in order (the p_ columns have every class's probability)
+        k = len(results[0]["top_k"]) if args.top_k > 1 else 0
         w = csv.writer(buf)
-        w.writerow(["text", "label", *[f"p_{n}" for n in predictor.label_names]])
+        w.writerow(["text", "label", *[f"p_{n}" for n in predictor.label_names],
+                    *[c for i in range(1, k + 1) for c in (f"top{i}_label", f"top{i}_probability")]])
         for r in results:
-            w.writerow([r["text"], r["label"], *[f"{r['probabilities'][n]:.6f}" for n in predictor.label_names]])
+            w.writerow([r["text"], r["label"], *[f"{r['probabilities'][n]:.6f}" for n in predictor.label_names],
+                        *[v for t in r["top_k"][:k] for v in (t["label"], f"{t['probability']:.6f}")]])
     if args.output:
-        tmp = Path(args.output).with_name(Path(args.output).name + ".tmp")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, args.output)
+        _write_output(args.output, buf.getvalue(), "--output")
         print(f"wrote {len(results)} predictions to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(buf.getvalue())

@@ -247,43 +247,69 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _format_errors(err: ValidationError, data: dict[str, Any]) -> list[str]:
+def _format_errors(err: ValidationError, prefix: str = "", from_cli: frozenset[str] = frozenset()) -> list[tuple[str, bool]]:
+    """(problem, whether its key came from the command line) for each error; ``prefix``: the
+    section of a model validated on its own (evaluate's ``data``)."""
     problems = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
+        parts = [prefix, *(str(x) for x in e["loc"])] if prefix else [str(x) for x in e["loc"]]
+        loc = ".".join(parts)
+        cli = loc in from_cli
+        name = f"--{loc}" if cli else loc
         if e["type"] == "extra_forbidden":
-            section = str(e["loc"][0])
-            known = SECTIONS.get(section).model_fields if len(e["loc"]) > 1 and section in SECTIONS else SECTIONS
-            problems.append(f"unknown key '{loc}' (known: {', '.join(known)})")
+            section = parts[0]
+            known = SECTIONS.get(section).model_fields if len(parts) > 1 and section in SECTIONS else SECTIONS
+            problems.append((f"unknown key '{name}' (known: {', '.join(known)})", cli))
         elif e["type"] == "value_error":
-            problems.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}".lstrip(": "))
+            problems.append((f"{name}: {e['msg'].removeprefix('Value error, ')}".lstrip(": "), cli))
         else:
-            problems.append(f"{loc}: {e['msg']} (got {e['input']!r})")
+            problems.append((f"{name}: {e['msg']} (got {e['input']!r})", cli))
     return problems
+
+
+def _raise_problems(problems: list[tuple[str, bool]], where: str | None) -> None:
+    """One ConfigError for all problems, placed where they came from: the file, the command line or both."""
+    if not problems:
+        return
+    cli = [c for _, c in problems]
+    if all(cli):
+        where = "command line"
+    elif any(cli):
+        where = f"{where or 'config'} and command line"
+    raise ConfigError([p for p, _ in problems], where=where or "config", fix="correct the keys named")
 
 
 def build_config(doc: dict[str, Any], overrides: dict[str, Any] | None = None, where: str | None = None) -> Config:
     """Validate a config document plus dotted-key overrides; raise one ConfigError listing all problems."""
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
-    problems: list[str] = []
+    problems: list[tuple[str, bool]] = []
     for dotted, value in (overrides or {}).items():
         section, dot, key = dotted.partition(".")
         if not dot or not key or "." in key:
-            problems.append(f"override '--{dotted}' must look like --section.key (e.g. --lora.r 8)")
+            problems.append((f"override '--{dotted}' must look like --section.key (e.g. --lora.r 8)", True))
             continue
         target = merged.setdefault(section, {})
         if not isinstance(target, dict):
-            problems.append(f"'{section}' is not a section")
+            problems.append((f"'{section}' is not a section", True))
             continue
         target[key] = value
+    cfg = None
     try:
         cfg = Config.model_validate(merged)
     except ValidationError as e:
-        problems.extend(_format_errors(e, merged))
-        cfg = None
-    if problems:
-        raise ConfigError(problems, where=where or "config", fix="correct the keys named above")
+        problems.extend(_format_errors(e, from_cli=frozenset(overrides or ())))
+    _raise_problems(problems, where)
     return cfg
+
+
+def data_config(base: dict[str, Any], overrides: dict[str, Any]) -> DataConfig:
+    """A run's data section (``base``) with ``overrides`` ({'test': ..., 'max_eval_samples': ...},
+    from evaluate's --data.KEY options) applied and validated; errors name the options."""
+    try:
+        return DataConfig.model_validate({**base, **overrides})
+    except ValidationError as e:
+        _raise_problems(_format_errors(e, prefix="data", from_cli=frozenset(f"data.{k}" for k in overrides)), None)
+        raise  # unreachable: _raise_problems raised
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

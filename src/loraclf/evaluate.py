@@ -10,7 +10,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from . import checkpoint, plots
-from .config import DataConfig
+from .config import data_config
 from .data import Examples, load_eval_split
 from .errors import DataError
 from .predict import Predictor
@@ -42,10 +42,11 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     """Evaluate a finished run on its configured test split, or on ``data_overrides['test']``.
 
     Returns the metrics plus ``split`` and ``source``; with ``write``, saves
-    RUN_DIR/eval/<name>.json and <name>_confusion.png.
+    RUN_DIR/eval/<name>.json and <name>_confusion.png (<name>: the source's file or dataset name,
+    plus ``.n<N>`` for a ``max_eval_samples`` subset, so a subset never replaces a full evaluation).
     """
     run = open_run(run_dir, allow_incomplete=from_checkpoint)
-    data_cfg = DataConfig.model_validate({**run.cfg.data.model_dump(), **(data_overrides or {})})
+    data_cfg = data_config(run.cfg.data.model_dump(), data_overrides or {})
     if data_cfg.test is None:
         raise DataError("the run has no test split configured", where=str(run.path),
                         fix="pass one with --data.test PATH_OR_NAME")
@@ -56,14 +57,16 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     result.update(split="test", source=data_cfg.test, precision=predictor.precision,
                   weights=str(checkpoint.latest(run.path)) if from_checkpoint else "adapter")
     if write:
-        write_evaluation(run, result, data_cfg.test)
+        write_evaluation(run, result, data_cfg.test, data_cfg.max_eval_samples)
     return result
 
 
-def write_evaluation(run: Run, result: dict[str, Any], source: str) -> Path:
+def write_evaluation(run: Run, result: dict[str, Any], source: str, max_samples: int | None = None) -> Path:
     out = run.path / EVAL_DIR
     out.mkdir(exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.split(":")[0]).name.removesuffix(".gz")) or "test"
+    if max_samples is not None:
+        name += f".n{max_samples}"
     write_json(out / f"{name}.json", result)
     plots.confusion_matrix(result["confusion_matrix"], run.label_names, out / f"{name}_confusion.png",
                            f"confusion matrix: {name} (n={result['n']})")
