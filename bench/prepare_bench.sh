@@ -3,7 +3,7 @@
 # on this machine. Every session starts from a fresh clone, where .bench/ (ignored) does not exist;
 # before this script each GPU session rebuilt it by hand from ../shared/README.md, and the wheel list
 # ("datasets ... + what else is missing") was rediscovered each time. Run once, in the repo root,
-# after the README's set-up (it needs .venv and ../shared; ~1 minute, ~45 MB):
+# after the README's set-up (it needs .venv and ../shared; 31 s and 52 MiB when first run here):
 #
 #   bash bench/prepare_bench.sh            # then: run(command="bash bench/gpu_check.sh", carry=[".bench"], ...)
 #   MPNET=/path/to/all-mpnet-base-v2 bash bench/prepare_bench.sh   # also packs MPNet into .ship/mpnet

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_overwrite_never_deletes_the_current_directory_or_its_parents(where, tmp
     (tmp_path / runs.RUN_FILE).write_text("{}")
     monkeypatch.chdir(cwd)
     with pytest.raises(RunError, match="is the current directory or holds it"):
-        runs.prepare_dir(runs.Path(where), overwrite=True)
+        runs.prepare_dir(Path(where), overwrite=True)
     assert (cwd / runs.RUN_FILE).is_file()
 
 

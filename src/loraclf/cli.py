@@ -376,7 +376,7 @@ def _check_output(path: str | None, flag: str) -> None:
     if path is None:
         return
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
+    parent = p.parent  # Path("o.jsonl").parent is Path(".")
     if p.is_dir():
         raise ConfigError([f"{flag} {path} is a directory"], where="command line", fix=f"give {flag} a file name")
     if not parent.is_dir():
