@@ -104,6 +104,11 @@ ERRORS = [
     (["predict", "/no/such/run", "text"], "no such run directory"),
     (["predict", "RUN", "ok", ""], "text 2 is empty"),
     (["predict", "RUN", "--input", "/no/such/file.txt"], "file not found"),
+    (["predict", "RUN", "--input", "/no/such/file.csv"], "check the path given to --input"),
+    (["predict", "RUN", "--input", "/tmp"], "/tmp: is a directory"),
+    # undecodable bytes in argv arrive as lone surrogates; the tokenizer raised a TypeError on them
+    (["predict", "RUN", "ok", "\udcff abc"], "text 2 is not valid Unicode"),
+    (["evaluate", "RUN", "--data.test", "null"], "command line: --data.test is empty"),
     (["predict", "RUN", "x", "--top-k", "0"], "--top-k must be >= 1"),
     (["predict", "RUN", "x", "--output", "/no/such/dir/o.jsonl"], "folder /no/such/dir does not exist"),
     (["plan", "--config", SEED, "--write", "/no/such/dir/p.yaml"], "folder /no/such/dir does not exist"),
@@ -154,6 +159,56 @@ def test_predict_stdin_errors(stdin, expected, trained_run, capsys, monkeypatch)
     assert expected in _error_line(capsys)
 
 
+def test_predict_stdin_that_is_not_utf8_is_one_line(trained_run, capsys, monkeypatch):
+    import io
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"abc\n\xff def\n"), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr(sys, "stdin", stdin)  # what Python gives a program for a non-UTF-8 pipe
+    assert main(["predict", str(trained_run)]) == 2
+    assert "text 2 is not valid Unicode" in _error_line(capsys)
+
+
+def _predicted_texts(capsys) -> list[str]:
+    # split at \n only: JSON Lines written with ensure_ascii=False may hold U+2028 inside a string
+    return [json.loads(line)["text"] for line in capsys.readouterr().out.split("\n") if line]
+
+
+def test_predict_input_files_one_text_per_line(trained_run, tmp_path, capsys, monkeypatch):
+    import gzip
+    import io
+
+    # only \n and \r\n end a line: a form feed or U+2028 inside a text must not split it
+    (tmp_path / "t.txt").write_text("shares\u2028market\r\ngoal\x0cmatch\x85 now\n\n", encoding="utf-8")
+    assert main(["predict", str(trained_run), "--input", str(tmp_path / "t.txt")]) == 0
+    assert _predicted_texts(capsys) == ["shares\u2028market", "goal\x0cmatch\x85 now"]
+    with gzip.open(tmp_path / "t.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("bank profit\nleague goal\n")
+    assert main(["predict", str(trained_run), "--input", str(tmp_path / "t.txt.gz")]) == 0
+    assert _predicted_texts(capsys) == ["bank profit", "league goal"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeffbank profit\n"))  # a byte-order mark is not text
+    assert main(["predict", str(trained_run)]) == 0
+    assert _predicted_texts(capsys) == ["bank profit"]
+
+
+@pytest.mark.parametrize("row,expected", [
+    ('{"text": null}', "row 2: column 'text' holds NoneType None, not text"),
+    ('{"text": 5}', "row 2: column 'text' holds int 5, not text"),
+    ('{"other": "x"}', "row 2: column 'text' holds NoneType None, not text"),
+    ('{"text": "  "}', "row 2: empty text"),
+])
+def test_predict_table_input_rows_are_checked(row, expected, trained_run, tmp_path, capsys):
+    # these were classified as the text "None" / "5"
+    (tmp_path / "in.jsonl").write_text('{"text": "bank shares"}\n' + row + "\n", encoding="utf-8")
+    assert main(["predict", str(trained_run), "--input", str(tmp_path / "in.jsonl")]) == 2
+    line = _error_line(capsys)
+    assert expected in line and "in.jsonl" in line
+
+
+def test_predict_texts_after_double_dash(trained_run, capsys):
+    assert main(["predict", str(trained_run), "--top-k", "2", "--", "-5% shares fall", "--data.x 1"]) == 0
+    assert _predicted_texts(capsys) == ["-5% shares fall", "--data.x 1"]
+
+
 def test_predict_output_to_a_missing_folder_writes_nothing(trained_run, tmp_path, capsys):
     out = tmp_path / "missing" / "o.jsonl"
     assert main(["predict", str(trained_run), "x", "--output", str(out)]) == 2
@@ -180,6 +235,49 @@ def test_evaluating_a_subset_keeps_the_full_evaluation(trained_run, capsys):
     assert main(["evaluate", str(trained_run), "--precision", "fp32", "--data.max_eval_samples", "5"]) == 0
     assert json.loads((trained_run / "eval" / "test.csv.json").read_text()) == full and full["n"] == 80
     assert json.loads((trained_run / "eval" / "test.csv.n5.json").read_text())["n"] == 5
+
+
+def test_evaluate_keeps_files_of_the_same_name_apart(trained_run, tmp_path, capsys):
+    import shutil
+
+    from conftest import make_rows, write_agnews_csv
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    a, b = tmp_path / "a" / "test.csv", tmp_path / "b" / "test.csv"
+    for path, n in ((a, 12), (b, 5)):
+        path.parent.mkdir()
+        write_agnews_csv(path, make_rows(n, seed=n))
+    for path in (a, b, b):  # b twice: its second evaluation replaces its first
+        assert main(["evaluate", str(run), "--precision", "fp32", "--data.test", str(path)]) == 0
+    saved = [json.loads(p.read_text()) for p in (run / "eval").glob("*.json")]
+    assert sorted((r["source_path"], r["n"]) for r in saved) == [(str(a), 12), (str(b), 5)]
+    assert (run / "eval" / "test.csv.json").is_file()  # the first keeps the plain name
+
+
+def test_evaluate_names_hub_splits_apart(trained_run):
+    from loraclf.evaluate import evaluation_name
+    from loraclf.runs import open_run
+
+    run = open_run(trained_run)
+    assert evaluation_name(run, "fancyzhx/ag_news:test") == "ag_news.test"
+    assert evaluation_name(run, "fancyzhx/ag_news:train", 100) == "ag_news.train.n100"
+    assert evaluation_name(run, "fancyzhx/ag_news") == "ag_news"
+
+
+def test_evaluate_a_run_it_cannot_write_still_reports(trained_run, capsys, monkeypatch):
+    import loraclf.evaluate
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(loraclf.evaluate, "write_evaluation", read_only)
+    assert main(["evaluate", str(trained_run), "--precision", "fp32", "--json"]) == 0
+    out = capsys.readouterr()
+    r = json.loads(out.out)
+    assert r["n"] == 80 and r["saved_to"] is None and 0 <= r["accuracy"] <= 1
+    assert out.err.strip() == (f"loraclf evaluate: warning: metrics not saved: cannot write {trained_run / 'eval'} "
+                               "(Read-only file system)")
 
 
 def test_empty_text_row_in_training_data(tiny_roberta, agnews_files, tmp_path, capsys):

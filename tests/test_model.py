@@ -66,9 +66,13 @@ def test_adapter_loads_with_peft_auto_class(tiny_roberta, tmp_path):
     _, model = _model(tiny_roberta)
     model, batch = _train_a_bit(model, tiny_roberta)
     model.save_pretrained(tmp_path / "adapter")
-    peft_model = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "adapter"), num_labels=4).eval()
+    # the README's snippet: class names come from the run's labels.json
+    peft_model = AutoPeftModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "adapter"), num_labels=len(NAMES), id2label=dict(enumerate(NAMES)),
+        label2id={n: i for i, n in enumerate(NAMES)}).eval()
     with torch.no_grad():
         assert torch.equal(peft_model(**batch).logits, model(**batch).logits)
+    assert peft_model.config.id2label == dict(enumerate(NAMES))
 
 
 def test_missing_local_model_dir(tmp_path):

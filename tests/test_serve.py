@@ -22,7 +22,8 @@ import pytest
 from loraclf import cli
 from loraclf.predict import Predictor
 from loraclf.runs import open_run
-from loraclf.serve import ClientError, Limits, MicroBatcher, create_app, listen, load_examples, run_info
+from loraclf.serve import (ClientError, Limits, MicroBatcher, PredictRequest, check_request, create_app, listen,
+                           load_examples, run_info)
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
 
@@ -74,6 +75,7 @@ def test_health_and_info(client, trained_run):
     r = client.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["micro_batching"] is True
     assert r.json()["pending_requests"] == 0
+    assert client.head("/health").status_code == 200  # what load balancers and uptime checks send
     info = client.get("/info").json()
     run = json.loads((trained_run / "run.json").read_text())
     assert info["labels"] == run["label_names"]
@@ -114,21 +116,39 @@ def test_predict_one_and_many_match_predictor(client, predictor):
     ({"texts": ["x"] * 9}, 422, "9 texts in one request; the limit is 8"),
     ({"text": "x" * 501}, 422, "501 characters; the limit is 500"),
     ({"text": "a", "top_k": 0}, 422, "top_k"),
-    ({"text": "a", "top_k": 11}, 422, "top_k 11 is above the limit of 10"),
+    ({"text": "a", "top_k": "2"}, 422, "top_k"),  # strict: a string or a bool is not a count
+    ({"text": "a", "top_k": True}, 422, "top_k"),
+    # a lone surrogate is valid JSON but no text: the tokenizer raised a TypeError on it (a 500)
+    ({"text": "ok \ud800"}, 422, "text is not valid Unicode"),
+    ({"texts": ["ok", "\udcff x"]}, 422, "text 2 is not valid Unicode"),
     ({"text": 5}, 422, "text"),
     ({"texts": "not a list"}, 422, "texts"),
     ({"txt": "typo"}, 422, 'unknown field "txt"'),
 ])
 def test_bad_requests_are_clear_json_4xx(client, body, status, needle):
-    r = client.post("/predict", json=body)
+    # json.dumps escapes a lone surrogate as "\\ud800", as browsers do (httpx's json= cannot encode it)
+    r = client.post("/predict", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     assert needle in r.json()["error"], r.json()
 
 
+def test_top_k_limit_counts_the_classes_a_model_has():
+    # top_k above the number of classes lists them all, so only a model with more classes than
+    # the limit can exceed it (the page asks for the default, 1: it shows every probability anyway)
+    assert check_request(PredictRequest(text="a", top_k=11), LIMITS, n_labels=4) == ["a"]
+    with pytest.raises(ClientError, match="top_k 11 is above the limit of 10"):
+        check_request(PredictRequest(text="a", top_k=11), LIMITS, n_labels=150)
+
+
 def test_malformed_json_too_large_bodies_and_unknown_paths(client):
     r = client.post("/predict", content=b'{"text": ', headers={"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON" in r.json()["error"]
+    r = client.post("/predict", content=b'{"text": "\xff caf\xe9"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON (or not UTF-8)" in r.json()["error"]
+    # curl's default content type: the body is not taken for JSON
+    r = client.post("/predict", content=b'{"text": "x"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["error"]
 
     big = json.dumps({"text": "y" * 30_000}).encode()
     r = client.post("/predict", content=big, headers={"content-type": "application/json"})
@@ -258,6 +278,48 @@ def test_prediction_failure_answers_every_waiting_request(predictor):
     assert all(isinstance(e, RuntimeError) for e in out) and isinstance(ok[0], RuntimeError)
 
 
+def test_a_failing_request_fails_alone_in_its_micro_batch(predictor):
+    class Picky(Spy):
+        def predict(self, texts, top_k=1):
+            if "poison" in texts:
+                self.calls.append(len(texts))
+                raise RuntimeError("boom")
+            return super().predict(texts, top_k)
+
+    picky = Picky(predictor)
+
+    async def go():
+        b = MicroBatcher(picky, max_batch=64, max_wait_ms=200)  # a long wait: all in one batch
+        b.start()
+        out = await asyncio.gather(*(b.submit([t]) for t in TEXTS[:3]), b.submit(["poison"]),
+                                   *(b.submit([t]) for t in TEXTS[3:]), return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = asyncio.run(go())
+    assert picky.calls[0] == len(TEXTS) + 1  # they did share a batch
+    assert isinstance(out[3], RuntimeError)
+    good = [o for i, o in enumerate(out) if i != 3]
+    assert [o[0]["label"] for o in good] == [r["label"] for r in predictor.predict(TEXTS)]
+
+
+def test_a_fault_of_the_service_is_a_json_500(predictor):
+    class Broken(Spy):
+        def predict(self, texts, top_k=1):
+            raise RuntimeError("boom")
+
+    app = create_app(Broken(predictor), limits=LIMITS)
+    with fastapi_testclient.TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/predict", json={"text": "a"})
+    assert r.status_code == 500 and r.json() == {"error": "internal error (RuntimeError); see the server log"}
+
+
+@pytest.mark.parametrize("wait", [float("inf"), float("nan"), -1.0, 10_001.0])
+def test_micro_batch_wait_must_be_finite(predictor, wait):
+    with pytest.raises(ValueError, match="max_wait_ms between 0 and 10000"):
+        MicroBatcher(predictor, max_wait_ms=wait)
+
+
 # ----------------------------------------------------------------------------- a real server
 
 
@@ -302,6 +364,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("loraclf serve: error:") and "no such run directory" in err and "\n" not in err
     assert cli.main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
     assert "--max-batch must be >= 1" in capsys.readouterr().err
+    for wait in ("inf", "nan"):  # inf made every request wait forever for a full batch
+        assert cli.main(["serve", str(tmp_path), "--max-wait-ms", wait]) == 2
+        assert f"--max-wait-ms must be between 0 and 10,000 (got {wait})" in capsys.readouterr().err
+
+
+def test_cli_serve_on_a_busy_port_fails_before_loading_the_model(trained_run, capsys, monkeypatch):
+    import loraclf.serve
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(loraclf.serve, "build_app", no_load)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert cli.main(["serve", str(trained_run), "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot listen on 127.0.0.1" in err and "\n" not in err
 
 
 def _raw_post(port: int, body: dict) -> socket.socket:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import io
 import json
 import os
@@ -316,9 +317,16 @@ def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     _check_max_tokens(args)
     r = evaluate_run(args.run_dir, data, batch_size=args.batch_size, precision=args.precision,
                      from_checkpoint=args.checkpoint, max_tokens=args.max_tokens)
+    _evaluation_output(args, r)
+    if r.get("save_error"):  # the metrics are printed; a read-only run cannot keep them
+        print(f"loraclf evaluate: warning: metrics not saved: {r['save_error']}", file=sys.stderr)
+    return 0
+
+
+def _evaluation_output(args: argparse.Namespace, r: dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(r, indent=2))
-        return 0
+        return
     names = list(r["per_class"])
     print(f"{r['split']} split: {r['source']} (n={r['n']}, {r['precision']})")
     print(f"accuracy  {r['accuracy']:.4f}\nmacro-F1  {r['macro_f1']:.4f}\n")
@@ -331,7 +339,6 @@ def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     print(" " * w + "  " + "  ".join(f"{n[:cw]:>{cw}}" for n in names))
     for n, row in zip(names, r["confusion_matrix"]):
         print(f"{n:<{w}}  " + "  ".join(f"{v:>{cw}d}" for v in row))
-    return 0
 
 
 def _read_inputs(args: argparse.Namespace) -> list[str]:
@@ -339,30 +346,40 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
         return list(args.texts)
     if args.input:
         from .config import DataConfig
-        from .data import read_table
+        from .data import read_table, table_texts
 
         path = Path(args.input)
-        if path.suffix.lower() in {".txt", ""} or path.name.endswith(".txt.gz"):
+        if path.is_dir():
+            raise DataError("is a directory, not a file of texts", where=str(path), fix="give a file to --input")
+        if path.suffix.lower() in {".txt", ""} or path.name.lower().endswith(".txt.gz"):
             if not path.is_file():
                 raise DataError("file not found", where=str(path), fix="check the path given to --input")
             try:
-                return _lines(path.read_text(encoding="utf-8-sig"), str(path))
+                with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as f:
+                    raw = f.read()
+                return _lines(raw.decode("utf-8-sig"), str(path))
             except UnicodeDecodeError:
                 raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
-        table = read_table(str(path), "input", DataConfig(text_columns=[args.text_column]))
+            except (gzip.BadGzipFile, EOFError) as e:
+                raise DataError(f"not a valid gzip file ({e})", where=str(path),
+                                fix="re-compress the file or remove .gz") from None
+        table = read_table(str(path), "input", DataConfig(text_columns=[args.text_column]), flag="--input")
         if args.text_column not in table.columns:
             raise DataError(f"no column '{args.text_column}' (columns: {list(table.columns)})", where=str(path),
                             fix="name the text column with --text-column")
-        return [str(v) for v in table.columns[args.text_column]]
+        # the same row checks as training data: a null or number is an error, not the text "None"
+        return table_texts(table, [args.text_column])
     if sys.stdin is None or sys.stdin.isatty():
         raise DataError("no texts given", where="predict", fix="pass texts as arguments, --input FILE, or pipe them on stdin")
-    return _lines(sys.stdin.read(), "stdin")
+    return _lines(sys.stdin.read().removeprefix("\ufeff"), "stdin")
 
 
 def _lines(text: str, where: str) -> list[str]:
-    """One text per line. Empty lines at the end are ignored; an empty line before a text is an
-    error, not skipped: skipping it would shift every later output row against its input line."""
-    lines = text.splitlines()
+    """One text per line (\\n or \\r\\n). Empty lines at the end are ignored; an empty line before a
+    text is an error, not skipped: skipping it would shift every later output row against its
+    input line. Only these end a line: str.splitlines() also splits at form feeds, U+2028 and
+    other characters that occur inside scraped texts, which would give more outputs than lines."""
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     for i, line in enumerate(lines, start=1):
@@ -443,22 +460,31 @@ def _no_overrides(command: str, overrides: dict[str, Any]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .serve import Limits, build_app, listen, run_server
+    from .runs import open_run
+    from .serve import MAX_WAIT_MS, Limits, build_app, listen, run_server
 
     _no_overrides("serve", overrides)
     bad = [f"--{k.replace('_', '-')} must be >= 1 (got {v})" for k, v in
            (("max_batch", args.max_batch), ("max_texts", args.max_texts), ("max_text_chars", args.max_text_chars),
             ("max_body_bytes", args.max_body_bytes), ("batch_size", args.batch_size)) if v < 1]
-    if args.max_wait_ms < 0:
-        bad.append(f"--max-wait-ms must be >= 0 (got {args.max_wait_ms})")
+    if not 0 <= args.max_wait_ms <= MAX_WAIT_MS:  # also refuses nan and inf (inf would hang every request)
+        bad.append(f"--max-wait-ms must be between 0 and {MAX_WAIT_MS:,} (got {args.max_wait_ms:g})")
     if not 0 <= args.port <= 65535:
         bad.append(f"--port must be 0-65535 (got {args.port})")
     if bad:
         raise ConfigError(bad, where="command line")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_text_chars=args.max_text_chars)
-    app = build_app(args.run_dir, micro_batching=not args.no_micro_batching, max_batch=args.max_batch,
-                    max_wait_ms=args.max_wait_ms, limits=limits, batch_size=args.batch_size, precision=args.precision)
+    # The run and the address first: a typo or a taken port should fail in a second, not after
+    # loading the model (clients that connect meanwhile wait in the backlog until the app is up).
+    run = open_run(args.run_dir)
     sock = listen(args.host, args.port)
+    try:
+        app = build_app(run, micro_batching=not args.no_micro_batching, max_batch=args.max_batch,
+                        max_wait_ms=args.max_wait_ms, limits=limits, batch_size=args.batch_size,
+                        precision=args.precision)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     mode = "off" if args.no_micro_batching else f"max {args.max_batch} texts / {args.max_wait_ms:g} ms"
@@ -509,11 +535,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     command = next((a for a in argv if not a.startswith("-")), "loraclf")
     try:
+        after_dashes: list[str] = []
+        if command == "predict" and "--" in argv:
+            # everything after "--" is a text, even "-5% ..." or "--data.x"
+            cut = argv.index("--")
+            argv, after_dashes = argv[:cut], argv[cut + 1:]
         rest, overrides = split_overrides(argv)
         args, extra = parser.parse_known_args(rest)
         if args.command == "predict":
             # argparse binds TEXT... before later options; texts after them arrive here.
-            args.texts += [a for a in extra if not a.startswith("-")]
+            args.texts += [a for a in extra if not a.startswith("-")] + after_dashes
             extra = [a for a in extra if a.startswith("-")]
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

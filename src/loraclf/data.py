@@ -237,15 +237,17 @@ def _read_hub(source: str, role: str, cfg: DataConfig) -> Table:
     return Table(columns, source=f"{name}:{split}", label_names=names, fingerprint=fp)
 
 
-def read_table(source: str, role: str, cfg: DataConfig) -> Table:
-    """Read one source (local file or hub dataset) into raw columns."""
+def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None) -> Table:
+    """Read one source (local file or hub dataset) into raw columns; ``flag``: the option that
+    named it, for error messages (default ``--data.<role>``)."""
     if is_hub_name(source):
         return _read_hub(source, role, cfg)
+    flag = flag or f"--data.{role}"
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError("file not found", where=str(path), fix=f"check the path given to --data.{role}")
+        raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}")
     if path.is_dir():
-        raise DataError("is a directory, not a data file", where=str(path), fix=f"give a file to --data.{role}")
+        raise DataError("is a directory, not a data file", where=str(path), fix=f"give a file to {flag}")
     fmt = cfg.format if cfg.format != "auto" else detect_format(path)
     try:
         if fmt in ("csv", "tsv", "agnews"):
@@ -270,20 +272,27 @@ def _texts(table: Table, cfg: DataConfig) -> list[str]:
     if missing:
         raise DataError(f"no column(s) {missing} (columns: {list(table.columns)})", where=table.source,
                         fix="set --data.text_columns to existing columns")
-    cols = [table.columns[c] for c in cfg.text_columns]
+    texts = table_texts(table, cfg.text_columns)
+    for i, text in enumerate(texts, start=1):
+        if len(text) > cfg.max_text_chars:
+            raise DataError(f"row {i}: text is {len(text):,} characters, over the limit of {cfg.max_text_chars:,}",
+                            where=table.source, fix="shorten or drop the row, or raise --data.max_text_chars")
+    return texts
+
+
+def table_texts(table: Table, columns: list[str]) -> list[str]:
+    """Each row's text: its ``columns`` joined by a space. A value that is not a string (null,
+    a number) or a row with no text is an error naming the row, never the text "None"."""
     texts = []
-    for i, parts in enumerate(zip(*cols), start=1):
-        for c, v in zip(cfg.text_columns, parts):
+    for i, parts in enumerate(zip(*(table.columns[c] for c in columns)), start=1):
+        for c, v in zip(columns, parts):
             if not isinstance(v, str):
                 raise DataError(f"row {i}: column '{c}' holds {type(v).__name__} {v!r}, not text", where=table.source,
                                 fix="make every text a string")
         text = " ".join(parts).strip()
         if not text:
-            raise DataError(f"row {i}: empty text in column(s) {cfg.text_columns}", where=table.source,
+            raise DataError(f"row {i}: empty text in column(s) {columns}", where=table.source,
                             fix="remove the row or fill in its text")
-        if len(text) > cfg.max_text_chars:
-            raise DataError(f"row {i}: text is {len(text):,} characters, over the limit of {cfg.max_text_chars:,}",
-                            where=table.source, fix="shorten or drop the row, or raise --data.max_text_chars")
         texts.append(text)
     return texts
 

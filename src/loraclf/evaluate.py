@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from . import checkpoint, plots
 from .config import data_config
-from .data import Examples, load_eval_split
+from .data import Examples, is_hub_name, load_eval_split
 from .errors import DataError
 from .predict import Predictor
 from .runs import EVAL_DIR, Run, open_run, write_json
@@ -42,13 +44,16 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     """Evaluate a finished run on its configured test split, or on ``data_overrides['test']``.
 
     Returns the metrics plus ``split`` and ``source``; with ``write``, saves
-    RUN_DIR/eval/<name>.json and <name>_confusion.png (<name>: the source's file or dataset name,
-    plus ``.n<N>`` for a ``max_eval_samples`` subset, so a subset never replaces a full evaluation).
+    RUN_DIR/eval/<name>.json and <name>_confusion.png (see :func:`evaluation_name`) and adds
+    ``saved_to`` (that JSON's path). A run the caller cannot write to (a shared, read-only
+    model store) still gets its metrics: then ``saved_to`` is None and ``save_error`` says why.
     """
     run = open_run(run_dir, allow_incomplete=from_checkpoint)
     data_cfg = data_config(run.cfg.data.model_dump(), data_overrides or {})
     if data_cfg.test is None:
-        raise DataError("the run has no test split configured", where=str(run.path),
+        cleared = "test" in (data_overrides or {})
+        raise DataError("--data.test is empty" if cleared else "the run has no test split configured",
+                        where="command line" if cleared else str(run.path),
                         fix="pass one with --data.test PATH_OR_NAME")
     examples = load_eval_split(data_cfg, data_cfg.test, run.label_names)
     predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, from_checkpoint=from_checkpoint,
@@ -56,18 +61,49 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     result = evaluate_examples(predictor, examples)
     result.update(split="test", source=data_cfg.test, precision=predictor.precision,
                   weights=str(checkpoint.latest(run.path)) if from_checkpoint else "adapter")
+    if not is_hub_name(data_cfg.test):
+        result["source_path"] = str(Path(data_cfg.test).expanduser().resolve())
     if write:
-        write_evaluation(run, result, data_cfg.test, data_cfg.max_eval_samples)
+        try:
+            result["saved_to"] = str(write_evaluation(run, result, data_cfg.test, data_cfg.max_eval_samples))
+        except OSError as e:
+            result.update(saved_to=None, save_error=f"cannot write {run.path / EVAL_DIR} ({e.strerror or e})")
     return result
+
+
+def evaluation_name(run: Run, source: str, max_samples: int | None = None) -> str:
+    """The file stem of an evaluation in RUN_DIR/eval/: the data file's name (``test.csv``) or the
+    hub dataset's name and split (``ag_news.test``), plus ``.n<N>`` for a ``max_eval_samples``
+    subset, so a subset never replaces a full evaluation. A different file with the same name
+    gets a short hash of its path, so evaluating ``a/test.csv`` and then ``b/test.csv`` keeps both."""
+    if is_hub_name(source):
+        dataset, _, split = source.partition(":")
+        name, where = Path(dataset).name + (f".{split}" if split else ""), None
+    else:
+        name, where = Path(source).name.removesuffix(".gz"), str(Path(source).expanduser().resolve())
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "test"
+    if max_samples is not None:
+        name += f".n{max_samples}"
+    if where is not None and _evaluated_elsewhere(run.path / EVAL_DIR / f"{name}.json", where):
+        name += "." + hashlib.sha256(where.encode()).hexdigest()[:8]
+    return name
+
+
+def _evaluated_elsewhere(existing: Path, where: str) -> bool:
+    """Does ``existing`` hold the evaluation of a file other than ``where``? (A file written before
+    evaluations recorded ``source_path`` counts as this one's: it is replaced, as it was then.)"""
+    try:
+        other = json.loads(existing.read_text(encoding="utf-8")).get("source_path")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return other is not None and other != where
 
 
 def write_evaluation(run: Run, result: dict[str, Any], source: str, max_samples: int | None = None) -> Path:
     out = run.path / EVAL_DIR
     out.mkdir(exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.split(":")[0]).name.removesuffix(".gz")) or "test"
-    if max_samples is not None:
-        name += f".n{max_samples}"
-    write_json(out / f"{name}.json", result)
+    name = evaluation_name(run, source, max_samples)
     plots.confusion_matrix(result["confusion_matrix"], run.label_names, out / f"{name}_confusion.png",
                            f"confusion matrix: {name} (n={result['n']})")
+    write_json(out / f"{name}.json", result)  # last: a JSON there means the evaluation was saved whole
     return out / f"{name}.json"

@@ -78,6 +78,16 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
     return out
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenized, or None. A lone surrogate ("\\ud800": valid JSON, and what
+    Python makes of undecodable bytes on stdin or argv) makes the tokenizer raise a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode (an unpaired surrogate or undecodable byte at character {e.start + 1})"
+    return None
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -134,6 +144,9 @@ class Predictor:
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise DataError(f"text {i + 1} is empty", where="input", fix="give every text some characters")
+            problem = unicode_problem(t)
+            if problem:
+                raise DataError(f"text {i + 1} {problem}", where="input", fix="give the input as valid UTF-8 text")
         return tokenize(texts, self.tokenizer, self.max_length)
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:

@@ -16,7 +16,9 @@ resolves every request's future. With micro-batching off the same worker takes o
 a time, which is what a plain one-request-one-forward service does.
 
 Every client mistake is a 4xx with a JSON body ``{"error": "..."}``: body too large (413),
-malformed JSON or schema (422), too many texts, a text too long, an empty text (422).
+malformed JSON or schema (422), too many texts, a text too long, an empty text, a text that is
+not valid Unicode (422). A request that fails inside a micro-batch fails alone: the others in
+its batch are answered. A fault of the service itself is a 500 with the same JSON body.
 On shutdown the service stops taking requests (503) and answers the ones already queued.
 """
 
@@ -37,10 +39,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import LoraclfError, RunError
-from .predict import Predictor
+from .predict import Predictor, unicode_problem
 from .runs import Run, open_run
 
 EXAMPLES_FILE = "examples.json"
+MAX_WAIT_MS = 10_000  # a longer wait to fill a micro-batch is a typo, and an infinite one hangs every request
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,10 @@ class PredictRequest(BaseModel):
 
     text: str | None = Field(None, description="a single text to classify")
     texts: list[str] | None = Field(None, description="several texts to classify, answered in order")
-    top_k: int = Field(1, ge=1, description="how many of the most probable classes to list per text")
+    # strict: "2" or true are client mistakes, not 2 and 1
+    top_k: int = Field(1, ge=1, strict=True,
+                       description="how many of the most probable classes to list per text (more than the "
+                                   "number of classes lists them all)")
 
 
 class ClassProbability(BaseModel):
@@ -136,8 +142,8 @@ class MicroBatcher:
     """
 
     def __init__(self, predictor: Predictor, enabled: bool = True, max_batch: int = 64, max_wait_ms: float = 5.0):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        if max_batch < 1 or not 0 <= max_wait_ms <= MAX_WAIT_MS:  # (NaN fails the comparison too)
+            raise ValueError(f"max_batch must be >= 1 and max_wait_ms between 0 and {MAX_WAIT_MS}")
         self.predictor = predictor
         self.enabled = enabled
         self.max_batch = max_batch
@@ -231,9 +237,14 @@ class MicroBatcher:
                     j.future.set_exception(ClientError(503, "the service stopped before answering"))
             raise
         except Exception as e:  # noqa: BLE001 - every waiting request must get an answer
-            for j in live:
-                if not j.future.done():
-                    j.future.set_exception(e)
+            if len(live) > 1:
+                # One request's texts must not fail the others that shared its batch: answer each
+                # alone, so the error reaches only the request that caused it.
+                for j in live:
+                    await self._answer([j])
+                return
+            if not live[0].future.done():
+                live[0].future.set_exception(e)
             return
         self.batches += 1
         self.texts_done += len(texts)
@@ -253,8 +264,9 @@ def _trim(result: dict[str, Any], top_k: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- request checks
 
 
-def check_request(req: PredictRequest, limits: Limits) -> list[str]:
-    """The texts of a request, or a ClientError saying exactly what is wrong with it."""
+def check_request(req: PredictRequest, limits: Limits, n_labels: int | None = None) -> list[str]:
+    """The texts of a request, or a ClientError saying exactly what is wrong with it. A ``top_k``
+    above ``n_labels`` (the model's number of classes) asks for every class, which is allowed."""
     if (req.text is None) == (req.texts is None):
         raise ClientError(422, 'give exactly one of "text" (a string) or "texts" (a list of strings)')
     texts = [req.text] if req.text is not None else list(req.texts or [])
@@ -262,7 +274,7 @@ def check_request(req: PredictRequest, limits: Limits) -> list[str]:
         raise ClientError(422, '"texts" is empty; give at least one text')
     if len(texts) > limits.max_texts:
         raise ClientError(422, f"{len(texts)} texts in one request; the limit is {limits.max_texts}")
-    if req.top_k > limits.max_top_k:
+    if min(req.top_k, n_labels or req.top_k) > limits.max_top_k:
         raise ClientError(422, f"top_k {req.top_k} is above the limit of {limits.max_top_k}")
     single = req.text is not None
     for i, t in enumerate(texts):
@@ -271,6 +283,9 @@ def check_request(req: PredictRequest, limits: Limits) -> list[str]:
             raise ClientError(422, f"{name} is empty; give every text some characters")
         if len(t) > limits.max_text_chars:
             raise ClientError(422, f"{name} has {len(t):,} characters; the limit is {limits.max_text_chars:,}")
+        problem = unicode_problem(t)
+        if problem:
+            raise ClientError(422, f"{name} {problem}")
     return texts
 
 
@@ -280,6 +295,9 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         if e.get("type") == "json_invalid":
             parts.append("the body is not valid JSON")
+        elif e.get("type") in ("model_attributes_type", "dict_type") and loc == "":
+            parts.append('the body must be a JSON object such as {"text": "..."}, '
+                         "sent with Content-Type: application/json")
         elif e.get("type") == "extra_forbidden":
             parts.append(f'unknown field "{loc}" (fields: text, texts, top_k)')
         else:
@@ -390,6 +408,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     errors = {413: {"model": ErrorResponse, "description": "request body too large"},
               422: {"model": ErrorResponse,
                     "description": "invalid request: schema, empty text, too many or too long texts"},
+              500: {"model": ErrorResponse, "description": "a fault of the service (details in its log)"},
               503: {"model": ErrorResponse, "description": "shutting down"}}
 
     @app.exception_handler(ClientError)
@@ -402,7 +421,15 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and request.url.path == "/predict":
+            # FastAPI's answer to a body it cannot decode (not UTF-8): a client mistake like bad JSON
+            return JSONResponse({"error": "the body is not valid JSON (or not UTF-8)"}, status_code=422)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # A fault of the service, not the client: still the promised JSON shape (uvicorn logs the traceback)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
     @app.exception_handler(LoraclfError)
     async def _library(request: Request, exc: LoraclfError) -> JSONResponse:
@@ -410,11 +437,12 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
 
     @app.post("/predict", response_model=PredictResponse, responses=errors, summary="classify one text or several")
     async def predict(req: PredictRequest) -> JSONResponse:
-        texts = check_request(req, limits)
+        texts = check_request(req, limits, len(predictor.label_names))
         # Returned as a response, the result skips FastAPI's re-validation through PredictResponse:
         # Predictor.predict already builds that shape, and under load every request's cost counts.
         return JSONResponse({"predictions": await batcher.submit(texts, req.top_k)})
 
+    @app.head("/health", include_in_schema=False)  # what load balancers and uptime checks often send
     @app.get("/health", response_model=HealthResponse, summary="liveness")
     async def health() -> dict[str, Any]:
         return {"status": "closing" if batcher.closing else "ok", "pending_requests": batcher.pending,
@@ -533,7 +561,7 @@ _PAGE = """<!doctype html>
     document.body.dataset.state = "busy";
     try {
       const r = await fetch("predict", {method: "POST", headers: {"Content-Type": "application/json"},
-                                        body: JSON.stringify({text: text.value, top_k: labels.length})});
+                                        body: JSON.stringify({text: text.value})});
       const body = await r.json().catch(function () { return {error: "HTTP " + r.status}; });
       if (!r.ok) { error.textContent = body.error || ("HTTP " + r.status); $("result").hidden = true; }
       else { show(body.predictions[0]); }
@@ -558,10 +586,12 @@ _PAGE = """<!doctype html>
 # ----------------------------------------------------------------------------- serving a run
 
 
-def build_app(run_dir: str | Path, *, micro_batching: bool = True, max_batch: int = 64, max_wait_ms: float = 5.0,
+def build_app(run: Run | str | Path, *, micro_batching: bool = True, max_batch: int = 64, max_wait_ms: float = 5.0,
               limits: Limits | None = None, batch_size: int = 64, precision: str = "auto") -> Any:
-    """Open a finished run, load its Predictor (LoRA merged) and build the app."""
-    run = open_run(run_dir)
+    """Open a finished run (a folder, or one already opened), load its Predictor (LoRA merged)
+    and build the app."""
+    if not isinstance(run, Run):
+        run = open_run(run)
     predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision)
     return create_app(predictor, info=run_info(run), examples=load_examples(run.path), limits=limits,
                       micro_batching=micro_batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
