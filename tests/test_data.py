@@ -1,5 +1,6 @@
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -7,8 +8,9 @@ import pytest
 
 from conftest import make_rows, write_agnews_csv
 from loraclf.config import DataConfig
-from loraclf.data import (AG_NEWS_LABELS, LengthGroupedBatchSampler, PadCollator, detect_format, load_eval_split,
-                          load_splits, read_table, sorted_batches, to_examples, tokenize, tokenize_cached)
+from loraclf.data import (AG_NEWS_LABELS, LengthGroupedBatchSampler, PadCollator, detect_format, is_lines_file,
+                          load_eval_split, load_splits, read_lines, read_table, sorted_batches, split_lines,
+                          to_examples, tokenize, tokenize_cached)
 import loraclf.data as data_mod
 from loraclf.errors import DataError
 
@@ -243,3 +245,35 @@ def test_parquet_with_wrong_types(tmp_path):
 def test_validation_size_that_leaves_nothing(agnews_files):
     with pytest.raises(DataError, match="validation_size 240"):
         load_splits(_cfg(train=str(agnews_files["train"]), validation_size=240))
+
+
+LINES_BAD = [
+    ("t.txt", b"a\n\nb\n", "line 2 is empty"),
+    ("t.txt", b"ok\n\xff\n", "not valid UTF-8"),
+    ("t.txt.gz", b"not gzip at all", "not a valid gzip file"),
+    ("missing.txt", None, "file not found"),
+    ("d.txt/", None, "is a directory"),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", LINES_BAD, ids=[b[2] for b in LINES_BAD])
+def test_read_lines_errors_name_file_and_flag(tmp_path, name, content, expected):
+    path = tmp_path / name.rstrip("/")
+    if name.endswith("/"):
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        read_lines(path, "--input")
+    msg = str(e.value)
+    assert expected in msg and str(path) in msg and "\n" not in msg
+    if expected in ("file not found", "is a directory"):
+        assert "--input" in msg
+
+
+def test_read_lines_gz_bom_and_crlf(tmp_path):
+    with gzip.open(tmp_path / "t.txt.gz", "wb") as f:
+        f.write("\ufefffirst\r\nsecond\u2028half\n\n".encode())
+    assert read_lines(tmp_path / "t.txt.gz", "--input") == ["first", "second\u2028half"]
+    assert is_lines_file(Path("a.TXT.gz")) and is_lines_file(Path("texts")) and not is_lines_file(Path("a.csv.gz"))
+    assert split_lines("", "stdin") == []

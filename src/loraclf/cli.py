@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import io
 import json
 import os
@@ -344,25 +343,15 @@ def _evaluation_output(args: argparse.Namespace, r: dict[str, Any]) -> None:
 def _read_inputs(args: argparse.Namespace) -> list[str]:
     if args.texts:
         return list(args.texts)
+    from .data import is_lines_file, read_lines, split_lines
+
     if args.input:
         from .config import DataConfig
         from .data import read_table, table_texts
 
         path = Path(args.input)
-        if path.is_dir():
-            raise DataError("is a directory, not a file of texts", where=str(path), fix="give a file to --input")
-        if path.suffix.lower() in {".txt", ""} or path.name.lower().endswith(".txt.gz"):
-            if not path.is_file():
-                raise DataError("file not found", where=str(path), fix="check the path given to --input")
-            try:
-                with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as f:
-                    raw = f.read()
-                return _lines(raw.decode("utf-8-sig"), str(path))
-            except UnicodeDecodeError:
-                raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
-            except (gzip.BadGzipFile, EOFError) as e:
-                raise DataError(f"not a valid gzip file ({e})", where=str(path),
-                                fix="re-compress the file or remove .gz") from None
+        if path.is_dir() or is_lines_file(path):
+            return read_lines(path, "--input")
         table = read_table(str(path), "input", DataConfig(text_columns=[args.text_column]), flag="--input")
         if args.text_column not in table.columns:
             raise DataError(f"no column '{args.text_column}' (columns: {list(table.columns)})", where=str(path),
@@ -371,21 +360,7 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
         return table_texts(table, [args.text_column])
     if sys.stdin is None or sys.stdin.isatty():
         raise DataError("no texts given", where="predict", fix="pass texts as arguments, --input FILE, or pipe them on stdin")
-    return _lines(sys.stdin.read().removeprefix("\ufeff"), "stdin")
-
-
-def _lines(text: str, where: str) -> list[str]:
-    """One text per line (\\n or \\r\\n). Empty lines at the end are ignored; an empty line before a
-    text is an error, not skipped: skipping it would shift every later output row against its
-    input line. Only these end a line: str.splitlines() also splits at form feeds, U+2028 and
-    other characters that occur inside scraped texts, which would give more outputs than lines."""
-    lines = [line.removesuffix("\r") for line in text.split("\n")]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise DataError(f"line {i} is empty", where=where, fix="give one non-empty text per line")
-    return lines
+    return split_lines(sys.stdin.read().removeprefix("\ufeff"), "stdin")
 
 
 def _check_output(path: str | None, flag: str) -> None:

@@ -237,6 +237,49 @@ def _read_hub(source: str, role: str, cfg: DataConfig) -> Table:
     return Table(columns, source=f"{name}:{split}", label_names=names, fingerprint=fp)
 
 
+def _gzip_error(path: Path, e: Exception) -> DataError:
+    return DataError(f"not a valid gzip file ({e})", where=str(path), fix="re-compress the file or remove .gz")
+
+
+def is_lines_file(path: Path) -> bool:
+    """A plain list of texts, one per line: ``.txt``, ``.txt.gz`` or no suffix (tables have theirs)."""
+    name = path.name.lower()
+    return path.suffix.lower() in {".txt", ""} or name.endswith(".txt.gz")
+
+
+def read_lines(path: Path, flag: str) -> list[str]:
+    """The texts of a one-text-per-line file (``.gz`` decompressed, a BOM dropped); ``flag``: the
+    option that named it, for error messages."""
+    if path.is_dir():
+        raise DataError("is a directory, not a file of texts", where=str(path), fix=f"give a file to {flag}")
+    if not path.is_file():
+        raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}")
+    try:
+        with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+        return split_lines(raw.decode("utf-8-sig"), str(path))
+    except UnicodeDecodeError:
+        raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
+    except PermissionError:
+        raise DataError("permission denied", where=str(path), fix="make the file readable") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise _gzip_error(path, e) from None
+
+
+def split_lines(text: str, where: str) -> list[str]:
+    """One text per line (\\n or \\r\\n). Empty lines at the end are ignored; an empty line before a
+    text is an error, not skipped: skipping it would shift every later output row against its
+    input line. Only these end a line: str.splitlines() also splits at form feeds, U+2028 and
+    other characters that occur inside scraped texts, which would give more outputs than lines."""
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise DataError(f"line {i} is empty", where=where, fix="give one non-empty text per line")
+    return lines
+
+
 def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None) -> Table:
     """Read one source (local file or hub dataset) into raw columns; ``flag``: the option that
     named it, for error messages (default ``--data.<role>``)."""
@@ -259,7 +302,7 @@ def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None)
     except PermissionError:
         raise DataError("permission denied", where=str(path), fix="make the file readable") from None
     except (gzip.BadGzipFile, EOFError) as e:
-        raise DataError(f"not a valid gzip file ({e})", where=str(path), fix="re-compress the file or remove .gz") from None
+        raise _gzip_error(path, e) from None
     names = AG_NEWS_LABELS if fmt == "agnews" else None
     return Table(cols, source=str(path), label_names=names, fingerprint=file_fingerprint(path))
 

@@ -61,8 +61,8 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     result = evaluate_examples(predictor, examples)
     result.update(split="test", source=data_cfg.test, precision=predictor.precision,
                   weights=str(checkpoint.latest(run.path)) if from_checkpoint else "adapter")
-    if not is_hub_name(data_cfg.test):
-        result["source_path"] = str(Path(data_cfg.test).expanduser().resolve())
+    if (where := source_path(data_cfg.test)) is not None:
+        result["source_path"] = where
     if write:
         try:
             result["saved_to"] = str(write_evaluation(run, result, data_cfg.test, data_cfg.max_eval_samples))
@@ -71,16 +71,23 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     return result
 
 
+def source_path(source: str) -> str | None:
+    """The absolute path of a local data file (what tells two files of the same name apart);
+    None for a hub dataset."""
+    return None if is_hub_name(source) else str(Path(source).expanduser().resolve())
+
+
 def evaluation_name(run: Run, source: str, max_samples: int | None = None) -> str:
     """The file stem of an evaluation in RUN_DIR/eval/: the data file's name (``test.csv``) or the
     hub dataset's name and split (``ag_news.test``), plus ``.n<N>`` for a ``max_eval_samples``
     subset, so a subset never replaces a full evaluation. A different file with the same name
     gets a short hash of its path, so evaluating ``a/test.csv`` and then ``b/test.csv`` keeps both."""
-    if is_hub_name(source):
+    where = source_path(source)
+    if where is None:
         dataset, _, split = source.partition(":")
-        name, where = Path(dataset).name + (f".{split}" if split else ""), None
+        name = Path(dataset).name + (f".{split}" if split else "")
     else:
-        name, where = Path(source).name.removesuffix(".gz"), str(Path(source).expanduser().resolve())
+        name = Path(source).name.removesuffix(".gz")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "test"
     if max_samples is not None:
         name += f".n{max_samples}"
