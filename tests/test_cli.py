@@ -76,6 +76,10 @@ def test_params_json(tiny_roberta, capsys):
     assert data["lora_total"] == 2 * 2 * 12 * (32 + 32)
     assert data["head_total"] == 32 * 32 + 32 + 32 * 4 + 4
     assert data["trainable"] == data["lora_total"] + data["head_total"] and data["within_budget"]
+    # over budget: the JSON says so and the exit code is 1, as for the table
+    assert main(["params", "--config", SEED, "--model.name_or_path", str(tiny_roberta), "--lora.layers", "[0,1]",
+                 "--json", "--train.max_trainable_params", "100"]) == 1
+    assert json.loads(capsys.readouterr().out)["within_budget"] is False
 
 
 def test_params_table_and_over_budget_exit(tiny_roberta, capsys):
@@ -110,6 +114,9 @@ ERRORS = [
     (["predict", "RUN", "ok", "\udcff abc"], "text 2 is not valid Unicode"),
     (["evaluate", "RUN", "--data.test", "null"], "command line: --data.test is empty"),
     (["predict", "RUN", "x", "--top-k", "0"], "--top-k must be >= 1"),
+    # batch size 0 or below: report looped forever, its memory growing
+    (["report", "RUN", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["report", "RUN", "--batch-size", "-3"], "--batch-size must be >= 1"),
     (["predict", "RUN", "x", "--output", "/no/such/dir/o.jsonl"], "folder /no/such/dir does not exist"),
     (["plan", "--config", SEED, "--write", "/no/such/dir/p.yaml"], "folder /no/such/dir does not exist"),
     # evaluate validates its --data.* options like train does: one line, no pydantic traceback

@@ -92,3 +92,36 @@ def test_evaluate_data_options_are_validated_with_their_names():
         data_config(base, {"max_eval_samples": 0, "format": "xml"})
     assert e.value.where == "command line" and len(e.value.problems) == 2
     assert "--data.max_eval_samples" in str(e.value) and "--data.format" in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("train.seed", -1, "--train.seed"),
+    ("train.seed", 2**32, "--train.seed"),
+    ("data.split_seed", -1, "--data.split_seed"),
+    ("data.validation_size", float("inf"), "--data.validation_size"),
+    ("train.learning_rate", float("inf"), "--train.learning_rate"),
+    ("lora.alpha", float("nan"), "--lora.alpha"),
+])
+def test_out_of_range_numbers_are_refused_by_name(key, value, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {key: value})
+    assert fragment in str(e.value) and "command line" in str(e.value)
+
+
+def test_override_errors_blame_the_command_line_not_the_file(tmp_path):
+    seed = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
+    for overrides, fragment in (({"lora.layers": []}, "--lora.layers: empty list"),
+                                ({"lora.rank_pattern": {"query": 0}}, "--lora.rank_pattern"),
+                                ({"data.label_names": ["a", "a"]}, "--data.label_names: names repeat"),
+                                ({"model.head_rank": 8}, "head_rank applies only")):
+        with pytest.raises(ConfigError) as e:
+            load_config(seed, overrides)
+        msg = str(e.value)
+        assert fragment in msg and "command line" in msg and str(seed) not in msg, msg
+
+
+def test_a_section_with_every_key_commented_out_is_empty(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lora:\n  # r: 8\ntrain:\n")
+    assert load_config(p, {"lora.r": 4}).lora.r == 4
+    assert load_config(p).train.seed == 42

@@ -245,6 +245,8 @@ def test_parquet_with_wrong_types(tmp_path):
 def test_validation_size_that_leaves_nothing(agnews_files):
     with pytest.raises(DataError, match="validation_size 240"):
         load_splits(_cfg(train=str(agnews_files["train"]), validation_size=240))
+    with pytest.raises(DataError, match="validation_size 0.001 of 240 rows gives no validation row"):
+        load_splits(_cfg(train=str(agnews_files["train"]), validation_size=0.001))
 
 
 LINES_BAD = [

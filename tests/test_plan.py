@@ -218,6 +218,13 @@ def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys):
     third = [ln for ln in out.splitlines() if ln.strip().startswith("3 ")][0]
     counted = budget.count(load_config(path), LABELS).trainable
     assert f"{counted:,}" in third and f"wrote {path}: #3" in out
+    # a written plan is a new recipe with its own run directory, not the base config's
+    seed = str(Path(__file__).parents[1] / "configs" / "agnews-seed.yaml")
+    assert main(base + ["--config", seed, "--train.overwrite", "true", "--write", str(path)]) == 0
+    capsys.readouterr()
+    written = load_config(path).train
+    assert (written.output_dir, written.overwrite) == ("runs/p3", False)
+    assert load_config(seed).train.output_dir != "runs/p3"
 
     assert main(base + ["--budget", "2000"]) == 2
     assert "nothing fits a budget of 2,000" in capsys.readouterr().err

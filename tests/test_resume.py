@@ -118,6 +118,27 @@ def test_stop_request_writes_checkpoint_and_resumes(reference, tiny_roberta, agn
     assert _final(run) == reference
 
 
+def test_a_moved_run_resumes_where_it_is_now(reference, tiny_roberta, agnews_files, tmp_path):
+    """The saved config names the old folder; resuming the moved copy must write into the copy."""
+    run, moved = tmp_path / "run", tmp_path / "moved"
+    stop = threading.Event()
+
+    class StopAt:
+        def on_start(self, total, info): pass
+        def on_eval(self, record): pass
+        def on_step(self, step, record):
+            if step == 4:
+                stop.set()
+
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), StopAt(), stop)
+    run.rename(moved)
+    resume(moved)
+    assert not run.exists()
+    assert json.loads((moved / "run.json").read_text())["status"] == "complete"
+    assert _final(moved) == reference
+
+
 def test_resume_refusals(trained_run, tiny_roberta, agnews_files, tmp_path):
     with pytest.raises(RunError, match="already complete"):
         resume(trained_run)

@@ -197,3 +197,44 @@ def test_fuse_accumulation_defaults_to_off_on_a_cpu(tiny_roberta, agnews_files, 
                                                   "data.max_train_samples": 64})))
         weights[fused] = load_file(out / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(weights[None][k], weights[False][k]) for k in weights[False])
+
+
+def _long_rows(n: int) -> list:
+    from conftest import make_rows
+    # every row far past the tiny models' 128 positions
+    return [(c, t, " ".join([d] * 30)) for c, t, d in make_rows(n, seed=5)]
+
+
+def test_lengths_stop_at_the_position_table(tiny_roberta, tiny_bert, agnews_files, tmp_path):
+    """Texts longer than the model holds: truncation and batch rounding must stop at its
+    position table even when the tokenizer does not say how long it may be (it crashed inside
+    the forward with an index error) or when padding to a multiple would pass it."""
+    import shutil
+    from conftest import write_agnews_csv
+    from loraclf.predict import Predictor
+
+    files = {"train": write_agnews_csv(tmp_path / "long.csv", _long_rows(48)),
+             "test": write_agnews_csv(tmp_path / "long_test.csv", _long_rows(8))}
+    nolimit = tmp_path / "nolimit"
+    shutil.copytree(tiny_roberta, nolimit)
+    tc = json.loads((nolimit / "tokenizer_config.json").read_text())
+    tc.pop("model_max_length")
+    (nolimit / "tokenizer_config.json").write_text(json.dumps(tc))
+    for model, extra in ((nolimit, {}), (tiny_bert, {"data.pad_to_multiple_of": 48})):
+        out = tmp_path / "runs" / model.name
+        train(load_config(SEED, tiny_overrides(model, files, out, **{"train.epochs": 1, **extra})))
+        assert json.loads((out / "run.json").read_text())["status"] == "complete"
+        predictor = Predictor.from_run(out)
+        assert predictor.max_length == 128  # roberta: 130 positions less pad id + 1; bert: 128
+        assert max(len(x) for x in predictor.encode(["word " * 400])) == 128
+
+
+def test_usable_length_follows_the_position_table(roberta_base_arch, tiny_bert):
+    from transformers import AutoConfig
+    from loraclf.model import usable_length
+
+    assert usable_length(512, AutoConfig.from_pretrained(roberta_base_arch)) == 512  # 514 - (pad 1 + 1)
+    assert usable_length(600, AutoConfig.from_pretrained(roberta_base_arch)) == 512
+    assert usable_length(64, AutoConfig.from_pretrained(tiny_bert)) == 64
+    assert usable_length(512, AutoConfig.from_pretrained(tiny_bert)) == 128
+    assert usable_length(512, None) == 512

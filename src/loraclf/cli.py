@@ -232,9 +232,9 @@ def cmd_params(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     names = cfg.data.label_names or load_splits(cfg.data, need_test=False).label_names
     b = budget.count(cfg, names)
     if args.json:
-        print(json.dumps({**b.to_dict(), "budget": cfg.train.max_trainable_params,
-                          "within_budget": b.trainable <= cfg.train.max_trainable_params}, indent=2))
-        return 0
+        within = b.trainable <= cfg.train.max_trainable_params
+        print(json.dumps({**b.to_dict(), "budget": cfg.train.max_trainable_params, "within_budget": within}, indent=2))
+        return 0 if within else 1  # the same exit code as the table: scripts test it
     budget_ = cfg.train.max_trainable_params
     head = cfg.model.head + (f" (rank {cfg.model.head_rank or 16})" if cfg.model.head == "lowrank" else "")
     print(f"model      {cfg.model.name_or_path} ({len(names)} classes, head: {head})")
@@ -276,7 +276,9 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         if args.pick > len(plans):
             raise ConfigError([f"--pick {args.pick}: only {len(plans)} configurations fit"], where="command line")
         chosen = plans[args.pick - 1]
-        new_cfg = planner.plan_config(cfg, chosen, budget)
+        # its own run directory (runs/<file stem>) unless --train.output_dir named one
+        out_dir = None if "train.output_dir" in overrides else f"runs/{Path(args.write).name.split('.')[0] or 'plan'}"
+        new_cfg = planner.plan_config(cfg, chosen, budget, output_dir=out_dir)
         counted = budget_mod.count(new_cfg, names).trainable
         if counted != chosen.trainable:  # the analytic count must be the model's; never write a wrong one
             raise BudgetError(f"planner counted {chosen.trainable:,} but the model has {counted:,} trainable "
@@ -480,8 +482,8 @@ def cmd_report(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .report import write_report
 
     _no_overrides("report", overrides)
-    if args.max_examples < 1 or args.top_mistakes < 0:
-        raise ConfigError(["--max-examples must be >= 1 and --top-mistakes >= 0"], where="command line")
+    if args.max_examples < 1 or args.top_mistakes < 0 or args.batch_size < 1:
+        raise ConfigError(["--max-examples and --batch-size must be >= 1, --top-mistakes >= 0"], where="command line")
     html_path, md_path = write_report(args.run_dir, max_examples=args.max_examples, top_mistakes=args.top_mistakes,
                                       batch_size=args.batch_size, precision=args.precision)
     print(f"wrote {html_path}")

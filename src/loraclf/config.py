@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 
 class _Section(BaseModel):
     # Unknown keys are errors, never silently ignored: a typo must not train the wrong recipe.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never a sensible setting here (an infinite learning rate or validation_size
+    # crashed deep inside a run instead of being refused with the key's name).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -63,28 +65,31 @@ class LoraSettings(_Section):
     exclude_modules: list[str] | None = Field(
         None, description="module names (suffixes) never adapted even when target_modules matches them")
 
-    @model_validator(mode="after")
-    def _patterns_valid(self) -> LoraSettings:
-        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
-            for key, value in (pattern or {}).items():
-                try:
-                    re.compile(key)
-                except re.error as e:
-                    raise ValueError(f"{name} key {key!r} is not a valid regular expression ({e})") from None
-                if value <= 0:
-                    raise ValueError(f"{name}[{key!r}] must be > 0, got {value}")
-        return self
+    # Field validators, not model validators: the error then names the key (lora.layers), so a
+    # value from the command line is blamed on the command line, not on the config file.
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _pattern_valid(cls, pattern: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (pattern or {}).items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"key {key!r} is not a valid regular expression ({e})") from None
+            if value <= 0:
+                raise ValueError(f"[{key!r}] must be > 0, got {value}")
+        return pattern
 
-    @model_validator(mode="after")
-    def _layers_valid(self) -> LoraSettings:
-        if self.layers is not None:
-            if not self.layers:
-                raise ValueError("layers is an empty list; use null for all layers")
-            if any(i < 0 for i in self.layers):
-                raise ValueError(f"layer indices must be >= 0, got {self.layers}")
-            if len(set(self.layers)) != len(self.layers):
-                raise ValueError(f"layer indices repeat: {self.layers}")
-        return self
+    @field_validator("layers")
+    @classmethod
+    def _layers_valid(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None:
+            if not layers:
+                raise ValueError("empty list; use null for all layers")
+            if any(i < 0 for i in layers):
+                raise ValueError(f"layer indices must be >= 0, got {layers}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layer indices repeat: {layers}")
+        return layers
 
 
 class DataConfig(_Section):
@@ -100,7 +105,8 @@ class DataConfig(_Section):
     label_column: str = Field("label", description="label column (ints or strings)")
     label_names: list[str] | None = Field(None, description="names of integer labels 0..N-1")
     validation_size: float = Field(0.05, gt=0, description="fraction (<1) or row count carved from train")
-    split_seed: int = Field(42, description="seed of the shuffle that carves validation and sample limits")
+    split_seed: int = Field(42, ge=0, lt=2**32, description="seed of the shuffle that carves validation and sample "
+                            "limits")
     max_train_samples: int | None = Field(None, gt=0, description="use at most this many training rows")
     max_eval_samples: int | None = Field(None, gt=0, description="use at most this many validation/test rows")
     max_length: int = Field(512, gt=1, description="truncate texts to this many tokens")
@@ -111,11 +117,12 @@ class DataConfig(_Section):
     token_cache: bool = Field(True, description="keep token ids on disk ($LORACLF_CACHE, else ~/.cache/loraclf), "
                               "keyed by tokenizer, max_length and texts: reruns skip tokenization")
 
-    @model_validator(mode="after")
-    def _names_unique(self) -> DataConfig:
-        if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
-            raise ValueError(f"label_names repeat: {self.label_names}")
-        return self
+    @field_validator("label_names")
+    @classmethod
+    def _names_unique(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError(f"names repeat: {names}")
+        return names
 
 
 # torch.compile modes that record CUDA graphs themselves (they cannot nest inside loraclf's)
@@ -136,7 +143,8 @@ class TrainConfig(_Section):
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="after warm-up")
     warmup_ratio: float = Field(0.06, ge=0, le=1, description="linear warm-up, fraction of optimizer steps")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="seed of initialisation, dropout and batch order "
+                      "(numpy's range: 0 to 2**32 - 1)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast where the hardware runs it fast (CUDA bf16, CPU AMX), else fp32"
     )
@@ -254,7 +262,9 @@ def _format_errors(err: ValidationError, prefix: str = "", from_cli: frozenset[s
     for e in err.errors():
         parts = [prefix, *(str(x) for x in e["loc"])] if prefix else [str(x) for x in e["loc"]]
         loc = ".".join(parts)
-        cli = loc in from_cli
+        # an error of a whole section (a check across its keys) is the command line's when an
+        # override touched that section: the override made the combination
+        cli = loc in from_cli or (len(parts) == 1 and any(k.startswith(loc + ".") for k in from_cli))
         name = f"--{loc}" if cli else loc
         if e["type"] == "extra_forbidden":
             section = parts[0]
@@ -281,7 +291,9 @@ def _raise_problems(problems: list[tuple[str, bool]], where: str | None) -> None
 
 def build_config(doc: dict[str, Any], overrides: dict[str, Any] | None = None, where: str | None = None) -> Config:
     """Validate a config document plus dotted-key overrides; raise one ConfigError listing all problems."""
-    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
+    # a section whose keys are all commented out (``lora:``) loads as None: an empty section
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else {} if v is None and k in SECTIONS else v)
+                              for k, v in doc.items()}
     problems: list[tuple[str, bool]] = []
     for dotted, value in (overrides or {}).items():
         section, dot, key = dotted.partition(".")

@@ -433,7 +433,10 @@ def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None) -
 
 def _carve_size(n: int, size: float) -> int:
     k = int(round(n * size)) if size < 1 else int(size)
-    if not 1 <= k < n:
+    if k < 1:
+        raise DataError(f"validation_size {size} of {n} rows gives no validation row", where="data.validation_size",
+                        fix=f"use a fraction of at least {1 / n:.2g} or a row count such as {max(1, n // 20)}")
+    if k >= n:
         raise DataError(f"validation_size {size} leaves {n - k} of {n} rows for training", where="data.validation_size",
                         fix="use a fraction below 1 or a row count below the number of training rows")
     return k
@@ -669,6 +672,8 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Inference batches: rows sorted by length (longest first), so padding is minimal; at
     most ``batch_size`` rows and, with ``max_tokens``, at most that many (padded) tokens."""
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
     out, start = [], 0

@@ -68,6 +68,25 @@ def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
         raise _load_error("tokenizer", mcfg, e) from None
 
 
+# Architectures whose position ids start after the padding index (fairseq's convention):
+# position i is embedding pad_token_id + 1 + i, so 514 embeddings hold 512 tokens.
+_PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer",
+                             "data2vec-text", "roberta-prelayernorm", "xmod", "ibert"}
+
+
+def usable_length(max_length: int, config: PretrainedConfig | None) -> int:
+    """``max_length`` (tokens, special ones included) capped at what the model's position
+    embeddings hold. The tokenizer's ``model_max_length`` usually says the same, but some
+    tokenizers do not set it, and a batch padded to a multiple must not pass it either: an index
+    past the position table fails deep inside the forward."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if config is None or not isinstance(positions, int) or positions <= 0:
+        return max_length  # relative or rotary positions: no table to overrun
+    if config.model_type in _PADDING_OFFSET_POSITIONS:
+        positions -= (config.pad_token_id if isinstance(config.pad_token_id, int) else 1) + 1
+    return max(2, min(max_length, positions))
+
+
 def num_layers(config: PretrainedConfig) -> int:
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(config, attr, None), int):

@@ -378,10 +378,14 @@ def enumerate_plans(arch: Architecture, budget: int, heads: tuple[str, ...] = DE
     return plans
 
 
-def plan_config(base: Config, plan: Plan, budget: int) -> Config:
-    """``base`` with the plan's head and LoRA settings and ``budget`` as its limit; the other
-    sections (data, train recipe, output directory) are kept."""
+def plan_config(base: Config, plan: Plan, budget: int, output_dir: str | None = None) -> Config:
+    """``base`` with the plan's head and LoRA settings and ``budget`` as its limit; the data
+    section and the training recipe are kept. ``output_dir`` (when given) replaces the run
+    directory and ``overwrite`` is reset: a written plan is a new recipe, and training it must
+    not collide with, or replace, the run of the config it came from."""
     doc = base.to_dict()
+    if output_dir is not None:
+        doc["train"].update(output_dir=output_dir, overwrite=False)
     lcfg = base.lora
     per_rank = None if lcfg.use_rslora else lcfg.alpha / lcfg.r
     doc["model"].update(head=plan.head, head_rank=plan.head_rank)

@@ -17,7 +17,7 @@ from . import checkpoint
 from .data import PadCollator, sorted_batches, tokenize
 from .errors import ConfigError, DataError, RunError
 from .graphs import PAD_MULTIPLE, StepGraphs
-from .model import build_model, load_adapter, load_base, load_model_config, load_tokenizer
+from .model import build_model, load_adapter, load_base, load_model_config, load_tokenizer, usable_length
 from .precision import autocast, choose_precision
 from .runs import Run, open_run
 
@@ -111,7 +111,7 @@ class Predictor:
         self.model = model
         self.tokenizer = tokenizer
         self.label_names = label_names
-        self.max_length = max_length
+        self.max_length = usable_length(max_length, getattr(model, "config", None))
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         # Experimental (unmeasured on a GPU yet): replays of each batch shape's forward; a shape

@@ -30,7 +30,7 @@ from .errors import ConfigError, LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
 from .graphs import PAD_MULTIPLE, StepGraphs
 from .model import (build_model, compile_in_place, load_model_config, load_tokenizer, resolve_name,
-                    trainable_state_dict)
+                    trainable_state_dict, usable_length)
 from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .predict import logits_for
 from .prefix import FrozenPrefix, PrefixCollator, PrefixStore
@@ -233,7 +233,11 @@ def resume(run_dir: str | Path, callback: Callback | None = None, stop: threadin
     info = {k: v for k, v in run.info.items() if k != "error"}
     info["status"] = "running"
     runs.write_json(run.path / runs.RUN_FILE, info)
-    return _fit(run.cfg, splits, tokenizer, model_config, counts, info, callback, stop, ckpt, t_start)
+    # the run lives where it is now: a moved or copied run, or one whose output_dir was relative
+    # to another working directory, must not continue in the folder its config names
+    cfg = run.cfg.model_copy(deep=True)
+    cfg.train.output_dir = str(run.path)
+    return _fit(cfg, splits, tokenizer, model_config, counts, info, callback, stop, ckpt, t_start)
 
 
 def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts: budget.Breakdown,
@@ -269,8 +273,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         cudagraphs = on_cuda and tc.compile and tc.compile_mode == "reduce-overhead"
 
         cache_dir = cache_root() if cfg.data.token_cache else None
-        train_ids = tokenize_cached(splits.train.texts, tokenizer, cfg.data.max_length, cache_dir)
-        val_ids = tokenize_cached(splits.validation.texts, tokenizer, cfg.data.max_length, cache_dir)
+        max_length = usable_length(cfg.data.max_length, model_config)
+        train_ids = tokenize_cached(splits.train.texts, tokenizer, max_length, cache_dir)
+        val_ids = tokenize_cached(splits.validation.texts, tokenizer, max_length, cache_dir)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -287,11 +292,10 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         pad_multiple = cfg.data.pad_to_multiple_of or (PAD_MULTIPLE if use_graphs else None)
         if train_store is not None:
             dataset = IndexedDataset(train_ids, splits.train.labels)
-            collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store, pad_multiple,
-                                                  cfg.data.max_length)
+            collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store, pad_multiple, max_length)
         else:
             dataset = TokenizedDataset(train_ids, splits.train.labels)
-            collate = PadCollator(tokenizer.pad_token_id, pad_multiple, cfg.data.max_length)
+            collate = PadCollator(tokenizer.pad_token_id, pad_multiple, max_length)
         # A private generator: every DataLoader iteration draws a seed from its generator, which
         # would otherwise advance the global RNG that dropout uses and break exact resumption.
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=on_cuda,
@@ -449,7 +453,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             runs.replace_dir(tmp, run_dir / runs.ADAPTER_DIR)
         test = None
         if splits.test is not None:
-            test_ids = tokenize_cached(splits.test.texts, tokenizer, cfg.data.max_length, cache_dir)
+            test_ids = tokenize_cached(splits.test.texts, tokenizer, max_length, cache_dir)
             test = _evaluate(model, test_ids, splits.test.labels, splits.label_names, cfg, accelerator, precision)
             metrics.add({"event": "eval", "split": "test", "epoch": loop.best_epoch, "step": loop.step,
                          **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "n")}})
