@@ -96,20 +96,26 @@ def test_sigkill_then_resume_is_bit_identical(marker, nth, reference, tiny_rober
     assert _final(run) == reference
 
 
+class StopAt:
+    """A training callback that asks the loop to stop (as Ctrl-C does) at optimizer step ``at``."""
+
+    def __init__(self, at: int):
+        self.at, self.stop = at, threading.Event()
+
+    def on_start(self, total, info): pass
+    def on_eval(self, record): pass
+
+    def on_step(self, step, record):
+        if step == self.at:
+            self.stop.set()
+
+
 def test_stop_request_writes_checkpoint_and_resumes(reference, tiny_roberta, agnews_files, tmp_path):
     run = tmp_path / "run"
-    stop = threading.Event()
-
-    class StopAt:
-        def on_start(self, total, info): pass
-        def on_eval(self, record): pass
-        def on_step(self, step, record):
-            if step == 7:
-                stop.set()
-
     cfg = load_config(SEED, _overrides(tiny_roberta, agnews_files, run))
+    cb = StopAt(7)
     with pytest.raises(Interrupted, match="interrupted at step 7") as e:
-        train(cfg, StopAt(), stop)
+        train(cfg, cb, cb.stop)
     assert "loraclf train --resume" in str(e.value)
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
     assert checkpoint.latest(run).name == "step-00000007"
@@ -121,17 +127,9 @@ def test_stop_request_writes_checkpoint_and_resumes(reference, tiny_roberta, agn
 def test_a_moved_run_resumes_where_it_is_now(reference, tiny_roberta, agnews_files, tmp_path):
     """The saved config names the old folder; resuming the moved copy must write into the copy."""
     run, moved = tmp_path / "run", tmp_path / "moved"
-    stop = threading.Event()
-
-    class StopAt:
-        def on_start(self, total, info): pass
-        def on_eval(self, record): pass
-        def on_step(self, step, record):
-            if step == 4:
-                stop.set()
-
+    cb = StopAt(4)
     with pytest.raises(Interrupted):
-        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), StopAt(), stop)
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), cb, cb.stop)
     run.rename(moved)
     resume(moved)
     assert not run.exists()
