@@ -210,6 +210,9 @@ def test_token_cache_hits_misses_and_survives_damage(tiny_roberta, tmp_path, mon
     assert len(list((tmp_path / "tokens").glob("*.npz"))) == 3
     files[0].write_bytes(b"not a zip")  # damaged entry: tokenized again, rewritten
     assert tokenize_cached(texts, tok, 64, tmp_path) == first
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated (a full disk, a killed copy): a BadZipFile
+    assert tokenize_cached(texts, tok, 64, tmp_path) == first
+    assert len(files[0].read_bytes()) > 100  # rewritten whole
     assert tokenize_cached(texts, tok, 64, None) == first  # no cache at all
 
 

@@ -91,3 +91,46 @@ def test_open_run_refuses_broken_runs(trained_run, tmp_path):
     (broken / "run.json").write_text("{not json")
     with pytest.raises(RunError, match="corrupted"):
         Predictor.from_run(broken)
+
+
+def test_library_call_pitfalls(trained_run, predictor):
+    from loraclf.errors import ConfigError
+
+    # a bare string is one text (as in transformers' pipelines), not a sequence of characters
+    one = predictor.predict("goal match")
+    assert len(one) == 1 and one[0]["text"] == "goal match"
+    np.testing.assert_array_equal(predictor.logits("goal match"), predictor.logits(["goal match"]))
+    assert Predictor.from_run(trained_run, device="cpu", precision="fp32").device == torch.device("cpu")
+    from peft import PeftModel
+    assert isinstance(Predictor.from_run(trained_run, merge=False, precision="fp32").model, PeftModel)  # README
+    with pytest.raises(ConfigError, match="precision 'fp16' is not one of"):
+        Predictor.from_run(trained_run, precision="fp16")
+
+
+def test_damaged_files_are_one_clear_error(trained_run, tmp_path):
+    """A truncated adapter or checkpoint file (a copy cut short, a full disk elsewhere) names
+    itself instead of ending in safetensors' traceback."""
+    import shutil
+
+    from loraclf import checkpoint
+    from loraclf.errors import ModelError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:50])
+    with pytest.raises(ModelError, match="adapter weights are damaged") as e:
+        Predictor.from_run(run)
+    assert str(adapter) in str(e.value)
+    shutil.rmtree(run / "tokenizer")
+    shutil.copytree(trained_run / "adapter", run / "adapter", dirs_exist_ok=True)
+    with pytest.raises(ModelError, match="cannot load the run's tokenizer") as e:
+        Predictor.from_run(run)
+    assert str(run / "tokenizer") in str(e.value)
+    ckpt = checkpoint.latest(trained_run)
+    damaged = tmp_path / "ckpt"
+    shutil.copytree(ckpt, damaged)
+    (damaged / "trainable.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(RunError, match="checkpoint file is damaged") as e:
+        checkpoint.load(damaged)
+    assert f"delete {damaged}" in str(e.value)

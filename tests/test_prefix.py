@@ -94,3 +94,19 @@ def test_cache_requested_where_nothing_is_frozen_is_refused_before_anything_is_w
         train(cfg)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "r").exists()
+
+
+def test_spill_file_is_removed_when_the_pass_fails(tiny_roberta, tmp_path):
+    """An error (or a second Ctrl-C) during the prefix pass must not leave a dataset-sized
+    memory-mapped file in the run folder; a finished store leaves one until closed."""
+    model, mcfg = _model(tiny_roberta, [2, 3])
+    prefix = FrozenPrefix.find(model)
+    ids = tokenize(["war minister says", "goal " * 30, "shares rose"], load_tokenizer(mcfg), 128)
+    store = prefix.compute(ids, 1, 2, torch.device("cpu"), "fp32", ram_bytes=0, spill_parent=tmp_path)
+    assert [p.name for p in tmp_path.glob(".prefix-cache-*/*")] == ["hidden.npy"]
+    store.close()
+    assert not list(tmp_path.iterdir())
+    bad = [ids[0], [0, 10_000, 2]]  # a token id past the vocabulary: the embedding lookup fails
+    with pytest.raises(IndexError):
+        prefix.compute(bad, 1, 1, torch.device("cpu"), "fp32", ram_bytes=0, spill_parent=tmp_path)
+    assert not list(tmp_path.iterdir())

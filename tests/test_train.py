@@ -238,3 +238,31 @@ def test_usable_length_follows_the_position_table(roberta_base_arch, tiny_bert):
     assert usable_length(64, AutoConfig.from_pretrained(tiny_bert)) == 64
     assert usable_length(512, AutoConfig.from_pretrained(tiny_bert)) == 128
     assert usable_length(512, None) == 512
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("no_tokenizer", "no vocabulary beyond its 5 special tokens"),
+    ("no_weights", "no *.safetensors weights"),
+    ("truncated_weights", "weights file is damaged"),
+])
+def test_broken_model_folder_fails_before_the_run_folder(tiny_roberta, agnews_files, tmp_path, damage, expected):
+    """A model folder without tokenizer files trained to chance and called itself complete; one
+    without (readable) weights failed only after writing the run folder, which then blocked a rerun."""
+    import shutil
+
+    from loraclf.errors import ModelError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_roberta, model)
+    if damage == "no_tokenizer":
+        for f in model.glob("tokenizer*"):
+            f.unlink()
+    elif damage == "no_weights":
+        (model / "model.safetensors").unlink()
+    else:
+        w = model / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:100])
+    out = tmp_path / "run"
+    with pytest.raises(ModelError, match=expected.replace("*", r"\*")):
+        train(load_config(SEED, tiny_overrides(model, agnews_files, out, **{"train.epochs": 1})))
+    assert not out.exists()

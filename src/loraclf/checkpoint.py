@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import RunError
 from .runs import share_modes
 
 CHECKPOINT_DIR = "checkpoints"
@@ -141,10 +143,20 @@ class Loaded:
     path: Path
 
 
+def _read(file: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors; a damaged file (written whole, then truncated by a copy or a full
+    disk elsewhere) names itself and the way back: the checkpoint before it."""
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise RunError(f"checkpoint file is damaged ({str(e).splitlines()[0][:120]})", where=str(file),
+                       fix=f"delete {file.parent} to go back to the checkpoint before it") from None
+
+
 def load(path: Path) -> Loaded:
     state = json.loads((path / _DONE).read_text(encoding="utf-8"))
-    best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
-    loaded = Loaded(LoopState(**state["loop"]), load_file(path / "trainable.safetensors"), best, path)
+    best = _read(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
+    loaded = Loaded(LoopState(**state["loop"]), _read(path / "trainable.safetensors"), best, path)
     loaded._state = state  # type: ignore[attr-defined]
     return loaded
 
@@ -152,6 +164,6 @@ def load(path: Path) -> Loaded:
 def restore(loaded: Loaded, optimizer: Any, scheduler: Any) -> None:
     """Put optimizer, scheduler and every RNG back exactly as they were when saved."""
     state = loaded._state  # type: ignore[attr-defined]
-    optimizer.load_state_dict(_join_optimizer(load_file(loaded.path / "optimizer.safetensors"), state["optimizer"]))
+    optimizer.load_state_dict(_join_optimizer(_read(loaded.path / "optimizer.safetensors"), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(load_file(loaded.path / "rng.safetensors"), state["rng"])
+    _set_rng_state(_read(loaded.path / "rng.safetensors"), state["rng"])

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -538,21 +539,21 @@ def tokenize_cached(texts: Sequence[str], tokenizer: Any, max_length: int,
     try:
         with np.load(path) as z:
             flat, offsets = z["ids"], z["offsets"]
-        if len(offsets) == len(texts) + 1:
+        if len(offsets) == len(texts) + 1 and offsets[0] == 0 and offsets[-1] == len(flat):
             return [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-    except (OSError, ValueError, KeyError, EOFError):
-        pass  # missing or damaged: tokenize again
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # missing or damaged (a truncated file is a BadZipFile): tokenize again
     ids = tokenize(texts, tokenizer, max_length)
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(x) for x in ids], out=offsets[1:])
     flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
         np.savez(tmp, ids=flat, offsets=offsets)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except OSError:
-        pass
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
     return ids
 
 

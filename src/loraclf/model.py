@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
@@ -59,13 +60,23 @@ def load_model_config(mcfg: ModelConfig, label_names: list[str]) -> PretrainedCo
 
 
 def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
+    """The model's tokenizer (``path``: a run's saved copy instead)."""
+    source = path or resolve_name(mcfg.name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(
-            path or resolve_name(mcfg.name_or_path), revision=None if path else mcfg.revision,
-            trust_remote_code=mcfg.trust_remote_code,
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=None if path else mcfg.revision,
+                                                  trust_remote_code=mcfg.trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
+        if path is not None:  # a run's own copy: the run is damaged, not the base model
+            raise ModelError(f"cannot load the run's tokenizer ({str(e).strip()[:160] or type(e).__name__})",
+                             where=str(path), fix="restore the run's tokenizer folder from a copy, or train again") from None
         raise _load_error("tokenizer", mcfg, e) from None
+    # A folder without tokenizer files loads as a tokenizer of special tokens only, which turns
+    # every text into <s></s> (or [UNK]s): a run would train to chance and call itself complete.
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ModelError(f"the tokenizer of '{source}' has no vocabulary beyond its {len(tokenizer)} special tokens "
+                         "(tokenizer files missing?)", where="model.name_or_path" if path is None else str(path),
+                         fix="add the model's tokenizer files (tokenizer.json, or vocab/merges files) to the folder")
+    return tokenizer
 
 
 # Architectures whose position ids start after the padding index (fairseq's convention):
@@ -196,7 +207,33 @@ def load_adapter(base: torch.nn.Module, adapter_dir: Path) -> PeftModel:
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise ModelError("adapter weights missing (adapter_model.safetensors)", where=str(adapter_dir),
                          fix="train the run again; loraclf reads adapter weights from safetensors only")
-    return PeftModel.from_pretrained(base, str(adapter_dir), use_safetensors=True)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), use_safetensors=True)
+    except SafetensorError as e:
+        raise ModelError(f"adapter weights are damaged ({str(e).splitlines()[0][:120]})",
+                         where=str(adapter_dir / "adapter_model.safetensors"),
+                         fix="restore the file from a copy, or train the run again") from None
+
+
+def check_weights(mcfg: ModelConfig) -> None:
+    """A local model folder holds readable safetensors weights: checked before a run folder is
+    written, so that a folder without weights (or with a truncated file) fails a run before it
+    starts, not after its directory exists. Reads each file's header only. Hub models are
+    checked when they are downloaded."""
+    local = Path(mcfg.name_or_path).expanduser()
+    if not local.is_dir():
+        return
+    files = sorted(local.glob("*.safetensors"))
+    if not files:
+        raise ModelError("no *.safetensors weights in the model folder", where=str(local),
+                         fix="add the model's safetensors weights (loraclf never reads pickle .bin files)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"weights file is damaged ({str(e).splitlines()[0][:120]})", where=str(f),
+                             fix="download or copy the model's weights again") from None
 
 
 def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
@@ -209,7 +246,7 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
             # fp32 master weights whatever the checkpoint's dtype: precision is autocast's job.
             dtype=torch.float32,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise _load_error("model", mcfg, e) from None
     install_head(base, mcfg.head, config, mcfg.head_rank)
     return base

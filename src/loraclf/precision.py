@@ -27,6 +27,9 @@ def cpu_has_native_bf16() -> bool:
 
 def choose_precision(requested: str, device: torch.device) -> str:
     """Resolve "auto" to "bf16" or "fp32" for ``device``; reject bf16 where it cannot run."""
+    if requested not in ("auto", "fp32", "bf16"):  # a library caller's "fp16" ran silently in fp32
+        raise ConfigError([f"precision {requested!r} is not one of auto, fp32, bf16"], where="precision",
+                          fix="use auto, fp32 or bf16")
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
     elif device.type == "cpu":

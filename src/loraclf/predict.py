@@ -98,9 +98,10 @@ class Predictor:
     """A trained classifier ready for inference (LoRA merged, eval mode)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, label_names: list[str], max_length: int,
-                 batch_size: int = 64, device: torch.device | None = None, precision: str = "auto",
+                 batch_size: int = 64, device: torch.device | str | None = None, precision: str = "auto",
                  max_tokens: int | None = None, cuda_graphs: bool = False):
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
         self.precision = choose_precision(precision, self.device)
         model = model.to(self.device).eval()
         if self.precision == "bf16":
@@ -122,7 +123,7 @@ class Predictor:
         self.graphs = forward_graphs(model, self.device, self.precision) if cuda_graphs else None
 
     @classmethod
-    def from_run(cls, run: Run | str | Path, batch_size: int = 64, device: torch.device | None = None,
+    def from_run(cls, run: Run | str | Path, batch_size: int = 64, device: torch.device | str | None = None,
                  precision: str = "auto", merge: bool = True, from_checkpoint: bool = False,
                  max_tokens: int | None = None, cuda_graphs: bool = False) -> Predictor:
         """Load a finished run; ``from_checkpoint``: an unfinished one, with the best weights of its
@@ -149,15 +150,20 @@ class Predictor:
                 raise DataError(f"text {i + 1} {problem}", where="input", fix="give the input as valid UTF-8 text")
         return tokenize(texts, self.tokenizer, self.max_length)
 
-    def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """Float32 [N, C]."""
+    def logits(self, texts: Sequence[str] | str) -> np.ndarray:
+        """Float32 [N, C]; a single string is one text (N = 1), as in transformers' pipelines."""
+        if isinstance(texts, str):
+            texts = [texts]
         if not texts:
             return np.empty((0, len(self.label_names)), dtype=np.float32)
         return logits_for(self.model, self.encode(texts), self.tokenizer.pad_token_id, self.batch_size,
                           self.device, self.precision, max_tokens=self.max_tokens, graphs=self.graphs)
 
-    def predict(self, texts: Sequence[str], top_k: int = 1) -> list[dict[str, Any]]:
-        """Per text: label, probabilities of every class, and the ``top_k`` classes."""
+    def predict(self, texts: Sequence[str] | str, top_k: int = 1) -> list[dict[str, Any]]:
+        """Per text: label, probabilities of every class, and the ``top_k`` classes. A single
+        string is one text (a list of one result), not a sequence of characters."""
+        if isinstance(texts, str):
+            texts = [texts]
         probs = softmax(self.logits(texts))
         k = max(1, min(top_k, len(self.label_names)))
         results = []

@@ -158,6 +158,13 @@ class FrozenPrefix:
                 h = captured[0].float().cpu().numpy()
                 for row, i in enumerate(idx):
                     data[offsets[i] : offsets[i + 1]] = h[row, : lengths[i]]
+        except BaseException:
+            # an error or a second Ctrl-C mid-pass: the spill file (the size of the dataset's
+            # hidden states) must not stay behind in the run folder
+            del data
+            if spill_dir is not None:
+                shutil.rmtree(spill_dir, ignore_errors=True)
+            raise
         finally:
             for hook in hooks:
                 hook.remove()

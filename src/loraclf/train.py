@@ -29,7 +29,7 @@ from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Split
 from .errors import ConfigError, LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
 from .graphs import PAD_MULTIPLE, StepGraphs
-from .model import (build_model, compile_in_place, load_model_config, load_tokenizer, resolve_name,
+from .model import (build_model, check_weights, compile_in_place, load_model_config, load_tokenizer, resolve_name,
                     trainable_state_dict, usable_length)
 from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .predict import logits_for
@@ -148,6 +148,7 @@ def prepare(cfg: Config, label_names: list[str] | None = None) -> tuple[Splits, 
     model_config = load_model_config(cfg.model, splits.label_names)
     if model_config.pad_token_id is None:
         model_config.pad_token_id = tokenizer.pad_token_id
+    check_weights(cfg.model)
     meta_model = build_model(cfg.model, cfg.lora, model_config, meta=True)
     counts = budget.breakdown(meta_model)
     budget.check(counts, cfg.train.max_trainable_params)
@@ -177,8 +178,12 @@ def _frozen_prefix(model: torch.nn.Module, tc: TrainConfig, train_ids: list[list
         return None, None, None
     ram = tc.prefix_cache_ram_mb * 2**20
     train_store = prefix.compute(train_ids, pad_id, tc.eval_batch_size, device, precision, ram, run_dir)
-    val_store = prefix.compute(val_ids, pad_id, tc.eval_batch_size, device, precision,
-                               max(0, ram - train_store.nbytes), run_dir)
+    try:
+        val_store = prefix.compute(val_ids, pad_id, tc.eval_batch_size, device, precision,
+                                   max(0, ram - train_store.nbytes), run_dir)
+    except BaseException:
+        train_store.close()  # the caller only closes stores it was given
+        raise
     return prefix, train_store, val_store
 
 
