@@ -103,10 +103,12 @@ def test_report_falls_back_to_validation_carved_as_in_training(trained_run, tmp_
 
 def test_unreadable_data_still_gives_a_report(trained_run, tmp_path):
     run = _copy(trained_run, tmp_path / "run")
+    (run / report.CONFUSION_FILE).write_bytes(b"an earlier report's plot")
     _edit_config(run, test=str(tmp_path / "gone.csv"))
     report.write_report(run)
     md = (run / report.MD_FILE).read_text()
     assert "Not computed:" in md and "gone.csv" in md and "## Learning curve" in md
+    assert not (run / report.CONFUSION_FILE).exists()  # no stale plot beside "not computed"
 
 
 def test_report_of_a_missing_or_incomplete_run_is_one_line(tmp_path, capsys, trained_run):

@@ -266,3 +266,27 @@ def test_broken_model_folder_fails_before_the_run_folder(tiny_roberta, agnews_fi
     with pytest.raises(ModelError, match=expected.replace("*", r"\*")):
         train(load_config(SEED, tiny_overrides(model, agnews_files, out, **{"train.epochs": 1})))
     assert not out.exists()
+
+
+def test_relative_data_paths_are_saved_absolute(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    """Trained with data paths relative to one folder, the run evaluates from any other: the
+    saved config holds absolute paths, as it does for the model."""
+    import shutil
+
+    from loraclf.errors import DataError
+    from loraclf.evaluate import evaluate_run
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for f in agnews_files.values():
+        shutil.copy(f, work / f.name)
+    monkeypatch.chdir(work)
+    files = {k: Path(v.name) for k, v in agnews_files.items()}  # relative names
+    train(load_config(SEED, tiny_overrides(tiny_roberta, files, Path("run"), **{"train.epochs": 1})))
+    monkeypatch.chdir(tmp_path)
+    saved = open_run(work / "run").cfg.data
+    assert (saved.train, saved.test) == (str(work / files["train"]), str(work / files["test"]))
+    assert evaluate_run(work / "run", precision="fp32", write=False)["n"] == 80
+    (work / files["test"]).unlink()
+    with pytest.raises(DataError, match="data.test in the run's config.yaml, or pass --data.test PATH"):
+        evaluate_run(work / "run", precision="fp32", write=False)

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify texts with a run")
     pr.add_argument("run_dir", metavar="RUN_DIR")
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (else --input, else stdin)")
-    pr.add_argument("--input", help="file: one text per line (.txt), CSV/TSV with a text column, or JSONL")
+    pr.add_argument("--input", help="file: one text per line (.txt, .txt.gz), or CSV/TSV/JSONL/Parquet (optionally "
+                    ".gz) with a text column")
     pr.add_argument("--text-column", default="text", help="column holding the text in CSV/TSV/JSONL input")
     pr.add_argument("--output", help="write here instead of stdout")
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")

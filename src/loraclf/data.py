@@ -481,9 +481,11 @@ def limit(examples: Examples, n: int | None, seed: int) -> Examples:
     return examples.subset(idx)
 
 
-def load_eval_split(cfg: DataConfig, source: str, names: list[str], role: str = "test") -> Examples:
-    """Read an evaluation source and encode its labels with the trained class names."""
-    table = read_table(source, role, cfg)
+def load_eval_split(cfg: DataConfig, source: str, names: list[str], role: str = "test",
+                    flag: str | None = None) -> Examples:
+    """Read an evaluation source and encode its labels with the trained class names; ``flag``:
+    where the source was named, for error messages (default ``--data.<role>``)."""
+    table = read_table(source, role, cfg, flag=flag)
     examples, _ = to_examples(table, cfg, names)
     examples = limit(examples, cfg.max_eval_samples, cfg.split_seed)
     examples.fingerprint = table.fingerprint  # type: ignore[attr-defined]

@@ -55,7 +55,8 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
         raise DataError("--data.test is empty" if cleared else "the run has no test split configured",
                         where="command line" if cleared else str(run.path),
                         fix="pass one with --data.test PATH_OR_NAME")
-    examples = load_eval_split(data_cfg, data_cfg.test, run.label_names)
+    named = None if "test" in (data_overrides or {}) else "data.test in the run's config.yaml, or pass --data.test PATH"
+    examples = load_eval_split(data_cfg, data_cfg.test, run.label_names, flag=named)
     predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, from_checkpoint=from_checkpoint,
                                    max_tokens=max_tokens)
     result = evaluate_examples(predictor, examples)

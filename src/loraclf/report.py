@@ -119,6 +119,9 @@ def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, exa
     if analysis is not None:
         plots.confusion_matrix(analysis.metrics["confusion_matrix"], run.label_names, run.path / CONFUSION_FILE,
                                f"confusion matrix: {analysis.split} (n={analysis.n})")
+    else:
+        # a plot from an earlier report would sit beside a report that says it was not computed
+        (run.path / CONFUSION_FILE).unlink(missing_ok=True)
     content = _Content(run, _read_records(run.path / METRICS_FILE), analysis, problem)
     html_path, md_path = run.path / HTML_FILE, run.path / MD_FILE
     write_text(html_path, content.html())

@@ -25,7 +25,7 @@ from transformers import get_scheduler
 from . import budget, checkpoint, plots, runs
 from .config import COMPILE_MODES_WITH_GRAPHS, Config, TrainConfig, save_config
 from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, cache_root,
-                   load_splits, tokenize_cached)
+                   is_hub_name, load_splits, tokenize_cached)
 from .errors import ConfigError, LoraclfError, RunError, TrainingError
 from .evaluate import classification_metrics
 from .graphs import PAD_MULTIPLE, StepGraphs
@@ -191,9 +191,14 @@ def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdo
     """Create the run directory with what identifies the run; status stays "running"."""
     run_dir = Path(cfg.train.output_dir)
     runs.prepare_dir(run_dir, cfg.train.overwrite)
-    # Record the base as an absolute path when local, so the run works from any directory.
+    # Record the base and the data files as absolute paths when local, so that evaluate, report
+    # and --resume work from any directory, and after the run folder moves.
     resolved = cfg.model_copy(deep=True)
     resolved.model.name_or_path = resolve_name(cfg.model.name_or_path)
+    for role in ("train", "validation", "test"):
+        source = getattr(cfg.data, role)
+        if source is not None and not is_hub_name(source):
+            setattr(resolved.data, role, str(Path(source).expanduser().resolve()))
     save_config(resolved, run_dir / runs.CONFIG_FILE)
     runs.write_json(run_dir / runs.LABELS_FILE, splits.label_names)
     info: dict[str, Any] = {
