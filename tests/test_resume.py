@@ -195,6 +195,8 @@ def test_cli_uses_checkpoint_when_asked_then_resumes(tiny_roberta, agnews_files,
     assert main(["evaluate", str(run), "--checkpoint", "--json", "--precision", "fp32"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["weights"].endswith("step-00000001") and r["n"] == 24  # data.max_eval_samples
+    # saved under the checkpoint's name: after the run finishes it must not pass for the final evaluation
+    assert Path(r["saved_to"]).name == "test.csv.n24.step-00000001.json"
     assert main(["predict", str(run), "--checkpoint", "a goal"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == "a goal"
     assert main(["train", "--resume", str(run), "--lora.r", "2"]) == 2

@@ -60,13 +60,15 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, from_checkpoint=from_checkpoint,
                                    max_tokens=max_tokens)
     result = evaluate_examples(predictor, examples)
+    ckpt = checkpoint.latest(run.path) if from_checkpoint else None
     result.update(split="test", source=data_cfg.test, precision=predictor.precision,
-                  weights=str(checkpoint.latest(run.path)) if from_checkpoint else "adapter")
+                  weights=str(ckpt) if ckpt is not None else "adapter")
     if (where := source_path(data_cfg.test)) is not None:
         result["source_path"] = where
     if write:
         try:
-            result["saved_to"] = str(write_evaluation(run, result, data_cfg.test, data_cfg.max_eval_samples))
+            result["saved_to"] = str(write_evaluation(run, result, data_cfg.test, data_cfg.max_eval_samples,
+                                                      ckpt.name if ckpt is not None else None))
         except OSError as e:
             result.update(saved_to=None, save_error=f"cannot write {run.path / EVAL_DIR} ({e.strerror or e})")
     return result
@@ -78,10 +80,11 @@ def source_path(source: str) -> str | None:
     return None if is_hub_name(source) else str(Path(source).expanduser().resolve())
 
 
-def evaluation_name(run: Run, source: str, max_samples: int | None = None) -> str:
+def evaluation_name(run: Run, source: str, max_samples: int | None = None, checkpoint_name: str | None = None) -> str:
     """The file stem of an evaluation in RUN_DIR/eval/: the data file's name (``test.csv``) or the
     hub dataset's name and split (``ag_news.test``), plus ``.n<N>`` for a ``max_eval_samples``
-    subset, so a subset never replaces a full evaluation. A different file with the same name
+    subset, so a subset never replaces a full evaluation, and ``.step-<N>`` for an evaluation of
+    an unfinished run's checkpoint, which must not pass for the finished run's. A different file with the same name
     gets a short hash of its path, so evaluating ``a/test.csv`` and then ``b/test.csv`` keeps both."""
     where = source_path(source)
     if where is None:
@@ -92,6 +95,8 @@ def evaluation_name(run: Run, source: str, max_samples: int | None = None) -> st
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "test"
     if max_samples is not None:
         name += f".n{max_samples}"
+    if checkpoint_name is not None:
+        name += f".{checkpoint_name}"
     if where is not None and _evaluated_elsewhere(run.path / EVAL_DIR / f"{name}.json", where):
         name += "." + hashlib.sha256(where.encode()).hexdigest()[:8]
     return name
@@ -107,10 +112,11 @@ def _evaluated_elsewhere(existing: Path, where: str) -> bool:
     return other is not None and other != where
 
 
-def write_evaluation(run: Run, result: dict[str, Any], source: str, max_samples: int | None = None) -> Path:
+def write_evaluation(run: Run, result: dict[str, Any], source: str, max_samples: int | None = None,
+                     checkpoint_name: str | None = None) -> Path:
     out = run.path / EVAL_DIR
     out.mkdir(exist_ok=True)
-    name = evaluation_name(run, source, max_samples)
+    name = evaluation_name(run, source, max_samples, checkpoint_name)
     plots.confusion_matrix(result["confusion_matrix"], run.label_names, out / f"{name}_confusion.png",
                            f"confusion matrix: {name} (n={result['n']})")
     write_json(out / f"{name}.json", result)  # last: a JSON there means the evaluation was saved whole
