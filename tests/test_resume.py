@@ -137,6 +137,24 @@ def test_a_moved_run_resumes_where_it_is_now(reference, tiny_roberta, agnews_fil
     assert _final(moved) == reference
 
 
+def test_resume_goes_back_past_a_damaged_checkpoint(reference, tiny_roberta, agnews_files, tmp_path):
+    """The newest checkpoint damaged after it was written (a truncating copy): resume starts from
+    the one before it, redoes the steps in between, and still ends bit-identical."""
+    run = tmp_path / "run"
+    cb = StopAt(7)
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), cb, cb.stop)
+    newest = checkpoint.latest(run)
+    assert newest.name == "step-00000007"
+    f = newest / "trainable.safetensors"
+    f.write_bytes(f.read_bytes()[:40])
+    resume(run)
+    assert _final(run) == reference
+    info = json.loads((run / "run.json").read_text())
+    assert info["resumed_past_damaged"] == ["damaged-step-00000007"] and info["status"] == "complete"
+    assert (run / "checkpoints" / "damaged-step-00000007").is_dir()
+
+
 def test_resume_refusals(trained_run, tiny_roberta, agnews_files, tmp_path):
     with pytest.raises(RunError, match="already complete"):
         resume(trained_run)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import RunError
@@ -133,6 +133,36 @@ def latest(run_dir: Path) -> Path | None:
     root = Path(run_dir) / CHECKPOINT_DIR
     done = [p for p in root.glob("step-*") if (p / _DONE).is_file()] if root.is_dir() else []
     return max(done, default=None, key=lambda p: p.name)
+
+
+def readable(path: Path) -> bool:
+    """Whether a complete checkpoint's files can still be read (headers only: cheap)."""
+    try:
+        json.loads((path / _DONE).read_text(encoding="utf-8"))
+        for f in path.glob("*.safetensors"):
+            with safe_open(str(f), framework="pt"):
+                pass
+    except (OSError, ValueError, SafetensorError):
+        return False
+    return True
+
+
+def newest_readable(run_dir: Path) -> tuple[Path | None, list[Path]]:
+    """The newest complete checkpoint that can be read, and the newer ones that cannot (damaged
+    after they were written: a truncating copy, a disk error). The damaged ones are renamed
+    ``damaged-step-*`` so that a resumed run can write its own checkpoints at those steps."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    done = sorted((p for p in root.glob("step-*") if (p / _DONE).is_file()), key=lambda p: p.name, reverse=True) \
+        if root.is_dir() else []
+    damaged = []
+    for p in done:
+        if readable(p):
+            return p, damaged
+        aside = p.with_name(f"damaged-{p.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        p.rename(aside)
+        damaged.append(aside)
+    return None, damaged
 
 
 @dataclass

@@ -232,9 +232,10 @@ def resume(run_dir: str | Path, callback: Callback | None = None, stop: threadin
     run = runs.open_run(run_dir, allow_incomplete=True)
     if run.info.get("status") == "complete":
         raise RunError("run is already complete", where=str(run.path), fix="nothing to resume; train a new run")
-    ckpt = checkpoint.latest(run.path)
+    ckpt, damaged = checkpoint.newest_readable(run.path)
     if ckpt is None:
-        raise RunError("run has no checkpoint to resume from", where=str(run.path),
+        raise RunError("run has no readable checkpoint to resume from" + (
+                       f" ({len(damaged)} damaged, renamed damaged-step-*)" if damaged else ""), where=str(run.path),
                        fix="train it again (add --train.overwrite true to reuse the directory)")
     splits, tokenizer, model_config, counts = prepare(run.cfg, run.label_names)
     if json.loads(json.dumps(splits.fingerprints)) != run.info.get("data"):
@@ -242,6 +243,8 @@ def resume(run_dir: str | Path, callback: Callback | None = None, stop: threadin
                        where=str(run.path), fix="restore the original data files, or train a new run")
     info = {k: v for k, v in run.info.items() if k != "error"}
     info["status"] = "running"
+    if damaged:  # resumed from an older checkpoint; run.json says so (the steps after it are redone)
+        info["resumed_past_damaged"] = [p.name for p in damaged]
     runs.write_json(run.path / runs.RUN_FILE, info)
     # the run lives where it is now: a moved or copied run, or one whose output_dir was relative
     # to another working directory, must not continue in the folder its config names
