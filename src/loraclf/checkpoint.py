@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import RunError
-from .runs import share_modes
+from .errors import RunError, brief
+from .runs import share_modes, unreadable_safetensors
 
 CHECKPOINT_DIR = "checkpoints"
 _DONE = "state.json"  # written last inside the temporary directory
@@ -128,34 +128,33 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
     return final
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+def _complete(run_dir: Path) -> list[Path]:
+    """The complete checkpoints (their done-marker written), newest first."""
     root = Path(run_dir) / CHECKPOINT_DIR
     done = [p for p in root.glob("step-*") if (p / _DONE).is_file()] if root.is_dir() else []
-    return max(done, default=None, key=lambda p: p.name)
+    return sorted(done, key=lambda p: p.name, reverse=True)
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    return next(iter(_complete(run_dir)), None)
 
 
 def readable(path: Path) -> bool:
     """Whether a complete checkpoint's files can still be read (headers only: cheap)."""
     try:
         json.loads((path / _DONE).read_text(encoding="utf-8"))
-        for f in path.glob("*.safetensors"):
-            with safe_open(str(f), framework="pt"):
-                pass
-    except (OSError, ValueError, SafetensorError):
+    except (OSError, ValueError):
         return False
-    return True
+    return unreadable_safetensors(path.glob("*.safetensors")) is None
 
 
 def newest_readable(run_dir: Path) -> tuple[Path | None, list[Path]]:
     """The newest complete checkpoint that can be read, and the newer ones that cannot (damaged
     after they were written: a truncating copy, a disk error). The damaged ones are renamed
     ``damaged-step-*`` so that a resumed run can write its own checkpoints at those steps."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    done = sorted((p for p in root.glob("step-*") if (p / _DONE).is_file()), key=lambda p: p.name, reverse=True) \
-        if root.is_dir() else []
     damaged = []
-    for p in done:
+    for p in _complete(run_dir):
         if readable(p):
             return p, damaged
         aside = p.with_name(f"damaged-{p.name}")
@@ -179,7 +178,7 @@ def _read(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file)
     except (SafetensorError, OSError) as e:
-        raise RunError(f"checkpoint file is damaged ({str(e).splitlines()[0][:120]})", where=str(file),
+        raise RunError(f"checkpoint file is damaged ({brief(e, 120)})", where=str(file),
                        fix=f"delete {file.parent} to go back to the checkpoint before it") from None
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 
 
 class _Section(BaseModel):
@@ -246,7 +246,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"{p}:{mark.line + 1}" if mark else str(p)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or brief(e)
         raise ConfigError([f"not valid YAML ({problem})"], where=loc, fix="correct the YAML syntax") from None
     if doc is None:
         return {}

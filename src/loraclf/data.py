@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, brief
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 _INT_RE = re.compile(r"^\s*[+-]?\d+\s*$")
@@ -207,7 +207,7 @@ def _read_parquet(path: Path) -> dict[str, list[Any]]:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
-        raise DataError(f"cannot read Parquet ({str(e).splitlines()[0]})", where=str(path),
+        raise DataError(f"cannot read Parquet ({brief(e)})", where=str(path),
                         fix="check the file is a complete Parquet file") from None
     if table.num_rows == 0:
         raise DataError("file has no rows", where=str(path), fix="give a Parquet file with data")
@@ -222,7 +222,7 @@ def _read_hub(source: str, role: str, cfg: DataConfig) -> Table:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # datasets wraps network, auth and not-found problems in many types
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        reason = brief(e, 200)
         raise DataError(
             f"cannot load dataset '{name}' split '{split}' from the Hugging Face Hub ({reason})",
             where=f"data.{role}",

@@ -8,6 +8,13 @@ only the CLI turns them into one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 
+def brief(e: BaseException, limit: int | None = None) -> str:
+    """The first line of a library's exception message (at most ``limit`` characters), or its
+    type name when the message is empty: what goes in parentheses in a one-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 class LoraclfError(Exception):
     """Base class: ``str(err)`` is the one-line message shown to the user."""
 

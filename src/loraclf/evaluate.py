@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from . import checkpoint, plots
+from . import plots
 from .config import data_config
 from .data import Examples, is_hub_name, load_eval_split
 from .errors import DataError
@@ -60,7 +60,8 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, from_checkpoint=from_checkpoint,
                                    max_tokens=max_tokens)
     result = evaluate_examples(predictor, examples)
-    ckpt = checkpoint.latest(run.path) if from_checkpoint else None
+    # the checkpoint the predictor loaded (a training still running may have written a newer one since)
+    ckpt = predictor.checkpoint
     result.update(split="test", source=data_cfg.test, precision=predictor.precision,
                   weights=str(ckpt) if ckpt is not None else "adapter")
     if (where := source_path(data_cfg.test)) is not None:
@@ -84,8 +85,9 @@ def evaluation_name(run: Run, source: str, max_samples: int | None = None, check
     """The file stem of an evaluation in RUN_DIR/eval/: the data file's name (``test.csv``) or the
     hub dataset's name and split (``ag_news.test``), plus ``.n<N>`` for a ``max_eval_samples``
     subset, so a subset never replaces a full evaluation, and ``.step-<N>`` for an evaluation of
-    an unfinished run's checkpoint, which must not pass for the finished run's. A different file with the same name
-    gets a short hash of its path, so evaluating ``a/test.csv`` and then ``b/test.csv`` keeps both."""
+    an unfinished run's checkpoint, which must not pass for the finished run's. A different file
+    with the same name gets a short hash of its path, so evaluating ``a/test.csv`` and then
+    ``b/test.csv`` keeps both."""
     where = source_path(source)
     if where is None:
         dataset, _, split = source.partition(":")

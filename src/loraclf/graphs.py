@@ -32,7 +32,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from .errors import TrainingError
+from .errors import TrainingError, brief
 
 Batch = dict[str, torch.Tensor]
 # padded lengths round up to a multiple of this when graphs are on (unless data.pad_to_multiple_of
@@ -146,7 +146,7 @@ class StepGraphs:
             except RuntimeError as e:
                 shape = {name: tuple(t.shape) for name, t in batch.items()}
                 why = (f"capturing the step for batch shape {shape} failed "
-                       f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
+                       f"({brief(e)})")
                 if self.strict:
                     raise TrainingError(f"train.cuda_graphs: {why}; most often something in the model's forward or "
                                         "backward reads a GPU value on the host", where="train.cuda_graphs",

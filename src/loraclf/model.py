@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from .config import LoraSettings, ModelConfig
-from .errors import ModelError
+from .errors import ModelError, brief
 from .heads import install_head
+from .runs import unreadable_safetensors
 
 _OFFLINE_FIX = (
     "pass --model.name_or_path a local model directory, or connect to the Hugging Face Hub "
@@ -32,7 +33,7 @@ def resolve_name(name_or_path: str) -> str:
 
 
 def _load_error(what: str, mcfg: ModelConfig, e: Exception) -> ModelError:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = brief(e)
     if "trust_remote_code" in str(e):
         return ModelError(f"{what} '{mcfg.name_or_path}' needs its own code to run", where="model.name_or_path",
                           fix="review the model's code, then set --model.trust_remote_code true")
@@ -67,7 +68,7 @@ def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
                                                   trust_remote_code=mcfg.trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
         if path is not None:  # a run's own copy: the run is damaged, not the base model
-            raise ModelError(f"cannot load the run's tokenizer ({str(e).strip()[:160] or type(e).__name__})",
+            raise ModelError(f"cannot load the run's tokenizer ({brief(e, 160)})",
                              where=str(path), fix="restore the run's tokenizer folder from a copy, or train again") from None
         raise _load_error("tokenizer", mcfg, e) from None
     # A folder without tokenizer files loads as a tokenizer of special tokens only, which turns
@@ -210,7 +211,7 @@ def load_adapter(base: torch.nn.Module, adapter_dir: Path) -> PeftModel:
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir), use_safetensors=True)
     except SafetensorError as e:
-        raise ModelError(f"adapter weights are damaged ({str(e).splitlines()[0][:120]})",
+        raise ModelError(f"adapter weights are damaged ({brief(e, 120)})",
                          where=str(adapter_dir / "adapter_model.safetensors"),
                          fix="restore the file from a copy, or train the run again") from None
 
@@ -227,13 +228,9 @@ def check_weights(mcfg: ModelConfig) -> None:
     if not files:
         raise ModelError("no *.safetensors weights in the model folder", where=str(local),
                          fix="add the model's safetensors weights (loraclf never reads pickle .bin files)")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise ModelError(f"weights file is damaged ({str(e).splitlines()[0][:120]})", where=str(f),
-                             fix="download or copy the model's weights again") from None
+    if (bad := unreadable_safetensors(files)) is not None:
+        raise ModelError(f"weights file is damaged ({brief(bad[1], 120)})", where=str(bad[0]),
+                         fix="download or copy the model's weights again")
 
 
 def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:

@@ -115,6 +115,7 @@ class Predictor:
         self.max_length = usable_length(max_length, getattr(model, "config", None))
         self.batch_size = batch_size
         self.max_tokens = max_tokens
+        self.checkpoint: Path | None = None  # the checkpoint folder the weights came from (from_run)
         # Experimental (unmeasured on a GPU yet): replays of each batch shape's forward; a shape
         # runs eagerly the first time it is seen, then from its graph
         if cuda_graphs and self.device.type != "cuda":
@@ -127,19 +128,23 @@ class Predictor:
                  precision: str = "auto", merge: bool = True, from_checkpoint: bool = False,
                  max_tokens: int | None = None, cuda_graphs: bool = False) -> Predictor:
         """Load a finished run; ``from_checkpoint``: an unfinished one, with the best weights of its
-        newest checkpoint (the current weights when no epoch has been evaluated yet)."""
+        newest checkpoint (the current weights when no epoch has been evaluated yet), whose folder
+        is then the predictor's ``checkpoint``."""
         if not isinstance(run, Run):
             run = open_run(run, allow_incomplete=from_checkpoint)
         config = load_model_config(run.cfg.model, run.label_names)
+        ckpt = None
         if from_checkpoint:
-            model = _model_from_checkpoint(run, config)
+            model, ckpt = _model_from_checkpoint(run, config)
         else:
             model = load_adapter(load_base(run.cfg.model, config), run.adapter_dir)
         if merge:
             model = model.merge_and_unload()
         tokenizer = load_tokenizer(run.cfg.model, path=str(run.tokenizer_dir))
-        return cls(model, tokenizer, run.label_names, run.cfg.data.max_length, batch_size, device, precision,
-                   max_tokens, cuda_graphs)
+        predictor = cls(model, tokenizer, run.label_names, run.cfg.data.max_length, batch_size, device, precision,
+                        max_tokens, cuda_graphs)
+        predictor.checkpoint = ckpt
+        return predictor
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         for i, t in enumerate(texts):
@@ -178,11 +183,11 @@ class Predictor:
         return results
 
 
-def _model_from_checkpoint(run: Run, config: Any) -> torch.nn.Module:
+def _model_from_checkpoint(run: Run, config: Any) -> tuple[torch.nn.Module, Path]:
     path = checkpoint.latest(run.path)
     if path is None:
         raise RunError("run has no checkpoint", where=str(run.path), fix="use a run that trained at least one step")
     loaded = checkpoint.load(path)
     model = build_model(run.cfg.model, run.cfg.lora, config)
     model.load_state_dict(loaded.best if loaded.best is not None else loaded.trainable, strict=False)
-    return model
+    return model, path

@@ -20,7 +20,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .config import Config, build_config
 from .errors import ConfigError, RunError
@@ -89,6 +89,20 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def unreadable_safetensors(files: Iterable[Path]) -> tuple[Path, Exception] | None:
+    """The first of ``files`` whose safetensors header cannot be read, with the error (None when
+    all can). Reads headers only: a truncated or overwritten file shows up without loading weights."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f, e
+    return None
 
 
 def environment() -> dict[str, str]:
