@@ -5,16 +5,21 @@ Nothing touches the network: HF_HUB_OFFLINE makes any accidental hub access fail
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Caches (token ids) go to a fresh folder per test session, never the user's ~/.cache.
-os.environ["LORACLF_CACHE"] = __import__("tempfile").mkdtemp(prefix="loraclf-test-cache-")
+# Caches (token ids) go to a fresh folder per test session, never the user's ~/.cache, and the
+# folder goes when the session ends (one was left in /tmp by every run before).
+os.environ["LORACLF_CACHE"] = tempfile.mkdtemp(prefix="loraclf-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LORACLF_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
