@@ -161,6 +161,9 @@ def test_malformed_json_too_large_bodies_and_unknown_paths(client):
     r = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "error" in r.json()
 
+    r = client.post("/predict", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "the body is empty" in r.json()["error"]  # was "body: Field required"
+
     r = client.get("/nope")
     assert r.status_code == 404 and r.json() == {"error": "Not Found"}
     r = client.get("/predict")
@@ -354,8 +357,60 @@ def test_listen_on_a_busy_port_is_a_clear_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        with pytest.raises(RunError, match="cannot listen on 127.0.0.1:.*choose another --port"):
+        with pytest.raises(RunError, match="cannot listen on 127.0.0.1:.*choose another --port") as e:
             listen("127.0.0.1", s.getsockname()[1])
+    # the reason once, without the address repeated ("... (while attempting to bind on address ...)")
+    assert "Address already in use)" in str(e.value) and "while attempting" not in str(e.value)
+
+
+def _stalled_upload(port: int) -> socket.socket:
+    """A request whose body stops half-way: 50 bytes announced, 13 sent."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 b'Content-Length: 50\r\n\r\n{"text": "abc')
+    return sock
+
+
+def _raw_answer(sock: socket.socket) -> tuple[int, dict]:
+    buf = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    sock.close()
+    head, _, body = buf.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), buf
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_stalled_upload_is_answered_408_without_holding_others(predictor):
+    # A client that stops sending its body held its connection for ever; a few hundred such
+    # clients exhausted the file descriptors and the service stopped answering.
+    app = create_app(predictor, limits=Limits(body_timeout_s=1))
+    with ThreadServer(app) as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        stalled = [_stalled_upload(port) for _ in range(3)]
+        t0 = time.monotonic()
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.post("/predict", json={"text": TEXTS[0]}).status_code == 200  # not blocked meanwhile
+        answers = [_raw_answer(s) for s in stalled]
+        assert all(status == 408 and "did not arrive within 1 s" in body["error"] for status, body in answers)
+        assert time.monotonic() - t0 < 10
+
+
+def test_a_large_body_gets_the_json_413_not_a_reset(predictor):
+    # Closing on 4 MB of unread body made the kernel reset the connection before the client read the 413.
+    import http.client
+
+    app = create_app(predictor, limits=Limits(max_body_bytes=20_000))
+    with ThreadServer(app) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1]), timeout=30)
+        conn.request("POST", "/predict", body=b'{"text": "' + b"a" * 4_000_000 + b'"}',
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 413 and "larger than the limit of 20,000 bytes" in json.loads(r.read())["error"]
+        conn.close()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -423,11 +478,46 @@ def test_cli_serve_answers_then_drains_on_sigterm(trained_run):
             while c.get("/health").json()["pending_requests"] < len(TEXTS):
                 assert time.monotonic() < deadline, "requests never reached the queue"
                 time.sleep(0.02)
+        stalled = _stalled_upload(port)  # a client that never finishes must not hold the stop
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert [_raw_status(s) for s in in_flight] == [200] * len(TEXTS)  # answered, not dropped
+        assert _raw_answer(stalled) == (503, {"error": "the service is shutting down; retry on another instance"})
         out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15  # it waited out the 30 s graceful timeout for the stalled upload
         assert proc.returncode == 0, err
-        assert "stopped" in err
+        assert "stopped" in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_second_ctrl_c_answers_waiting_requests_503(trained_run):
+    # A second Ctrl-C forced uvicorn's exit: ~170 lines of CancelledError tracebacks, the waiting
+    # requests answered text/plain 500, exit code 0.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "loraclf.cli", "serve", str(trained_run), "--port", "0",
+                             "--precision", "fp32", "--max-wait-ms", "5000", "--max-batch", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "serving" in line, (line, proc.stderr.read() if proc.poll() else "")
+        url = line.split(" on ", 1)[1].split()[0].rstrip("/")
+        port = int(url.rsplit(":", 1)[1])
+        waiting = [_raw_post(port, {"text": t}) for t in TEXTS[:3]]
+        with httpx.Client(base_url=url, timeout=30) as c:
+            deadline = time.monotonic() + 20
+            while c.get("/health").json()["pending_requests"] < 3:
+                assert time.monotonic() < deadline, "requests never reached the queue"
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert [_raw_answer(s)[0] for s in waiting] == [503] * 3
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "stopped (forced)" in err and "Traceback" not in err and len(err.splitlines()) == 3, err
     finally:
         if proc.poll() is None:
             proc.kill()

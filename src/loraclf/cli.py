@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="HTTP service and web page for a run (FastAPI + uvicorn)",
                         description="POST /predict, GET /health, GET /info, the page at /, the schema at "
-                                    "/openapi.json. Ctrl-C or SIGTERM: finish open requests, then stop.")
+                                    "/openapi.json. Ctrl-C or SIGTERM: finish open requests, then stop (exit 0); "
+                                    "Ctrl-C again: stop now, answering waiting requests 503 (exit 130).")
     sv.add_argument("run_dir", metavar="RUN_DIR")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-texts", type=int, default=256, help="most texts in one request")
     sv.add_argument("--max-text-chars", type=int, default=10_000, help="longest text, in characters")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body")
+    sv.add_argument("--body-timeout", type=int, default=30,
+                    help="seconds a request body may take to arrive (408 beyond: a stalled client is dropped)")
     sv.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
@@ -444,14 +447,16 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     _no_overrides("serve", overrides)
     bad = [f"--{k.replace('_', '-')} must be >= 1 (got {v})" for k, v in
            (("max_batch", args.max_batch), ("max_texts", args.max_texts), ("max_text_chars", args.max_text_chars),
-            ("max_body_bytes", args.max_body_bytes), ("batch_size", args.batch_size)) if v < 1]
+            ("max_body_bytes", args.max_body_bytes), ("batch_size", args.batch_size),
+            ("body_timeout", args.body_timeout)) if v < 1]
     if not 0 <= args.max_wait_ms <= MAX_WAIT_MS:  # also refuses nan and inf (inf would hang every request)
         bad.append(f"--max-wait-ms must be between 0 and {MAX_WAIT_MS:,} (got {args.max_wait_ms:g})")
     if not 0 <= args.port <= 65535:
         bad.append(f"--port must be 0-65535 (got {args.port})")
     if bad:
         raise ConfigError(bad, where="command line")
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_text_chars=args.max_text_chars)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_text_chars=args.max_text_chars,
+                    body_timeout_s=args.body_timeout)
     # The run and the address first: a typo or a taken port should fail in a second, not after
     # loading the model (clients that connect meanwhile wait in the backlog until the app is up).
     run = open_run(args.run_dir)
@@ -466,10 +471,18 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     mode = "off" if args.no_micro_batching else f"max {args.max_batch} texts / {args.max_wait_ms:g} ms"
-    print(f"serving {args.run_dir} on http://{shown}:{port}/ (micro-batching {mode}); Ctrl-C to stop", flush=True)
-    run_server(app, sock, log_level=args.log_level)
-    print("stopped", file=sys.stderr)
-    return 0
+
+    def started() -> None:  # printed once the signal handlers are in place: a stop is graceful from here on
+        print(f"serving {args.run_dir} on http://{shown}:{port}/ (micro-batching {mode}); Ctrl-C to stop", flush=True)
+
+    def stopping(forced: bool) -> None:
+        # os.write, not print: this runs in a signal handler, which may interrupt a print to stderr
+        os.write(2, b"stopping now: waiting requests are answered 503\n" if forced else
+                 b"stopping: finishing the requests already received (Ctrl-C again to stop now)\n")
+
+    forced = run_server(app, sock, log_level=args.log_level, on_started=started, on_stopping=stopping)
+    print("stopped" + (" (forced)" if forced else ""), file=sys.stderr)
+    return 130 if forced else 0
 
 
 def _check_max_tokens(args: argparse.Namespace) -> None:

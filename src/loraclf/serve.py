@@ -18,8 +18,10 @@ a time, which is what a plain one-request-one-forward service does.
 Every client mistake is a 4xx with a JSON body ``{"error": "..."}``: body too large (413),
 malformed JSON or schema (422), too many texts, a text too long, an empty text, a text that is
 not valid Unicode (422). A request that fails inside a micro-batch fails alone: the others in
-its batch are answered. A fault of the service itself is a 500 with the same JSON body.
-On shutdown the service stops taking requests (503) and answers the ones already queued.
+its batch are answered. A fault of the service itself is a 500 with the same JSON body. A body
+that does not arrive in time is a 408.
+On shutdown the service stops taking requests (503), answers uploads still in progress 503 and
+the requests already received normally; a forced stop (a second Ctrl-C) answers them all 503.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import os
 import re
 import signal
 import socket
@@ -34,7 +37,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,7 +56,10 @@ class Limits:
     max_body_bytes: int = 1_000_000
     max_texts: int = 256
     max_text_chars: int = 10_000
-    max_top_k: int = 100
+    max_top_k: int = 100  # only bites on models with more classes: a larger top_k lists every class
+    # A body not fully arrived by then is answered 408: a client that stalls mid-upload would
+    # otherwise hold its connection (a file descriptor) for ever, and enough of them stop the service.
+    body_timeout_s: int = 30
 
 
 # ----------------------------------------------------------------------------- schema
@@ -180,6 +186,21 @@ class MicroBatcher:
             pass
         self._worker = None
 
+    def abort(self) -> None:
+        """A forced stop: every waiting request is answered 503 now (the one in ``predict`` too,
+        through the worker's cancellation) instead of being dropped with its connection."""
+        self.closing = True
+        stopped = ClientError(503, "the service was stopped before answering; retry")
+        waiting = [self._held] if self._held is not None else []
+        while self._queue is not None and not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        self._held = None
+        for job in waiting:
+            if not job.future.done():
+                job.future.set_exception(stopped)
+        if self._worker is not None:
+            self._worker.cancel()
+
     async def submit(self, texts: list[str], top_k: int = 1) -> list[dict[str, Any]]:
         if self.closing:
             raise ClientError(503, "the service is shutting down; retry on another instance")
@@ -298,6 +319,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         elif e.get("type") in ("model_attributes_type", "dict_type") and loc == "":
             parts.append('the body must be a JSON object such as {"text": "..."}, '
                          "sent with Content-Type: application/json")
+        elif e.get("type") == "missing" and loc == "":
+            parts.append('the body is empty; send a JSON object such as {"text": "..."}')
         elif e.get("type") == "extra_forbidden":
             parts.append(f'unknown field "{loc}" (fields: text, texts, top_k)')
         else:
@@ -305,54 +328,138 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-class _BodyLimit:
-    """ASGI middleware: reads a request body up to ``max_bytes`` (413 beyond), then replays it.
+class _Uploads:
+    """The requests still receiving their body. On shutdown they are answered 503 at once: a
+    client that stalls mid-upload would otherwise hold the graceful stop for its whole timeout."""
 
-    Checks the declared Content-Length first and the bytes actually received second, so a
-    chunked upload cannot slip past the limit.
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+        self.closing = False
+
+    def abort(self) -> None:
+        self.closing = True
+        for task in list(self.tasks):
+            task.cancel()
+
+
+class _RequestGuard:
+    """ASGI middleware, outermost: what must hold before any parsing and around the whole request.
+
+    * A body over ``limits.max_body_bytes`` is answered 413: the declared Content-Length is
+      checked first and the bytes actually received second, so a chunked upload cannot slip
+      past. A bounded part of the rest is read and dropped first; closing on unread bytes makes
+      the kernel reset the connection, and the client sees the reset instead of the answer.
+    * A body not complete within ``limits.body_timeout_s`` is answered 408.
+    * A request cancelled by the server (shutdown of an upload, a forced stop) ends with a JSON
+      503 when nothing was sent yet, not with a traceback in the log and a text/plain 500.
+    The body, once read, is replayed to the app.
     """
 
-    def __init__(self, app: Any, max_bytes: int):
+    DRAIN_BYTES = 16 * 2**20  # at most this much of a refused body is read before answering
+    DRAIN_SECONDS = 2.0
+
+    def __init__(self, app: Any, limits: Limits, uploads: _Uploads):
         self.app = app
-        self.max_bytes = max_bytes
+        self.limits = limits
+        self.uploads = uploads
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = False
+
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+                await self.app(scope, receive, send_tracked)
+                return
+            body = await self._read(scope, receive, send_tracked)
+            if body is None:
+                return
+            sent = False
+
+            async def replay() -> dict:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_tracked)
+        except asyncio.CancelledError:
+            # The server is stopping; the request is not re-raised into uvicorn, which would log
+            # a traceback per request and answer text/plain.
+            if not started:
+                try:
+                    await _error(send, 503, "the service is shutting down; retry on another instance")
+                except (Exception, asyncio.CancelledError):  # noqa: BLE001 - the client may be gone
+                    pass
+
+    async def _read(self, scope: dict, receive: Any, send: Any) -> bytes | None:
+        """The whole body, or None once an error has been answered (or the client left)."""
+        limit = self.limits.max_body_bytes
+        if self.uploads.closing:
+            await _error(send, 503, "the service is shutting down; retry on another instance")
+            return None
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large(send)
-            return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._drain(receive, more=True)
+            await _error(send, 413, f"request body is larger than the limit of {limit:,} bytes")
+            return None
+        task = asyncio.current_task()
+        assert task is not None
+        self.uploads.tasks.add(task)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.limits.body_timeout_s
+            chunks, size, more = [], 0, True
+            while more:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+                except (asyncio.TimeoutError, TimeoutError):
+                    await _error(send, 408, f"the request body did not arrive within {self.limits.body_timeout_s} s "
+                                            "(it was shorter than its Content-Length, or the client stalled)")
+                    return None
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                more = message.get("more_body", False)
+                if size > limit:
+                    await self._drain(receive, more)
+                    await _error(send, 413, f"request body is larger than the limit of {limit:,} bytes")
+                    return None
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            self.uploads.tasks.discard(task)
+
+    async def _drain(self, receive: Any, more: bool) -> None:
+        loop = asyncio.get_running_loop()
+        deadline, dropped = loop.time() + self.DRAIN_SECONDS, 0
+        while more and dropped < self.DRAIN_BYTES and loop.time() < deadline:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except (asyncio.TimeoutError, TimeoutError):
+                return
             if message["type"] == "http.disconnect":
                 return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._too_large(send)
-                return
-            chunks.append(chunk)
+            dropped += len(message.get("body", b""))
             more = message.get("more_body", False)
-        body, sent = b"".join(chunks), False
 
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, send: Any) -> None:
-        body = json.dumps({"error": f"request body is larger than the limit of {self.max_bytes:,} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+async def _error(send: Any, status: int, message: str) -> None:
+    """Answer ``{"error": message}`` with ``status`` and close the connection (its body may be unread)."""
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 # ----------------------------------------------------------------------------- the app
@@ -391,6 +498,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     limits = limits or Limits()
     info = dict(info or {})
     batcher = MicroBatcher(predictor, enabled=micro_batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    uploads = _Uploads()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -405,7 +513,9 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     app.state.batcher = batcher
     app.state.predictor = predictor
     app.state.limits = limits
-    errors = {413: {"model": ErrorResponse, "description": "request body too large"},
+    app.state.uploads = uploads
+    errors = {408: {"model": ErrorResponse, "description": "the request body did not arrive in time"},
+              413: {"model": ErrorResponse, "description": "request body too large"},
               422: {"model": ErrorResponse,
                     "description": "invalid request: schema, empty text, too many or too long texts"},
               500: {"model": ErrorResponse, "description": "a fault of the service (details in its log)"},
@@ -465,7 +575,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)  # outermost: before any parsing
+    app.add_middleware(_RequestGuard, limits=limits, uploads=uploads)  # outermost: before any parsing
     return app
 
 
@@ -603,16 +713,56 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
-        raise RunError(f"cannot listen on {host}:{port} ({e.strerror or e})", where="serve",
+        # e.strerror of a failed bind already repeats the address; the errno's text does not
+        reason = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else (e.strerror or str(e))
+        raise RunError(f"cannot listen on {host}:{port} ({reason})", where="serve",
                        fix="choose another --port (or --port 0 for a free one) or --host") from None
 
 
-def run_server(app: Any, sock: socket.socket, log_level: str = "warning") -> None:
-    """Serve until SIGINT/SIGTERM; then stop accepting, finish open requests, drain the queue."""
+def run_server(app: Any, sock: socket.socket, log_level: str = "warning",
+               on_started: Callable[[], None] | None = None,
+               on_stopping: Callable[[bool], None] | None = None) -> bool:
+    """Serve ``app`` (from :func:`create_app`) until SIGINT/SIGTERM; True when the stop was forced.
+
+    The first signal stops accepting connections, answers uploads still in progress 503, finishes
+    the requests already received and drains the micro-batch queue (uvicorn's graceful shutdown,
+    at most 30 s). A second Ctrl-C forces the stop: every waiting request is answered 503 at once.
+    ``on_started`` runs once the server accepts connections and its signal handlers are in place
+    (a signal before that kills the process with no word); ``on_stopping(forced)`` on each signal.
+    """
     import uvicorn
 
+    class Server(uvicorn.Server):
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+            if self.started and on_started is not None:
+                on_started()
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            forced = self.force_exit
+            if self.loop is not None:  # a Python signal handler: hand the work to the loop
+                self.loop.call_soon_threadsafe(app.state.uploads.abort)
+                if forced:
+                    self.loop.call_soon_threadsafe(app.state.batcher.abort)
+            if on_stopping is not None:
+                on_stopping(forced)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets=sockets)
+            # A forced stop skips the waiting: give the requests just answered 503 a moment to
+            # send it before the loop closes under them.
+            deadline = time.monotonic() + 2
+            while self.force_exit and self.server_state.tasks and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if self.force_exit:  # uvicorn skips the app's shutdown then, and its cancelled lifespan logs a traceback
+                await self.lifespan.shutdown()
+
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30, access_log=False)
-    server = uvicorn.Server(config)
+    server = Server(config)
     # uvicorn handles SIGINT/SIGTERM (graceful shutdown), then re-raises the signal to the handler
     # it found. Finding this one, a stop asked for by a signal returns here as a normal end.
     main = threading.current_thread() is threading.main_thread()
@@ -622,3 +772,4 @@ def run_server(app: Any, sock: socket.socket, log_level: str = "warning") -> Non
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return server.force_exit
