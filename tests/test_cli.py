@@ -166,13 +166,73 @@ def test_predict_stdin_errors(stdin, expected, trained_run, capsys, monkeypatch)
     assert expected in _error_line(capsys)
 
 
-def test_predict_stdin_that_is_not_utf8_is_one_line(trained_run, capsys, monkeypatch):
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_predict_stdin_that_is_not_utf8_is_one_line(errors, trained_run, capsys, monkeypatch):
     import io
 
-    stdin = io.TextIOWrapper(io.BytesIO(b"abc\n\xff def\n"), encoding="utf-8", errors="surrogateescape")
-    monkeypatch.setattr(sys, "stdin", stdin)  # what Python gives a program for a non-UTF-8 pipe
+    # what Python gives a program for a pipe: strict decoding under a UTF-8 locale (en_US.UTF-8:
+    # a UnicodeDecodeError traceback before), surrogateescape under C/POSIX
+    stdin = io.TextIOWrapper(io.BytesIO(b"abc\n\xff def\n"), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stdin", stdin)
     assert main(["predict", str(trained_run)]) == 2
-    assert "text 2 is not valid Unicode" in _error_line(capsys)
+    assert "stdin: line 2 is not valid UTF-8" in _error_line(capsys)
+
+
+def test_predict_input_dash_is_stdin(trained_run, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"bank profit\n"), encoding="utf-8"))
+    assert main(["predict", str(trained_run), "--input", "-"]) == 0
+    assert _predicted_texts(capsys) == ["bank profit"]
+
+
+def test_predict_refuses_texts_and_input_together(trained_run, tmp_path, capsys):
+    # "--input in.txt out.jsonl" (a forgotten --output) classified the string "out.jsonl", exit 0
+    (tmp_path / "in.txt").write_text("goal\nbank\n")
+    assert main(["predict", str(trained_run), "--input", str(tmp_path / "in.txt"), "out.jsonl"]) == 2
+    err = _error_line(capsys)
+    assert "texts given both as arguments ('out.jsonl', ...) and with --input" in err and "--output FILE" in err
+
+
+def test_predict_unknown_extension_says_what_predict_accepts(trained_run, tmp_path, capsys):
+    # the fix said "or set --data.format", which predict then refused
+    (tmp_path / "a.dat").write_text("text\ngoal\n")
+    assert main(["predict", str(trained_run), "--input", str(tmp_path / "a.dat")]) == 2
+    err = _error_line(capsys)
+    assert "cannot tell the format of 'a.dat'" in err and "name the file .txt, .csv" in err
+    assert "--data.format" not in err
+
+
+def test_sigterm_ends_a_command_like_ctrl_c(trained_run, tmp_path, capsys, monkeypatch):
+    # SIGTERM killed predict/evaluate/report silently with exit 143
+    import signal
+
+    import loraclf.predict
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(loraclf.predict.Predictor, "from_run", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["predict", str(trained_run), "goal", "--output", str(tmp_path / "o.jsonl")]) == 130
+    assert _error_line(capsys) == "loraclf predict: interrupted"
+    assert not (tmp_path / "o.jsonl").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main()
+
+
+def test_predict_output_that_cannot_be_written_exits_1(trained_run, tmp_path, capsys, monkeypatch):
+    # a machine failure (disk full) exited 2, as if the command line were wrong
+    import errno
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    assert main(["predict", str(trained_run), "goal", "--output", str(tmp_path / "o.jsonl")]) == 1
+    err = _error_line(capsys)
+    assert err == f"loraclf predict: error: No space left on device ({tmp_path / 'o.jsonl'})"
+    assert list(tmp_path.iterdir()) == []  # no temporary file left either
 
 
 def _predicted_texts(capsys) -> list[str]:

@@ -256,3 +256,6 @@ def test_early_stopping_and_recipe_options_train(tiny_roberta, agnews_files, tmp
     evals = [r for r in result.records if r.get("event") == "eval" and r["split"] == "validation"]
     assert [r["epoch"] for r in evals] == [1, 2]
     assert info["stopped_early_at_epoch"] == 2 and info["best_epoch"] == 1 and info["status"] == "complete"
+    # the report says so ("best epoch 1 of 6" alone read as if 6 epochs had run)
+    assert "best epoch | 1 of 6 (stopped early after epoch 2: early\\_stopping\\_patience 1)" \
+        in (out / "report.md").read_text()

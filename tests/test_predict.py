@@ -69,6 +69,18 @@ def test_classification_metrics_against_hand_computed():
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
 
 
+def test_macro_f1_counts_only_the_classes_that_occur():
+    # Two of four classes in the data, predicted perfectly: macro-F1 was 0.5 (absent classes as 0),
+    # scikit-learn's and HF evaluate's default gives 1.0.
+    m = classification_metrics(np.array([0, 0, 2, 2]), np.array([0, 0, 2, 2]), ["a", "b", "c", "d"])
+    assert m["macro_f1"] == 1.0 and m["accuracy"] == 1.0
+    assert m["per_class"]["b"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    # a class never in the data but predicted counts (its precision is 0)
+    m = classification_metrics(np.array([0, 0, 2, 2]), np.array([0, 1, 2, 2]), ["a", "b", "c", "d"])
+    assert m["per_class"]["b"]["precision"] == 0.0 and m["per_class"]["d"]["f1"] is None
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.0 + 1.0) / 3)
+
+
 def test_evaluate_run_matches_training_test_metrics(trained_run):
     r = evaluate_run(trained_run, precision="fp32")
     info = json.loads((trained_run / "run.json").read_text())
@@ -105,6 +117,14 @@ def test_library_call_pitfalls(trained_run, predictor):
     assert isinstance(Predictor.from_run(trained_run, merge=False, precision="fp32").model, PeftModel)  # README
     with pytest.raises(ConfigError, match="precision 'fp16' is not one of"):
         Predictor.from_run(trained_run, precision="fp16")
+    # a NumPy array or a pandas Series of texts ("truth value of an array is ambiguous" before)
+    import pandas as pd
+    want = predictor.logits(TEXTS[:2])
+    np.testing.assert_array_equal(predictor.logits(np.array(TEXTS[:2])), want)
+    assert [r["label"] for r in predictor.predict(pd.Series(TEXTS[:2]))] == \
+        [r["label"] for r in predictor.predict(TEXTS[:2])]
+    with pytest.raises(DataError, match="text 2 is not a string \\(NoneType\\)"):
+        predictor.predict(["ok", None])
 
 
 def test_damaged_files_are_one_clear_error(trained_run, tmp_path):

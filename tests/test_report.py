@@ -54,6 +54,21 @@ def test_train_writes_a_self_contained_report(trained_run):
     assert "status | complete" in md
 
 
+def test_markdown_cells_show_text_as_written():
+    # "<script>" or "</td>" in a class name or text went into report.md raw: viewers render it as HTML
+    assert report._md_cell("<script> a|b **x** my_run &amp;\n y") == \
+        "\\<script\\> a\\|b \\*\\*x\\*\\* my\\_run \\&amp; y"
+
+
+def test_plots_take_class_names_as_plain_text(tmp_path):
+    # "$$" (a price tier) was read as mathtext: evaluate and report ended in a ParseException traceback
+    from loraclf import plots
+
+    plots.confusion_matrix([[2, 0], [1, 3]], ["$", "$$"], tmp_path / "c.png", "t $x^$")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["c.png"]  # written atomically: no temporary file left
+
+
 def test_examples_are_saved_for_the_page(trained_run):
     examples = json.loads((trained_run / "examples.json").read_text())
     labels = json.loads((trained_run / "labels.json").read_text())

@@ -120,8 +120,11 @@ def test_stop_request_writes_checkpoint_and_resumes(reference, tiny_roberta, agn
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
     assert checkpoint.latest(run).name == "step-00000007"
     assert len(list((run / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+    first = json.loads((run / "run.json").read_text())["wall_time_s"]  # was not recorded when interrupted
+    assert first > 0
     resume(run)
     assert _final(run) == reference
+    assert json.loads((run / "run.json").read_text())["wall_time_s"] > first  # both sessions count
 
 
 def test_a_moved_run_resumes_where_it_is_now(reference, tiny_roberta, agnews_files, tmp_path):

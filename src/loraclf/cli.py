@@ -8,6 +8,7 @@ its name, and validated together with the YAML file so every problem is reported
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -17,7 +18,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .config import SECTIONS, config_keys, load_config, parse_override_value
 from .errors import ConfigError, DataError, LoraclfError
@@ -113,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify texts with a run")
     pr.add_argument("run_dir", metavar="RUN_DIR")
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (else --input, else stdin)")
-    pr.add_argument("--input", help="file: one text per line (.txt, .txt.gz), or CSV/TSV/JSONL/Parquet (optionally "
-                    ".gz) with a text column")
+    pr.add_argument("--input", help="file (- for stdin): one text per line (.txt, .txt.gz), or CSV/TSV/JSONL/Parquet "
+                                    "(optionally .gz) with a text column")
     pr.add_argument("--text-column", default="text", help="column holding the text in CSV/TSV/JSONL input")
     pr.add_argument("--output", help="write here instead of stdout")
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
@@ -338,7 +339,8 @@ def _evaluation_output(args: argparse.Namespace, r: dict[str, Any]) -> None:
     w = max(len(n) for n in names + ["class"])
     print(f"{'class':<{w}}  precision  recall      f1  support")
     for n, m in r["per_class"].items():
-        print(f"{n:<{w}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}")
+        prec, rec, f1 = ("-" if m[k] is None else f"{m[k]:.4f}" for k in ("precision", "recall", "f1"))
+        print(f"{n:<{w}}  {prec:>9}  {rec:>6}  {f1:>6}  {m['support']:7d}")
     print("\nconfusion matrix (rows: true, columns: predicted)")
     cw = max(7, *(len(n) for n in names))
     print(" " * w + "  " + "  ".join(f"{n[:cw]:>{cw}}" for n in names))
@@ -347,25 +349,35 @@ def _evaluation_output(args: argparse.Namespace, r: dict[str, Any]) -> None:
 
 
 def _read_inputs(args: argparse.Namespace) -> list[str]:
+    if args.texts and args.input:
+        # "predict RUN --input in.txt out.jsonl" (a forgotten --output) classified the string "out.jsonl"
+        raise ConfigError([f"texts given both as arguments ({args.texts[0]!r}, ...) and with --input {args.input}"],
+                          where="command line", fix="give one of them (to write a file, use --output FILE)")
     if args.texts:
         return list(args.texts)
-    from .data import is_lines_file, read_lines, split_lines
+    from .data import decode_lines, is_lines_file, read_lines, split_lines
 
-    if args.input:
+    if args.input and args.input != "-":
         from .config import DataConfig
         from .data import read_table, table_texts
 
         path = Path(args.input)
         if path.is_dir() or is_lines_file(path):
             return read_lines(path, "--input")
-        table = read_table(str(path), "input", DataConfig(text_columns=[args.text_column]), flag="--input")
+        table = read_table(str(path), "input", DataConfig(text_columns=[args.text_column]), flag="--input",
+                           format_fix="name the file .txt, .csv, .tsv, .jsonl or .parquet (optionally .gz)")
         if args.text_column not in table.columns:
             raise DataError(f"no column '{args.text_column}' (columns: {list(table.columns)})", where=str(path),
                             fix="name the text column with --text-column")
         # the same row checks as training data: a null or number is an error, not the text "None"
         return table_texts(table, [args.text_column])
-    if sys.stdin is None or sys.stdin.isatty():
+    if sys.stdin is None or (sys.stdin.isatty() and args.input != "-"):
         raise DataError("no texts given", where="predict", fix="pass texts as arguments, --input FILE, or pipe them on stdin")
+    # bytes, decoded here: the locale's decoding either raised a traceback (strict) or let
+    # undecodable bytes through as surrogates, depending on the machine
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is not None:
+        return decode_lines(raw.read(), "stdin")
     return split_lines(sys.stdin.read().removeprefix("\ufeff"), "stdin")
 
 
@@ -385,14 +397,13 @@ def _check_output(path: str | None, flag: str) -> None:
                           fix=f"choose another {flag}")
 
 
-def _write_output(path: str, text: str, flag: str) -> None:
+def _write_output(path: str, text: str) -> None:
     from .runs import write_text
 
     try:
         write_text(path, text)
-    except OSError as e:
-        raise ConfigError([f"{flag} {path}: cannot write ({e.strerror or e})"], where="command line",
-                          fix=f"choose another {flag}") from None
+    except OSError as e:  # the machine's failure (disk full, file too large): exit 1, naming the file
+        raise OSError(e.errno, e.strerror or str(e), path) from None
 
 
 def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -407,7 +418,7 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     _check_output(args.output, "--output")
     texts = _read_inputs(args)
     if not texts:
-        raise DataError("no texts to classify", where=args.input or "stdin",
+        raise DataError("no texts to classify", where="stdin" if args.input in (None, "-") else args.input,
                         fix="give texts as arguments, a non-empty --input FILE, or lines on stdin")
     _check_max_tokens(args)
     predictor = Predictor.from_run(args.run_dir, batch_size=args.batch_size, precision=args.precision,
@@ -427,7 +438,7 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             w.writerow([r["text"], r["label"], *[f"{r['probabilities'][n]:.6f}" for n in predictor.label_names],
                         *[v for t in r["top_k"][:k] for v in (t["label"], f"{t['probability']:.6f}")]])
     if args.output:
-        _write_output(args.output, buf.getvalue(), "--output")
+        _write_output(args.output, buf.getvalue())
         print(f"wrote {len(results)} predictions to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(buf.getvalue())
@@ -521,6 +532,25 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler, ``kill``, a container stop) ends a command like Ctrl-C: exit 130 with
+    one line, outputs whole or absent, instead of Python's silent default death (exit 143).
+    ``train`` and ``serve`` install their own handlers for the time they run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -540,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         _quiet_libraries()
-        return COMMANDS[args.command](args, overrides)
+        with _sigterm_interrupts():
+            return COMMANDS[args.command](args, overrides)
     except LoraclfError as e:
         print(f"loraclf {command}: error: {e}", file=sys.stderr)
         return e.exit_code

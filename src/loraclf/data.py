@@ -93,7 +93,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: Path, fix: str | None = None) -> str:
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(".parquet"):
         return "parquet"
@@ -112,7 +112,7 @@ def detect_format(path: Path) -> str:
     raise DataError(
         f"cannot tell the format of '{path.name}'",
         where=str(path),
-        fix="use .csv, .tsv, .jsonl or .parquet (optionally .gz), or set --data.format",
+        fix=fix or "use .csv, .tsv, .jsonl or .parquet (optionally .gz), or set --data.format",
     )
 
 
@@ -257,14 +257,21 @@ def read_lines(path: Path, flag: str) -> list[str]:
         raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}")
     try:
         with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as f:
-            raw = f.read()
-        return split_lines(raw.decode("utf-8-sig"), str(path))
-    except UnicodeDecodeError:
-        raise DataError("not valid UTF-8", where=str(path), fix="re-save the file as UTF-8") from None
+            return decode_lines(f.read(), str(path))
     except PermissionError:
         raise DataError("permission denied", where=str(path), fix="make the file readable") from None
     except (gzip.BadGzipFile, EOFError) as e:
         raise _gzip_error(path, e) from None
+
+
+def decode_lines(raw: bytes, where: str) -> list[str]:
+    """:func:`split_lines` of UTF-8 bytes (a BOM dropped); bytes that are not UTF-8 are an error
+    naming their line, whatever the locale would have made of them."""
+    try:
+        return split_lines(raw.decode("utf-8-sig"), where)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"line {line} is not valid UTF-8", where=where, fix="give the texts as UTF-8") from None
 
 
 def split_lines(text: str, where: str) -> list[str]:
@@ -281,9 +288,10 @@ def split_lines(text: str, where: str) -> list[str]:
     return lines
 
 
-def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None) -> Table:
+def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None, format_fix: str | None = None) -> Table:
     """Read one source (local file or hub dataset) into raw columns; ``flag``: the option that
-    named it, for error messages (default ``--data.<role>``)."""
+    named it, for error messages (default ``--data.<role>``); ``format_fix``: what to do about a
+    file whose format cannot be told (default: use a known extension or set --data.format)."""
     if is_hub_name(source):
         return _read_hub(source, role, cfg)
     flag = flag or f"--data.{role}"
@@ -292,7 +300,7 @@ def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None)
         raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}")
     if path.is_dir():
         raise DataError("is a directory, not a data file", where=str(path), fix=f"give a file to {flag}")
-    fmt = cfg.format if cfg.format != "auto" else detect_format(path)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(path, format_fix)
     try:
         if fmt in ("csv", "tsv", "agnews"):
             cols = _read_delimited(path, fmt)

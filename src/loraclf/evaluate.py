@@ -20,13 +20,24 @@ from .runs import EVAL_DIR, Run, open_run, write_json
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict[str, Any]:
-    """accuracy, macro_f1 (over all classes), per-class precision/recall/f1/support, confusion matrix."""
+    """accuracy, macro_f1, per-class precision/recall/f1/support, confusion matrix (all classes).
+
+    macro_f1 averages over the classes that occur in the data or the predictions, as scikit-learn
+    (and so HF ``evaluate``) does by default: a test file with two of four classes, predicted
+    perfectly, has macro-F1 1.0, not 0.5. A class that occurs in neither has no precision, recall
+    or F1 (None), only its support, 0.
+    """
     labels = list(range(len(label_names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    seen = set(np.asarray(y_true).tolist()) | set(np.asarray(y_pred).tolist())
+
+    def value(i: int, v: np.ndarray) -> float | None:
+        return float(v[i]) if i in seen else None
+
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        "macro_f1": float(f1_score(y_true, y_pred, labels=sorted(seen), average="macro", zero_division=0)),
+        "per_class": {n: {"precision": value(i, p), "recall": value(i, r), "f1": value(i, f), "support": int(s[i])}
                       for i, n in enumerate(label_names)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "n": int(len(y_true)),

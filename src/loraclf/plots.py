@@ -10,6 +10,17 @@ import matplotlib
 matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .runs import atomic_file  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    """PNG, written atomically like every other file of a run; the figure is closed either way."""
+    try:
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
 
 def learning_curve(records: Sequence[dict[str, Any]], path: Path) -> None:
     """Train loss per logged step and validation accuracy per epoch, on a shared step axis."""
@@ -27,12 +38,17 @@ def learning_curve(records: Sequence[dict[str, Any]], path: Path) -> None:
         ax2.set_ylabel("validation accuracy", color="tab:orange")
     ax.set_title("learning curve")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def confusion_matrix(matrix: Sequence[Sequence[int]], label_names: Sequence[str], path: Path, title: str) -> None:
     """Rows: true class; columns: predicted class; cells: counts."""
+    # Class names are plain text: matplotlib would read "$", "$$" (price tiers) as mathtext and fail.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        _confusion_matrix(matrix, label_names, path, title)
+
+
+def _confusion_matrix(matrix: Sequence[Sequence[int]], label_names: Sequence[str], path: Path, title: str) -> None:
     n = len(label_names)
     fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 2))
     ax.imshow(matrix, cmap="Blues")
@@ -47,5 +63,4 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], label_names: Sequence[str]
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

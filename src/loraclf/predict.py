@@ -148,7 +148,10 @@ class Predictor:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
+            if not isinstance(t, str):
+                raise DataError(f"text {i + 1} is not a string ({type(t).__name__})", where="input",
+                                fix="give every text as a string")
+            if not t.strip():
                 raise DataError(f"text {i + 1} is empty", where="input", fix="give every text some characters")
             problem = unicode_problem(t)
             if problem:
@@ -157,8 +160,7 @@ class Predictor:
 
     def logits(self, texts: Sequence[str] | str) -> np.ndarray:
         """Float32 [N, C]; a single string is one text (N = 1), as in transformers' pipelines."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = _as_list(texts)
         if not texts:
             return np.empty((0, len(self.label_names)), dtype=np.float32)
         return logits_for(self.model, self.encode(texts), self.tokenizer.pad_token_id, self.batch_size,
@@ -167,8 +169,7 @@ class Predictor:
     def predict(self, texts: Sequence[str] | str, top_k: int = 1) -> list[dict[str, Any]]:
         """Per text: label, probabilities of every class, and the ``top_k`` classes. A single
         string is one text (a list of one result), not a sequence of characters."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = _as_list(texts)
         probs = softmax(self.logits(texts))
         k = max(1, min(top_k, len(self.label_names)))
         results = []
@@ -181,6 +182,12 @@ class Predictor:
                 "top_k": [{"label": self.label_names[int(i)], "probability": float(p[i])} for i in order],
             })
         return results
+
+
+def _as_list(texts: Sequence[str] | str) -> list[str]:
+    """A single string is one text (as in transformers' pipelines); any other sequence — a list, a
+    NumPy array, a pandas Series — its texts (``if not texts`` is ambiguous on the last two)."""
+    return [texts] if isinstance(texts, str) else list(texts)
 
 
 def _model_from_checkpoint(run: Run, config: Any) -> tuple[torch.nn.Module, Path]:

@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,10 @@ class _Content:
                 ("classes", ", ".join(self.run.label_names)),
                 ("trainable parameters", f"{_num(params.get('trainable'))} of {_num(params.get('total'))} "
                                          f"(budget {self.run.cfg.train.max_trainable_params:,})"),
-                ("best epoch", f"{_num(i.get('best_epoch'))} of {self.run.cfg.train.epochs}"),
+                ("best epoch", f"{_num(i.get('best_epoch'))} of {self.run.cfg.train.epochs}"
+                               + (f" (stopped early after epoch {i['stopped_early_at_epoch']}: "
+                                  f"early_stopping_patience {self.run.cfg.train.early_stopping_patience})"
+                                  if i.get("stopped_early_at_epoch") else "")),
                 ("optimizer steps", _num(i.get("optimizer_steps"))),
                 ("rows", ", ".join(f"{k} {_num(v)}" for k, v in (i.get("rows") or {}).items())),
                 ("device / precision", f"{i.get('device', '–')} / {i.get('precision', '–')}"),
@@ -363,8 +367,13 @@ def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]], header: bool
     return "".join(out)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
+
+
 def _md_cell(s: str) -> str:
-    return " ".join(str(s).split()).replace("|", "\\|")
+    """One line, Markdown's special characters escaped: a class named "<script>" or a text with
+    "</td>" or "**" is shown as written, not rendered as HTML or emphasis by a viewer."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(s).split()))
 
 
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -18,9 +18,10 @@ import os
 import platform
 import secrets
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 from .config import Config, build_config
 from .errors import ConfigError, RunError
@@ -59,19 +60,27 @@ def share_modes(path: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (a reader sees the old file or the new one, never half of one),
-    with ordinary permissions (the temporary file is opened 0o666 less the umask, unlike mkstemp's 0600)."""
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file object (``mode`` "w": UTF-8 text, "wb": bytes) whose content replaces ``path`` when
+    the block ends without error: a reader sees the old file or the new one, never half of one.
+    Ordinary permissions: the temporary file is opened 0o666 less the umask, unlike mkstemp's 0600."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
