@@ -179,6 +179,32 @@ def test_heads_on_other_architectures(tmp_path, kind, targets):
             assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, logits)
 
 
+def test_a_default_head_the_checkpoint_lacks_is_refused(tmp_path):
+    """DeBERTa-v2's own head is a pooler (hidden x hidden) plus the classifier. A base checkpoint
+    has neither; PEFT trains and saves only the classifier, so the pooler stayed random, frozen and
+    unsaved: training reported one accuracy and every later load predicted something else."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    from loraclf.errors import ModelError
+
+    torch.manual_seed(0)
+    DebertaV2Model(DebertaV2Config(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, pad_token_id=1)).save_pretrained(tmp_path / "deberta")
+    cfg = _cfg(tmp_path / "deberta", "default", **{"lora.target_modules": ["query_proj", "value_proj"], "lora.r": 2})
+    mc = load_model_config(cfg.model, LABELS)
+    with pytest.raises(ModelError, match=r"model.head default would leave weights the checkpoint lacks random and "
+                                         r"untrained \(pooler.dense.bias, pooler.dense.weight\).*--model.head linear"):
+        load_base(cfg.model, mc)
+    cfg = _cfg(tmp_path / "deberta", "linear", **{"lora.target_modules": ["query_proj", "value_proj"], "lora.r": 2})
+    model = build_model(cfg.model, cfg.lora, mc).eval()  # the linear head replaces pooler + classifier
+    ids, mask = _batch(1)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = load_adapter(load_base(cfg.model, mc), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+
+
 def test_head_tap_is_per_thread(tiny_roberta):
     """Two threads running one model at once (a server) each get their own batch's pooling."""
     import threading

@@ -94,3 +94,11 @@ def test_adapter_without_safetensors_is_refused(tiny_roberta, tmp_path):
     (tmp_path / "adapter").mkdir()
     with pytest.raises(ModelError, match="safetensors only"):
         load_adapter(load_base(cfg.model, load_model_config(cfg.model, NAMES)), tmp_path / "adapter")
+
+
+def test_lora_that_adapts_nothing_is_one_clear_error(tiny_roberta):
+    # PEFT's NoMatchingPeftModuleError came out as a traceback (exit 1), e.g. every targeted
+    # module excluded, or a layer index that ALBERT's shared block does not have
+    with pytest.raises(ModelError, match=r"LoRA would adapt nothing: no linear layer matches lora.target_modules "
+                                         r"\['query', 'value'\] in every layer, outside lora.exclude_modules"):
+        _model(tiny_roberta, **{"lora.exclude_modules": ["query", "value"]})

@@ -220,17 +220,33 @@ def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys):
     assert f"{counted:,}" in third and f"wrote {path}: #3" in out
     # a written plan is a new recipe with its own run directory, not the base config's
     seed = str(Path(__file__).parents[1] / "configs" / "agnews-seed.yaml")
-    assert main(base + ["--config", seed, "--train.overwrite", "true", "--write", str(path)]) == 0
+    # an existing file is replaced only when asked (the base recipe itself never: it was, silently)
+    assert main(base + ["--config", seed, "--write", str(path)]) == 2
+    assert f"--write {path} already exists" in capsys.readouterr().err
+    copy = tmp_path / "agnews-seed.yaml"
+    copy.write_text(Path(seed).read_text())
+    assert main(base + ["--config", str(copy), "--write", str(copy), "--overwrite"]) == 2
+    assert "is the --config file" in capsys.readouterr().err and copy.read_text() == Path(seed).read_text()
+    assert main(base + ["--config", seed, "--train.overwrite", "true", "--write", str(path), "--overwrite"]) == 0
     capsys.readouterr()
     written = load_config(path).train
     assert (written.output_dir, written.overwrite) == ("runs/p3", False)
     assert load_config(seed).train.output_dir != "runs/p3"
+    # runs/<stem>: dotted names stay apart; the base recipe's own run directory is never reused
+    (tmp_path / "plans").mkdir()
+    for name, want in (("best.r8.yaml", "runs/best.r8"), ("best.r16.yaml", "runs/best.r16"),
+                       ("agnews-seed.yaml", "runs/agnews-seed-plan")):
+        assert main(base + ["--config", seed, "--write", str(tmp_path / "plans" / name)]) == 0
+        capsys.readouterr()
+        assert load_config(tmp_path / "plans" / name).train.output_dir == want
+    assert main(base + ["--pick", "2"]) == 2  # without --write it was silently ignored
+    assert "--pick chooses what --write writes" in capsys.readouterr().err
 
     assert main(base + ["--budget", "2000"]) == 2
     assert "nothing fits a budget of 2,000" in capsys.readouterr().err
     assert main(base + ["--heads", "pooled"]) == 2
     assert "unknown head 'pooled'" in capsys.readouterr().err
-    assert main(base + ["--budget", "1000000", "--write", str(path), "--pick", "100000"]) == 2
+    assert main(base + ["--budget", "1000000", "--write", str(path), "--pick", "100000", "--overwrite"]) == 2
     assert "--pick 100000" in capsys.readouterr().err
 
 

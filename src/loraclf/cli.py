@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--top", type=int, default=10, help="show the best N (0 = all) [default: 10]")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.add_argument("--write", metavar="FILE", help="write the chosen configuration as a YAML config")
-    pl.add_argument("--pick", type=int, default=1, help="which one --write writes, by rank in the table [default: 1]")
+    pl.add_argument("--pick", type=int, help="which one --write writes, by rank in the table [default: 1]")
+    pl.add_argument("--overwrite", action="store_true", help="let --write replace an existing file")
     pl.add_argument("--heads", default="linear,mean,lowrank:16,default",
                     help="heads to consider, comma-separated; lowrank:K = rank K [default: %(default)s]")
     pl.add_argument("--min-rank", type=int, default=4, help="smallest LoRA rank considered [default: 4]")
@@ -257,6 +258,15 @@ def cmd_params(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _plan_run_dir(write: str, base_dir: str) -> str:
+    """A written plan trains into runs/<file stem> ("best.r8.yaml" and "best.r16.yaml" apart),
+    never into its base recipe's run directory."""
+    path = Path(write)
+    stem = (path.stem if path.suffix.lower() in (".yaml", ".yml") else path.name) or "plan"
+    out = f"runs/{stem}"
+    return f"{out}-plan" if Path(out) == Path(base_dir) else out
+
+
 def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from . import budget as budget_mod
     from . import plan as planner
@@ -265,11 +275,22 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     cfg = load_config(args.config, overrides)
     budget = cfg.train.max_trainable_params if args.budget is None else args.budget
-    heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
-    if args.top < 0 or args.pick < 1 or not heads:
+    heads = tuple(dict.fromkeys(h.strip() for h in args.heads.split(",") if h.strip()))  # each once, in order
+    if args.pick is not None and not args.write:
+        raise ConfigError(["--pick chooses what --write writes; give --write FILE too"], where="command line")
+    pick = 1 if args.pick is None else args.pick
+    if args.top < 0 or pick < 1 or not heads:
         raise ConfigError(["--top must be >= 0, --pick >= 1 and --heads name at least one head"], where="command line",
                           fix="e.g. --top 10 --pick 1 --heads linear,mean")
     _check_output(args.write, "--write")
+    if args.write and Path(args.write).exists():
+        # it replaced any file silently, the base recipe given as --config included
+        if args.config and Path(args.write).resolve() == Path(args.config).resolve():
+            raise ConfigError([f"--write {args.write} is the --config file: the plan would replace its base recipe"],
+                              where="command line", fix="write the plan to a new file")
+        if not args.overwrite:
+            raise ConfigError([f"--write {args.write} already exists"], where="command line",
+                              fix="choose a new file, or add --overwrite to replace it")
     names = cfg.data.label_names or load_splits(cfg.data, need_test=False).label_names
     arch, plans = planner.make_plans(cfg, names, budget, heads, args.min_rank, args.max_rank)
     if not plans:
@@ -278,18 +299,17 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     shown = plans if args.top == 0 else plans[: args.top]
     written = None
     if args.write:
-        if args.pick > len(plans):
-            raise ConfigError([f"--pick {args.pick}: only {len(plans)} configurations fit"], where="command line")
-        chosen = plans[args.pick - 1]
-        # its own run directory (runs/<file stem>) unless --train.output_dir named one
-        out_dir = None if "train.output_dir" in overrides else f"runs/{Path(args.write).name.split('.')[0] or 'plan'}"
+        if pick > len(plans):
+            raise ConfigError([f"--pick {pick}: only {len(plans)} configurations fit"], where="command line")
+        chosen = plans[pick - 1]
+        out_dir = None if "train.output_dir" in overrides else _plan_run_dir(args.write, cfg.train.output_dir)
         new_cfg = planner.plan_config(cfg, chosen, budget, output_dir=out_dir)
         counted = budget_mod.count(new_cfg, names).trainable
         if counted != chosen.trainable:  # the analytic count must be the model's; never write a wrong one
             raise BudgetError(f"planner counted {chosen.trainable:,} but the model has {counted:,} trainable "
                               "parameters", where="plan", fix="report this as a loraclf bug")
-        planner.write_config(new_cfg, args.write, chosen, source=args.config, rank=args.pick, of=len(plans))
-        written = {"file": args.write, "pick": args.pick, "trainable": counted}
+        planner.write_config(new_cfg, args.write, chosen, source=args.config, rank=pick, of=len(plans))
+        written = {"file": args.write, "pick": pick, "trainable": counted}
     if args.json:
         print(json.dumps({"model": cfg.model.name_or_path, "model_type": arch.model_type, "layers": arch.num_layers,
                           "num_labels": arch.num_labels, "budget": budget, "candidates": len(plans),

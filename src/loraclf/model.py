@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from .config import LoraSettings, ModelConfig
 from .errors import ModelError, brief
-from .heads import install_head
+from .heads import CLASSIFIER_ATTRS, install_head
 from .runs import unreadable_safetensors
 
 _OFFLINE_FIX = (
@@ -196,7 +196,18 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
     else:
         base = load_base(mcfg, config)
     _check_targets(base, lcfg)
-    return get_peft_model(base, peft_config(lcfg))
+    try:
+        return get_peft_model(base, peft_config(lcfg))
+    except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its other refusals of a LoraConfig
+        if "no modules were targeted" in str(e).lower():
+            layers = "every layer" if lcfg.layers is None else f"lora.layers {list(lcfg.layers)}"
+            excluded = f", outside lora.exclude_modules {list(lcfg.exclude_modules)}" if lcfg.exclude_modules else ""
+            raise ModelError(f"LoRA would adapt nothing: no linear layer matches lora.target_modules "
+                             f"{list(lcfg.target_modules)} in {layers}{excluded}", where="lora",
+                             fix="widen lora.layers or lora.target_modules, or narrow lora.exclude_modules (a model "
+                                 "may share one block across its layers, as ALBERT does)") from None
+        raise ModelError(f"PEFT refused the LoRA settings ({brief(e, 200)})", where="lora",
+                         fix="check lora.* against PEFT's LoraConfig") from None
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -237,13 +248,32 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
     """Pretrained weights with the configured head installed: what training adapts and what a
     run's adapter (which holds the trained head) is loaded onto."""
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(
+        base, loading = AutoModelForSequenceClassification.from_pretrained(
             resolve_name(mcfg.name_or_path), config=config, revision=mcfg.revision,
             trust_remote_code=mcfg.trust_remote_code, use_safetensors=True,
             # fp32 master weights whatever the checkpoint's dtype: precision is autocast's job.
-            dtype=torch.float32,
+            dtype=torch.float32, output_loading_info=True,
         )
     except (OSError, ValueError, SafetensorError) as e:
         raise _load_error("model", mcfg, e) from None
+    if mcfg.head == "default":
+        _check_default_head(mcfg, loading.get("missing_keys") or [])
     install_head(base, mcfg.head, config, mcfg.head_rank)
     return base
+
+
+def _check_default_head(mcfg: ModelConfig, missing: Iterable[str]) -> None:
+    """The model's own head must be all classifier: PEFT trains and saves only the modules named
+    like one (CLASSIFIER_ATTRS). A head with more — DeBERTa's pooler, XLNet's sequence summary,
+    BART's classification_head — not in the checkpoint would stay randomly initialised, frozen and
+    unsaved: every load of the run would draw it anew and predict something else."""
+    def trained(key: str) -> bool:  # PEFT's modules_to_save rule: a module whose name ends with one
+        parts = key.split(".")[:-1]
+        return any(".".join(parts[:i]).endswith(CLASSIFIER_ATTRS) for i in range(1, len(parts) + 1))
+
+    untrained = sorted(k for k in missing if not trained(k))
+    if untrained:
+        shown = ", ".join(untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
+        raise ModelError(f"model.head default would leave weights the checkpoint lacks random and untrained ({shown}): "
+                         "only the classifier is trained and saved", where=str(mcfg.name_or_path),
+                         fix="use --model.head linear (or mean, lowrank), which replace the model's own head")
