@@ -4,6 +4,7 @@ the CLI, and the web page driven in a real headless browser (Debian's chromium +
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -458,26 +459,40 @@ def _raw_status(sock: socket.socket) -> int:
     return int(buf.split()[1]) if buf else -1
 
 
-def test_cli_serve_answers_then_drains_on_sigterm(trained_run):
+@contextlib.contextmanager
+def _cli_server(run: Path, max_wait_ms: int):
+    """`loraclf serve RUN` in a subprocess on a free port: (process, base url, port). A long
+    collection window keeps requests waiting, so a signal arrives with work in flight."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # a long collection window keeps requests waiting, so SIGTERM arrives with work in flight
-    proc = subprocess.Popen([sys.executable, "-m", "loraclf.cli", "serve", str(trained_run), "--port", "0",
-                             "--precision", "fp32", "--max-wait-ms", "1500", "--max-batch", "1000"],
+    proc = subprocess.Popen([sys.executable, "-m", "loraclf.cli", "serve", str(run), "--port", "0",
+                             "--precision", "fp32", "--max-wait-ms", str(max_wait_ms), "--max-batch", "1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         assert "serving" in line and "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
         url = line.split(" on ", 1)[1].split()[0].rstrip("/")
-        port = int(url.rsplit(":", 1)[1])
+        yield proc, url, int(url.rsplit(":", 1)[1])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_pending(c: httpx.Client, n: int) -> None:
+    deadline = time.monotonic() + 20
+    while c.get("/health").json()["pending_requests"] < n:
+        assert time.monotonic() < deadline, "requests never reached the queue"
+        time.sleep(0.02)
+
+
+def test_cli_serve_answers_then_drains_on_sigterm(trained_run):
+    with _cli_server(trained_run, 1500) as (proc, url, port):
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.get("/health").json()["status"] == "ok"
             r = c.post("/predict", json={"texts": TEXTS[:2]})
             assert r.status_code == 200 and len(r.json()["predictions"]) == 2
             in_flight = [_raw_post(port, {"text": t}) for t in TEXTS]
-            deadline = time.monotonic() + 20
-            while c.get("/health").json()["pending_requests"] < len(TEXTS):
-                assert time.monotonic() < deadline, "requests never reached the queue"
-                time.sleep(0.02)
+            _wait_pending(c, len(TEXTS))
         stalled = _stalled_upload(port)  # a client that never finishes must not hold the stop
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -487,30 +502,15 @@ def test_cli_serve_answers_then_drains_on_sigterm(trained_run):
         assert time.monotonic() - t0 < 15  # it waited out the 30 s graceful timeout for the stalled upload
         assert proc.returncode == 0, err
         assert "stopped" in err and "Traceback" not in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_cli_serve_second_ctrl_c_answers_waiting_requests_503(trained_run):
     # A second Ctrl-C forced uvicorn's exit: ~170 lines of CancelledError tracebacks, the waiting
     # requests answered text/plain 500, exit code 0.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "loraclf.cli", "serve", str(trained_run), "--port", "0",
-                             "--precision", "fp32", "--max-wait-ms", "5000", "--max-batch", "1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stdout.readline()
-        assert "serving" in line, (line, proc.stderr.read() if proc.poll() else "")
-        url = line.split(" on ", 1)[1].split()[0].rstrip("/")
-        port = int(url.rsplit(":", 1)[1])
+    with _cli_server(trained_run, 5000) as (proc, url, port):
         waiting = [_raw_post(port, {"text": t}) for t in TEXTS[:3]]
         with httpx.Client(base_url=url, timeout=30) as c:
-            deadline = time.monotonic() + 20
-            while c.get("/health").json()["pending_requests"] < 3:
-                assert time.monotonic() < deadline, "requests never reached the queue"
-                time.sleep(0.02)
+            _wait_pending(c, 3)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
@@ -518,10 +518,6 @@ def test_cli_serve_second_ctrl_c_answers_waiting_requests_503(trained_run):
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
         assert "stopped (forced)" in err and "Traceback" not in err and len(err.splitlines()) == 3, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # ----------------------------------------------------------------------------- the page, in a browser
