@@ -221,6 +221,24 @@ def test_sigterm_ends_a_command_like_ctrl_c(trained_run, tmp_path, capsys, monke
     assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main()
 
 
+def test_predict_output_to_a_pipe_or_symlink_is_written_not_replaced(trained_run, tmp_path, capsys):
+    # the atomic write replaced the path with a regular file: /dev/full (as root) became a file
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    # daemon: where the fifo was replaced (the old behaviour) the reader would wait for ever
+    reader = __import__("threading").Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert main(["predict", str(trained_run), "goal", "--output", str(fifo)]) == 0
+    reader.join(10)
+    assert fifo.is_fifo() and got and json.loads(got[0])["text"] == "goal"
+    target = tmp_path / "real.jsonl"
+    target.write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to(target)
+    assert main(["predict", str(trained_run), "bank", "--output", str(tmp_path / "link.jsonl")]) == 0
+    assert (tmp_path / "link.jsonl").is_symlink() and json.loads(target.read_text())["text"] == "bank"
+
+
 def test_predict_output_that_cannot_be_written_exits_1(trained_run, tmp_path, capsys, monkeypatch):
     # a machine failure (disk full) exited 2, as if the command line were wrong
     import errno

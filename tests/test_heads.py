@@ -193,7 +193,7 @@ def test_a_default_head_the_checkpoint_lacks_is_refused(tmp_path):
     cfg = _cfg(tmp_path / "deberta", "default", **{"lora.target_modules": ["query_proj", "value_proj"], "lora.r": 2})
     mc = load_model_config(cfg.model, LABELS)
     with pytest.raises(ModelError, match=r"model.head default would leave weights the checkpoint lacks random and "
-                                         r"untrained \(pooler.dense.bias, pooler.dense.weight\).*--model.head linear"):
+                                         r"untrained \(pooler.dense.bias, pooler.dense.weight\).*train with model.head linear"):
         load_base(cfg.model, mc)
     cfg = _cfg(tmp_path / "deberta", "linear", **{"lora.target_modules": ["query_proj", "value_proj"], "lora.r": 2})
     model = build_model(cfg.model, cfg.lora, mc).eval()  # the linear head replaces pooler + classifier

@@ -237,7 +237,7 @@ def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys):
     for name, want in (("best.r8.yaml", "runs/best.r8"), ("best.r16.yaml", "runs/best.r16"),
                        ("agnews-seed.yaml", "runs/agnews-seed-plan")):
         assert main(base + ["--config", seed, "--write", str(tmp_path / "plans" / name)]) == 0
-        capsys.readouterr()
+        assert f"wrote {tmp_path / 'plans' / name}: #1," in capsys.readouterr().out  # was "#None" without --pick
         assert load_config(tmp_path / "plans" / name).train.output_dir == want
     assert main(base + ["--pick", "2"]) == 2  # without --write it was silently ignored
     assert "--pick chooses what --write writes" in capsys.readouterr().err

@@ -127,6 +127,26 @@ def test_stop_request_writes_checkpoint_and_resumes(reference, tiny_roberta, agn
     assert json.loads((run / "run.json").read_text())["wall_time_s"] > first  # both sessions count
 
 
+def test_wall_time_of_a_run_failing_at_its_end_is_counted_once(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    # the failure path added this session's time to a record that already held it
+    import errno
+    import time
+
+    import loraclf.train
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loraclf.train, "write_extras", disk_full)
+    run = tmp_path / "run"
+    t0 = time.perf_counter()
+    with pytest.raises(OSError):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)))
+    elapsed = time.perf_counter() - t0
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and 0 < info["wall_time_s"] <= elapsed
+
+
 def test_a_moved_run_resumes_where_it_is_now(reference, tiny_roberta, agnews_files, tmp_path):
     """The saved config names the old folder; resuming the moved copy must write into the copy."""
     run, moved = tmp_path / "run", tmp_path / "moved"

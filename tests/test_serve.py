@@ -265,6 +265,22 @@ def test_stop_drains_the_queue_then_refuses(predictor):
     assert err.status == 503
 
 
+def test_abort_answers_the_requests_being_collected_at_once(predictor):
+    # abort() missed the batch being collected: those requests waited out the micro-batch window
+    async def go():
+        b = MicroBatcher(predictor, max_batch=64, max_wait_ms=5000)
+        b.start()
+        tasks = [asyncio.ensure_future(b.submit([t])) for t in TEXTS[:3]]  # collected, waiting for more
+        await asyncio.sleep(0.2)
+        b.abort()
+        done, pending = await asyncio.wait(tasks, timeout=1.0)
+        return done, pending
+
+    done, pending = asyncio.run(go())
+    assert not pending and len(done) == 3
+    assert all(isinstance(t.exception(), ClientError) and t.exception().status == 503 for t in done)
+
+
 def test_prediction_failure_answers_every_waiting_request(predictor):
     class Broken(Spy):
         def predict(self, texts, top_k=1):

@@ -326,7 +326,7 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"{i:>3}  {p.trainable:>11,}  {100 * p.fill:5.1f}%  {p.head_label:<11} {p.role_set:<7} "
               f"{p.layer_set:<22} {p.rank_label:<15} {p.adapted:>5}")
     if written:
-        print(f"\nwrote {args.write}: #{args.pick}, {written['trainable']:,} trainable parameters "
+        print(f"\nwrote {args.write}: #{pick}, {written['trainable']:,} trainable parameters "
               f"(train it: loraclf train --config {args.write})")
     return 0
 
@@ -409,6 +409,10 @@ def _check_output(path: str | None, flag: str) -> None:
     parent = p.parent  # Path("o.jsonl").parent is Path(".")
     if p.is_dir():
         raise ConfigError([f"{flag} {path} is a directory"], where="command line", fix=f"give {flag} a file name")
+    if p.exists() and not p.is_file():  # a device or pipe (/dev/stdout): written to as it is
+        if not os.access(p, os.W_OK):
+            raise ConfigError([f"{flag} {path} is not writable"], where="command line", fix=f"choose another {flag}")
+        return
     if not parent.is_dir():
         raise ConfigError([f"{flag} {path}: folder {parent} does not exist"], where="command line",
                           fix=f"create {parent} first, or choose another {flag}")

@@ -276,4 +276,4 @@ def _check_default_head(mcfg: ModelConfig, missing: Iterable[str]) -> None:
         shown = ", ".join(untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
         raise ModelError(f"model.head default would leave weights the checkpoint lacks random and untrained ({shown}): "
                          "only the classifier is trained and saved", where=str(mcfg.name_or_path),
-                         fix="use --model.head linear (or mean, lowrank), which replace the model's own head")
+                         fix="train with model.head linear (or mean, lowrank), which replace the model's own head")

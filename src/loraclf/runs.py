@@ -64,8 +64,16 @@ def share_modes(path: Path) -> None:
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """A file object (``mode`` "w": UTF-8 text, "wb": bytes) whose content replaces ``path`` when
     the block ends without error: a reader sees the old file or the new one, never half of one.
+    A symlink's target is replaced (the link stays); a device or pipe is written to directly.
     Ordinary permissions: the temporary file is opened 0o666 less the umask, unlike mkstemp's 0600."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()  # the file it points to is replaced, the link stays
+    if path.exists() and not path.is_file():
+        # a device or a pipe (--output /dev/stdout): written to, never replaced by a regular file
+        with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

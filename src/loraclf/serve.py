@@ -161,6 +161,7 @@ class MicroBatcher:
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held: _Job | None = None
+        self._collecting: list[_Job] = []  # the batch _next_batch is filling (its jobs are in no queue)
         self.pending = 0  # requests submitted and not answered yet (queued, collected or in predict)
 
     def start(self) -> None:
@@ -191,7 +192,7 @@ class MicroBatcher:
         through the worker's cancellation) instead of being dropped with its connection."""
         self.closing = True
         stopped = ClientError(503, "the service was stopped before answering; retry")
-        waiting = [self._held] if self._held is not None else []
+        waiting = [*self._collecting] + ([self._held] if self._held is not None else [])
         while self._queue is not None and not self._queue.empty():
             waiting.append(self._queue.get_nowait())
         self._held = None
@@ -219,6 +220,7 @@ class MicroBatcher:
         first = self._held or await self._queue.get()
         self._held = None
         batch, size = [first], len(first.texts)
+        self._collecting = batch
         if not self.enabled:
             return batch
         deadline = time.monotonic() + self.max_wait_s
@@ -728,7 +730,8 @@ def run_server(app: Any, sock: socket.socket, log_level: str = "warning",
     the requests already received and drains the micro-batch queue (uvicorn's graceful shutdown,
     at most 30 s). A second Ctrl-C forces the stop: every waiting request is answered 503 at once.
     ``on_started`` runs once the server accepts connections and its signal handlers are in place
-    (a signal before that kills the process with no word); ``on_stopping(forced)`` on each signal.
+    (a signal before that is the caller's: the CLI ends with "interrupted", exit 130);
+    ``on_stopping(forced)`` runs on each signal.
     """
     import uvicorn
 

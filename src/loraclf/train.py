@@ -260,6 +260,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     stop = stop or threading.Event()
     tc = cfg.train
     run_dir = Path(tc.output_dir)
+    # wall time of the sessions before this one (a resumed run), read once: the run's record is
+    # this plus this session's, also when the run fails after recording it
+    wall_before = info.get("wall_time_s", 0.0)
     try:
         # Equal-sized micro-batches each averaged, then averaged again, give the mean over all their
         # rows: one batch of batch_size x steps rows computes the same loss and gradient.
@@ -488,7 +491,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                         "frozen_prefix_layers": prefix.k if train_store is not None else 0,
                         "prefix_cache_seconds": round(cache_seconds, 3) if train_store is not None else None,
                         "cuda_graphs": step_graphs.summary() if step_graphs is not None else None},
-            wall_time_s=_wall_time(info, t_start),
+            wall_time_s=wall_before + time.perf_counter() - t_start,
         )
         if accelerator.is_main_process:
             write_extras(run_dir, splits, info)
@@ -498,17 +501,12 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         # Whatever stopped the run (error, Ctrl-C), the directory must not look complete.
         # the time spent so far counts too: a resumed run adds its own to it
         info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", error=str(e) or type(e).__name__,
-                    wall_time_s=_wall_time(info, t_start))
+                    wall_time_s=wall_before + time.perf_counter() - t_start)
         runs.write_json(run_dir / runs.RUN_FILE, info)
         raise
     finally:
         for store in locals().get("stores") or []:
             store.close()  # a memory-mapped cache is deleted with its folder
-
-
-def _wall_time(info: dict[str, Any], t_start: float) -> float:
-    """Seconds of this session plus those of the sessions before it (a resumed run's run.json)."""
-    return time.perf_counter() - t_start + info.get("wall_time_s", 0.0)
 
 
 def write_extras(run_dir: Path, splits: Splits, info: dict[str, Any], per_class: int = 3) -> None:
