@@ -177,12 +177,18 @@ def make_head(kind: str, config: PretrainedConfig, rank: int | None, tap: _Tap |
     raise ModelError(f"unknown head '{kind}'", where="model.head", fix=f"use one of {', '.join(HEADS)}")
 
 
+def peft_trains(module_name: str) -> bool:
+    """PEFT's SEQ_CLS rule for modules_to_save: a module whose name ends with a CLASSIFIER_ATTRS
+    name (``str.endswith``, so DistilBERT's ``pre_classifier`` too) is trained and saved."""
+    return module_name.endswith(CLASSIFIER_ATTRS)
+
+
 def trained_head_params(model: nn.Module) -> int:
     """Parameters PEFT's SEQ_CLS task trains besides LoRA: every module whose name ends with a
     name in CLASSIFIER_ATTRS (PEFT matches modules_to_save with ``str.endswith``), counted once."""
     total, taken = 0, []
     for name, module in model.named_modules():
-        if name.endswith(CLASSIFIER_ATTRS) and not any(name.startswith(t + ".") for t in taken):
+        if peft_trains(name) and not any(name.startswith(t + ".") for t in taken):
             taken.append(name)
             total += sum(p.numel() for p in module.parameters())
     return total
@@ -222,7 +228,7 @@ def install_head(model: nn.Module, kind: str, config: PretrainedConfig, rank: in
     # the new head never reads its output (it reads the backbone). A square Linear there feeds
     # only the old classifier: make it a parameter-free identity.
     for name, child in list(model.named_children()):
-        if name != attr and name.endswith(CLASSIFIER_ATTRS) and isinstance(child, nn.Linear) \
+        if name != attr and peft_trains(name) and isinstance(child, nn.Linear) \
                 and child.in_features == child.out_features:
             setattr(model, name, nn.Identity())
     backbone.register_forward_pre_hook(record_mask, with_kwargs=True)

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from .config import LoraSettings, ModelConfig
 from .errors import ModelError, brief
-from .heads import CLASSIFIER_ATTRS, install_head
+from .heads import install_head, peft_trains
 from .runs import unreadable_safetensors
 
 _OFFLINE_FIX = (
@@ -264,12 +264,12 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
 
 def _check_default_head(mcfg: ModelConfig, missing: Iterable[str]) -> None:
     """The model's own head must be all classifier: PEFT trains and saves only the modules named
-    like one (CLASSIFIER_ATTRS). A head with more — DeBERTa's pooler, XLNet's sequence summary,
+    like one (:func:`peft_trains`). A head with more — DeBERTa's pooler, XLNet's sequence summary,
     BART's classification_head — not in the checkpoint would stay randomly initialised, frozen and
     unsaved: every load of the run would draw it anew and predict something else."""
-    def trained(key: str) -> bool:  # PEFT's modules_to_save rule: a module whose name ends with one
+    def trained(key: str) -> bool:  # inside a module PEFT trains (the key's own or an enclosing one)
         parts = key.split(".")[:-1]
-        return any(".".join(parts[:i]).endswith(CLASSIFIER_ATTRS) for i in range(1, len(parts) + 1))
+        return any(peft_trains(".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
     untrained = sorted(k for k in missing if not trained(k))
     if untrained:

@@ -67,17 +67,18 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     A symlink's target is replaced (the link stays); a device or pipe is written to directly.
     Ordinary permissions: the temporary file is opened 0o666 less the umask, unlike mkstemp's 0600."""
     path = Path(path)
+    text = {} if "b" in mode else {"encoding": "utf-8"}
     if path.is_symlink():
         path = path.resolve()  # the file it points to is replaced, the link stays
     if path.exists() and not path.is_file():
         # a device or a pipe (--output /dev/stdout): written to, never replaced by a regular file
-        with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with open(path, mode, **text) as f:
             yield f
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with os.fdopen(fd, mode, **text) as f:
             yield f
         os.replace(tmp, path)
     except BaseException:

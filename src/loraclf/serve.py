@@ -46,6 +46,7 @@ from .predict import Predictor, unicode_problem
 from .runs import Run, open_run
 
 EXAMPLES_FILE = "examples.json"
+SHUTTING_DOWN = "the service is shutting down; retry on another instance"  # the 503 of a stopping service
 MAX_WAIT_MS = 10_000  # a longer wait to fill a micro-batch is a typo, and an infinite one hangs every request
 
 
@@ -204,7 +205,7 @@ class MicroBatcher:
 
     async def submit(self, texts: list[str], top_k: int = 1) -> list[dict[str, Any]]:
         if self.closing:
-            raise ClientError(503, "the service is shutting down; retry on another instance")
+            raise ClientError(503, SHUTTING_DOWN)
         self.start()
         assert self._queue is not None and self._loop is not None
         job = _Job(texts, top_k, self._loop.create_future())
@@ -398,20 +399,21 @@ class _RequestGuard:
             # a traceback per request and answer text/plain.
             if not started:
                 try:
-                    await _error(send, 503, "the service is shutting down; retry on another instance")
+                    await _error(send, 503, SHUTTING_DOWN)
                 except (Exception, asyncio.CancelledError):  # noqa: BLE001 - the client may be gone
                     pass
 
     async def _read(self, scope: dict, receive: Any, send: Any) -> bytes | None:
         """The whole body, or None once an error has been answered (or the client left)."""
         limit = self.limits.max_body_bytes
+        too_large = f"request body is larger than the limit of {limit:,} bytes"
         if self.uploads.closing:
-            await _error(send, 503, "the service is shutting down; retry on another instance")
+            await _error(send, 503, SHUTTING_DOWN)
             return None
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._drain(receive, more=True)
-            await _error(send, 413, f"request body is larger than the limit of {limit:,} bytes")
+            await _error(send, 413, too_large)
             return None
         task = asyncio.current_task()
         assert task is not None
@@ -434,7 +436,7 @@ class _RequestGuard:
                 more = message.get("more_body", False)
                 if size > limit:
                     await self._drain(receive, more)
-                    await _error(send, 413, f"request body is larger than the limit of {limit:,} bytes")
+                    await _error(send, 413, too_large)
                     return None
                 chunks.append(chunk)
             return b"".join(chunks)
