@@ -123,6 +123,18 @@ BAD_INPUTS = [
     ("notgz.csv.gz", "text,label\na,1\n", {}, "gzip"),
     ("weird.xyz", "x", {}, "cannot tell the format"),
     ("bad.parquet", b"PAR1garbage", {}, "cannot read Parquet"),
+    # a lone surrogate (valid JSON) would make the tokenizer raise a TypeError after training
+    ("surrogate.jsonl", '{"text": "ok", "label": 0}\n{"text": "bad \\ud800", "label": 1}\n', {"validation_size": 1},
+     "row 2: text is not valid Unicode"),
+    # one huge class id: the gaps are named without building range(k) (which ran out of memory)
+    ("bigint.csv", "text,label\na,0\nb,1\nc,300000000\n", {}, "no training row has class [2, 3, 4, 5, 6] (and more)"),
+    ("bigfloat.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1e20}\n', {}, "no training row has class [1, 2"),
+    ("oneclass.csv", "text,label\na,spam\nb,spam\nc,spam\n", {"validation_size": 1},
+     "the training rows hold only one class ('spam')"),
+    ("zero.csv", '"0","t","d"\n"1","t","d"\n', {}, "row 1: class 0 in a headerless label,title,description file"),
+    ("utfline.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n{"text": "\xff", "label": 0}\n', {},
+     "line 3 is not valid UTF-8 (byte 62 of the file)"),
+    ("badarr.json", '[{"text": "a", "label": 0}, 5]', {}, "element 2 of the array is a JSON int"),
 ]
 
 
@@ -282,3 +294,88 @@ def test_read_lines_gz_bom_and_crlf(tmp_path):
     assert read_lines(tmp_path / "t.txt.gz", "--input") == ["first", "second\u2028half"]
     assert is_lines_file(Path("a.TXT.gz")) and is_lines_file(Path("texts")) and not is_lines_file(Path("a.csv.gz"))
     assert split_lines("", "stdin") == []
+
+
+def test_integer_like_label_spellings(tmp_path):
+    """pandas writes an integer column holding a missing value as 1.0: still class 1."""
+    p = _write(tmp_path, "f.csv", "text,label\na,0\nb,1.0\nc,+2\n")
+    ex, names = to_examples(read_table(p, "train", _cfg()), _cfg())
+    assert ex.labels.tolist() == [0, 1, 2] and names == ["0", "1", "2"]
+
+
+def test_headerless_files_other_than_ag_news_keep_their_class_numbers(tmp_path):
+    """Zhang et al.'s DBpedia or Amazon polarity share AG News's layout but not its classes."""
+    p = _write(tmp_path, "amazon.csv", '"2","great","loved it"\n"1","bad","broke"\n"2","fine","ok"\n')
+    assert detect_format(Path(p)) == "agnews"
+    ex, names = to_examples(read_table(p, "train", _cfg()), _cfg())
+    assert names == ["1", "2"] and ex.labels.tolist() == [1, 0, 1]
+    p14 = _write(tmp_path, "dbpedia.csv", "".join(f'"{c}","t{c}","d"\n' for c in range(1, 15)))
+    ex, names = to_examples(read_table(p14, "train", _cfg()), _cfg())
+    assert names == [str(c) for c in range(1, 15)] and ex.labels.tolist() == list(range(14))
+    with pytest.raises(DataError, match=r"indices 1\.\.3, but no training row has class \[2\]"):
+        to_examples(read_table(_write(tmp_path, "gap.csv", '"1","t","d"\n"3","t","d"\n'), "train", _cfg()), _cfg())
+
+
+def test_gzip_suffix_in_any_case_and_gzipped_parquet(tmp_path):
+    rows = "text,label\nhello,a\nworld,b\n"
+    up = tmp_path / "UP.CSV.GZ"
+    up.write_bytes(gzip.compress(rows.encode()))
+    assert to_examples(read_table(str(up), "train", _cfg()), _cfg())[0].texts == ["hello", "world"]
+    pq_path = tmp_path / "t.parquet"
+    pd.DataFrame({"text": ["hello", "world"], "label": ["a", "b"]}).to_parquet(pq_path)
+    gz = tmp_path / "t.parquet.gz"
+    gz.write_bytes(gzip.compress(pq_path.read_bytes()))
+    assert to_examples(read_table(str(gz), "train", _cfg()), _cfg())[0].texts == ["hello", "world"]
+
+
+def test_json_array_of_records(tmp_path):
+    """What pandas' to_json(orient="records", indent=2) writes; datasets' json loader reads it too."""
+    p = tmp_path / "r.json"
+    pd.DataFrame({"text": ["hello", "world"], "label": ["a", "b"]}).to_json(p, orient="records", indent=2)
+    ex, names = to_examples(read_table(str(p), "train", _cfg()), _cfg())
+    assert ex.texts == ["hello", "world"] and names == ["a", "b"]
+
+
+def test_unquoted_tsv_whose_text_starts_with_a_quote(tmp_path):
+    p = _write(tmp_path, "q.tsv", 'sentence\tlabel\n"the greatest" film ever\t1\nplain\t0\n')
+    ex, _ = to_examples(read_table(p, "train", _cfg()), _cfg(text_columns=["sentence"]))
+    assert ex.texts == ['"the greatest" film ever', "plain"]
+    # still an error when reading it unquoted does not give a regular table
+    bad = _write(tmp_path, "b.tsv", 'sentence\tlabel\n"never closed\t1\nx\ty\tz\n')
+    with pytest.raises(DataError, match="malformed TSV"):
+        read_table(bad, "train", _cfg())
+
+
+def test_integer_labels_refused_where_the_classes_were_names(tmp_path):
+    """Trained on names (sorted: no index order anyone chose), an integer in other data says no class."""
+    train = _write(tmp_path, "tr.csv", "text,label\na,World\nb,Sports\nc,World\nd,Sports\n")
+    ints = _write(tmp_path, "te.csv", "text,label\na,0\nb,1\n")
+    with pytest.raises(DataError, match="row 1: label 0 is an integer, but the classes were learnt as names"):
+        load_splits(_cfg(train=train, test=ints, validation_size=1))
+    splits = load_splits(_cfg(train=train, validation_size=1))
+    assert splits.int_labels is False
+    # with configured names the indices are the user's: allowed
+    named = load_splits(_cfg(train=train, test=ints, validation_size=1, label_names=["World", "Sports"]))
+    assert named.int_labels and named.test.labels.tolist() == [0, 1]
+
+
+def test_local_path_in_an_existing_folder_is_not_a_hub_name(tmp_path):
+    (tmp_path / "data").mkdir()
+    assert not data_mod.is_hub_name(str(tmp_path / "data" / "missing"))
+    assert data_mod.is_hub_name("org/dataset")  # no such local folder: a hub name
+    with pytest.raises(DataError, match="file not found"):
+        load_splits(_cfg(train=str(tmp_path / "data" / "missing")))
+
+
+def test_token_cache_key_tells_apart_text_boundaries_and_truncation_side(tiny_roberta, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_roberta)
+    a = tokenize_cached(["war\x00goal", "chip"], tok, 32, tmp_path)
+    b = tokenize_cached(["war", "goal\x00chip"], tok, 32, tmp_path)
+    assert b == tokenize(["war", "goal\x00chip"], tok, 32) and a != b
+    long = ["war minister says shares rose goal goal chip"]
+    right = tokenize_cached(long, tok, 5, tmp_path)
+    tok.truncation_side = "left"
+    left = tokenize_cached(long, tok, 5, tmp_path)
+    assert left == tokenize(long, tok, 5) and left != right

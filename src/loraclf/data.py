@@ -27,7 +27,8 @@ from .config import DataConfig
 from .errors import DataError, brief
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-_INT_RE = re.compile(r"^\s*[+-]?\d+\s*$")
+# "1.0" is an integer too: pandas writes an integer column that holds a missing value as floats
+_INT_RE = re.compile(r"^\s*[+-]?\d+(\.0*)?\s*$")
 
 
 @dataclass
@@ -36,7 +37,8 @@ class Table:
 
     columns: dict[str, list[Any]]
     source: str
-    label_names: list[str] | None = None  # names carried by the source (hub ClassLabel, AG News)
+    label_names: list[str] | None = None  # names carried by the source (hub ClassLabel)
+    one_based: bool = False  # a headerless label,title,description file: classes count from 1
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -45,18 +47,20 @@ class Table:
 
 @dataclass
 class Examples:
-    """Validated examples: ``labels`` are int64 class indices, shape [N]."""
+    """Validated examples: ``labels`` are int64 class indices, shape [N]; ``named``: the source
+    gave the labels as class names, not integers."""
 
     texts: list[str]
     labels: np.ndarray
     source: str
+    named: bool = False
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> Examples:
         idx = np.asarray(idx, dtype=np.int64)
-        return Examples([self.texts[i] for i in idx], self.labels[idx], self.source)
+        return Examples([self.texts[i] for i in idx], self.labels[idx], self.source, self.named)
 
 
 @dataclass
@@ -66,14 +70,19 @@ class Splits:
     test: Examples | None
     label_names: list[str]
     fingerprints: dict[str, Any]
+    # whether an integer label in other data is a class index: not when the classes are names
+    # sorted from the training labels, whose order no one chose (see to_examples)
+    int_labels: bool = True
 
 
 # ----------------------------------------------------------------------------- readers
 
 
 def is_hub_name(source: str) -> bool:
-    """A source is local when it exists or looks like a file path; otherwise a hub dataset name."""
-    if Path(source).expanduser().exists():
+    """A source is local when it exists or looks like a file path (including one inside an
+    existing local folder: a missing file there is "file not found"); otherwise a hub dataset name."""
+    path = Path(source).expanduser()
+    if path.exists() or (path.parent != Path(".") and path.parent.is_dir()):
         return False
     suffixes = {".csv", ".tsv", ".gz", ".jsonl", ".json", ".parquet", ".txt"}
     return not (source.startswith((".", "/", "~")) or Path(source).suffix.lower() in suffixes)
@@ -87,10 +96,27 @@ def file_fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "sha256": h.hexdigest(), "bytes": path.stat().st_size}
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    # utf-8-sig drops a BOM, which would otherwise glue itself to the first column name.
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+def _is_gzip(path: Path) -> bool:
+    return path.suffix.lower() == ".gz"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when it is ``.gz`` (any case)."""
+    with (gzip.open if _is_gzip(path) else open)(path, "rb") as f:
+        return f.read()
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as text. utf-8-sig drops a BOM, which would otherwise glue itself to the
+    first column name; bytes that are not UTF-8 are an error naming their line."""
+    raw = _read_bytes(path)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"line {line} is not valid UTF-8 (byte {e.start:,} of the file"
+                        f"{', decompressed' if _is_gzip(path) else ''})", where=str(path),
+                        fix="re-save the file as UTF-8") from None
 
 
 def detect_format(path: Path, fix: str | None = None) -> str:
@@ -102,12 +128,14 @@ def detect_format(path: Path, fix: str | None = None) -> str:
     if name.endswith(".tsv"):
         return "tsv"
     if name.endswith((".csv", ".txt")):
-        # The canonical AG News release has no header and starts with the class number.
+        # The canonical AG News release (like the other Zhang et al. 2015 text classification
+        # sets: DBpedia, Yelp, Amazon, Yahoo) has no header and starts with the class number.
         try:
-            with _open_text(path) as f:
-                first = next(csv.reader([f.readline()]), [])
+            with (gzip.open if _is_gzip(path) else open)(path, "rb") as f:
+                line = f.readline().decode("utf-8-sig")
         except (UnicodeDecodeError, OSError, gzip.BadGzipFile, EOFError):
             return "csv"  # the real reader reports the problem with its location
+        first = next(csv.reader([line]), [])
         return "agnews" if len(first) == 3 and _INT_RE.match(first[0] or "") else "csv"
     raise DataError(
         f"cannot tell the format of '{path.name}'",
@@ -116,19 +144,12 @@ def detect_format(path: Path, fix: str | None = None) -> str:
     )
 
 
-def _decode_error(path: Path, e: UnicodeDecodeError) -> DataError:
-    return DataError(
-        f"not valid UTF-8 (byte {e.start} of a decoded chunk)", where=str(path), fix="re-save the file as UTF-8"
-    )
-
-
 def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
     delimiter = "\t" if fmt == "tsv" else ","
     try:
-        with _open_text(path) as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise _decode_error(path, e) from None
+        text = _read_text(path)
+    except (gzip.BadGzipFile, PermissionError):
+        raise
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read file ({e})", where=str(path), fix="check the file is a complete .gz or plain file") from None
     if "\x00" in text:
@@ -141,8 +162,14 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
         for row in reader:
             rows.append(row)
     except csv.Error as e:
-        raise DataError(f"malformed {fmt.upper()} near line {reader.line_num} ({e})", where=str(path),
-                        fix="check quoting: every opened quote must close") from None
+        # Many TSV files (GLUE's among them) do not quote at all, so a text may start with '"':
+        # read such a file as it is when every line then has the same number of fields.
+        unquoted = ([r for r in csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+                    if fmt == "tsv" else [])
+        if not unquoted or len({len(r) for r in unquoted}) != 1:
+            raise DataError(f"malformed {fmt.upper()} near line {reader.line_num} ({e})", where=str(path),
+                            fix="check quoting: every opened quote must close") from None
+        rows = unquoted
     rows = [r for r in rows if r]  # blank lines carry no data
     if fmt == "agnews":
         header = ["label", "title", "description"]
@@ -176,23 +203,43 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
 
 
 def _read_jsonl(path: Path) -> dict[str, list[Any]]:
+    """JSON Lines, or (a ``.json`` file starting with "[") one JSON array of objects: what pandas'
+    ``to_json(orient="records")`` writes and the ``datasets`` "json" loader reads."""
+    text = _read_text(path)
+    if path.name.lower().removesuffix(".gz").endswith(".json") and text.lstrip().startswith("["):
+        return _records_to_columns(_read_json_array(path, text), path)
     records: list[dict[str, Any]] = []
+    # only \n ends a record: str.splitlines() also splits at U+2028 and the like, which JSON
+    # strings may hold unescaped
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"line {line_no} is not valid JSON ({e.msg})", where=str(path),
+                            fix="write one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"line {line_no} is a JSON {type(obj).__name__}, not an object", where=str(path),
+                            fix="write one JSON object per line, e.g. {\"text\": ..., \"label\": ...}")
+        records.append(obj)
+    return _records_to_columns(records, path)
+
+
+def _read_json_array(path: Path, text: str) -> list[dict[str, Any]]:
     try:
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"line {line_no} is not valid JSON ({e.msg})", where=str(path),
-                                    fix="write one JSON object per line") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"line {line_no} is a JSON {type(obj).__name__}, not an object", where=str(path),
-                                    fix="write one JSON object per line, e.g. {\"text\": ..., \"label\": ...}")
-                records.append(obj)
-    except UnicodeDecodeError as e:
-        raise _decode_error(path, e) from None
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON at line {e.lineno} ({e.msg})", where=str(path),
+                        fix="give a JSON array of objects, or JSON Lines (one object per line)") from None
+    for i, obj in enumerate(records, start=1):
+        if not isinstance(obj, dict):
+            raise DataError(f"element {i} of the array is a JSON {type(obj).__name__}, not an object", where=str(path),
+                            fix="give an array of objects, e.g. [{\"text\": ..., \"label\": ...}]")
+    return records
+
+
+def _records_to_columns(records: list[dict[str, Any]], path: Path) -> dict[str, list[Any]]:
     if not records:
         raise DataError("file has no records", where=str(path), fix="write one JSON object per line")
     keys: list[str] = []
@@ -205,7 +252,9 @@ def _read_parquet(path: Path) -> dict[str, list[Any]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(io.BytesIO(_read_bytes(path)) if _is_gzip(path) else path)
+    except (gzip.BadGzipFile, EOFError, PermissionError):
+        raise  # the caller's messages
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"cannot read Parquet ({brief(e)})", where=str(path),
                         fix="check the file is a complete Parquet file") from None
@@ -256,8 +305,7 @@ def read_lines(path: Path, flag: str) -> list[str]:
     if not path.is_file():
         raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}")
     try:
-        with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as f:
-            return decode_lines(f.read(), str(path))
+        return decode_lines(_read_bytes(path), str(path))
     except PermissionError:
         raise DataError("permission denied", where=str(path), fix="make the file readable") from None
     except (gzip.BadGzipFile, EOFError) as e:
@@ -312,11 +360,20 @@ def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None,
         raise DataError("permission denied", where=str(path), fix="make the file readable") from None
     except (gzip.BadGzipFile, EOFError) as e:
         raise _gzip_error(path, e) from None
-    names = AG_NEWS_LABELS if fmt == "agnews" else None
-    return Table(cols, source=str(path), label_names=names, fingerprint=file_fingerprint(path))
+    return Table(cols, source=str(path), one_based=fmt == "agnews", fingerprint=file_fingerprint(path))
 
 
 # ----------------------------------------------------------------------------- validation
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenized, or None. A lone surrogate ("\\ud800": valid JSON, and what
+    Python makes of undecodable bytes on stdin or argv) makes the tokenizer raise a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode (an unpaired surrogate or undecodable byte at character {e.start + 1})"
+    return None
 
 
 def _texts(table: Table, cfg: DataConfig) -> list[str]:
@@ -345,6 +402,9 @@ def table_texts(table: Table, columns: list[str]) -> list[str]:
         if not text:
             raise DataError(f"row {i}: empty text in column(s) {columns}", where=table.source,
                             fix="remove the row or fill in its text")
+        problem = unicode_problem(text)
+        if problem:
+            raise DataError(f"row {i}: text {problem}", where=table.source, fix="fix or remove the row")
         texts.append(text)
     return texts
 
@@ -367,7 +427,7 @@ def _raw_labels(table: Table, cfg: DataConfig) -> list[int | str]:
             if not s:
                 raise DataError(f"row {i}: empty label", where=table.source, fix="fill in every label")
             if _INT_RE.match(s):
-                out.append(int(s))
+                out.append(int(s.partition(".")[0]))
                 kinds.add("int")
             else:
                 out.append(s)
@@ -379,32 +439,60 @@ def _raw_labels(table: Table, cfg: DataConfig) -> list[int | str]:
         first_str = next(i for i, v in enumerate(out, 1) if isinstance(v, str))
         raise DataError(f"mixed label types: integers and names (first name at row {first_str})", where=table.source,
                         fix="use either integer class ids or class names throughout")
-    if table.label_names is AG_NEWS_LABELS and kinds == {"int"}:
-        # The canonical AG News release counts classes from 1.
+    if table.one_based and kinds == {"int"}:
+        zero = next((i for i, v in enumerate(out, 1) if v == 0), None)  # type: ignore[operator]
+        if zero is not None:
+            raise DataError(f"row {zero}: class 0 in a headerless label,title,description file, whose classes count "
+                            "from 1 (the AG News release)", where=table.source,
+                            fix="add the header row label,title,description to read the labels as they are")
         out = [v - 1 for v in out]  # type: ignore[operator]
     return out
+
+
+def _first_gaps(present: set[int], k: int, n: int = 5) -> list[int]:
+    """The first ``n`` of 0..k-1 not in ``present``, without building range(k) (k may be huge)."""
+    gaps: list[int] = []
+    expect = 0
+    for v in sorted(present):
+        while expect < v and len(gaps) < n:
+            gaps.append(expect)
+            expect += 1
+        if len(gaps) >= n:
+            break
+        expect = v + 1
+    while expect < k and len(gaps) < n:
+        gaps.append(expect)
+        expect += 1
+    return gaps
 
 
 def label_vocabulary(raw: list[int | str], table: Table, cfg: DataConfig) -> list[str]:
     """Class names in index order, decided from the training labels.
 
     Integer labels are always class indices 0..K-1; names come from the config, the source
-    (a hub ClassLabel, AG News) or, failing both, are the indices written as text.
+    (a hub ClassLabel) or, failing both, are the labels written as text (a headerless
+    label,title,description file: its 1-based numbers, or AG News's names when the highest is 4).
     String labels are names; without configured names they are sorted.
     """
     names = cfg.label_names or table.label_names
     if names is not None:
         return list(names)
     if raw and isinstance(raw[0], int):
-        present = set(raw)
-        k = max(present) + 1  # type: ignore[type-var,operator]
-        missing = sorted(set(range(k)) - present)
+        present: set[int] = set(raw)  # type: ignore[arg-type]
+        k = max(present) + 1
+        if table.one_based and k == len(AG_NEWS_LABELS):
+            # the layout of the AG News release (no other of its family has 4 classes): its classes
+            # are known, so a small sample that lacks one is still AG News
+            return list(AG_NEWS_LABELS)
+        missing = _first_gaps(present, k)
         if missing:
+            first = 1 if table.one_based else 0
             raise DataError(
-                f"integer labels must be class indices 0..{k - 1}, but no training row has class {missing[:5]}",
+                f"integer labels must be class indices {first}..{k - 1 + first}, but no training row has class "
+                f"{[m + first for m in missing]}{' (and more)' if k - len(present) > len(missing) else ''}",
                 where=table.source, fix="relabel the classes from 0, or set --data.label_names (index order)",
             )
-        return [str(i) for i in range(k)]
+        return [str(i + 1) if table.one_based else str(i) for i in range(k)]
     return sorted(set(raw))  # type: ignore[arg-type]
 
 
@@ -425,16 +513,24 @@ def encode_labels(raw: list[int | str], names: list[str], table: Table, fix: str
     return out
 
 
-def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None) -> tuple[Examples, list[str]]:
-    """Validate every row; returns the examples and the class names (decided here when None)."""
+def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None,
+                int_labels: bool = True) -> tuple[Examples, list[str]]:
+    """Validate every row; returns the examples and the class names (decided here when None).
+    ``int_labels`` False: integer labels are refused (the classes ``names`` have no index order)."""
     texts = _texts(table, cfg)
     raw = _raw_labels(table, cfg)
+    named = bool(raw) and isinstance(raw[0], str)
     if names is None:
         names = label_vocabulary(raw, table, cfg)
         fix = "set --data.label_names to all classes, in index order"
     else:
         fix = "remove rows whose class the model was not trained on"
-    return Examples(texts, encode_labels(raw, names, table, fix), table.source), names
+        if not int_labels and raw and not named:
+            raise DataError(f"row 1: label {raw[0]} is an integer, but the classes were learnt as names {names}, "
+                            "which have no index order", where=table.source,
+                            fix="write class names in the label column (or train with --data.label_names, "
+                                "which gives the names their indices)")
+    return Examples(texts, encode_labels(raw, names, table, fix), table.source, named), names
 
 
 # ----------------------------------------------------------------------------- splits
@@ -457,6 +553,11 @@ def load_splits(cfg: DataConfig, label_names: list[str] | None = None, need_test
     rng = np.random.default_rng(cfg.split_seed)
     train_table = read_table(cfg.train, "train", cfg)
     train, names = to_examples(train_table, cfg, label_names)
+    int_labels = cfg.label_names is not None or train_table.label_names is not None or not train.named
+    if label_names is None and len(np.unique(train.labels)) < 2:
+        raise DataError(f"the training rows hold only one class ({names[int(train.labels[0])]!r}): a classifier needs "
+                        "at least two", where=train_table.source,
+                        fix=f"check --data.label_column (now '{cfg.label_column}') and that the file holds every class")
     fingerprints: dict[str, Any] = {"train": train_table.fingerprint}
 
     perm = rng.permutation(len(train))
@@ -467,7 +568,7 @@ def load_splits(cfg: DataConfig, label_names: list[str] | None = None, need_test
         fingerprints["validation"] = {"carved_from": "train", "size": k, "seed": cfg.split_seed}
     else:
         val_table = read_table(cfg.validation, "validation", cfg)
-        validation, _ = to_examples(val_table, cfg, names)
+        validation, _ = to_examples(val_table, cfg, names, int_labels)
         fingerprints["validation"] = val_table.fingerprint
         train = train.subset(perm)
     if cfg.max_train_samples is not None:
@@ -476,9 +577,9 @@ def load_splits(cfg: DataConfig, label_names: list[str] | None = None, need_test
 
     test = None
     if cfg.test is not None and need_test:
-        test = load_eval_split(cfg, cfg.test, names)
+        test = load_eval_split(cfg, cfg.test, names, int_labels=int_labels)
         fingerprints["test"] = test.fingerprint  # type: ignore[attr-defined]
-    return Splits(train, validation, test, names, fingerprints)
+    return Splits(train, validation, test, names, fingerprints, int_labels)
 
 
 def limit(examples: Examples, n: int | None, seed: int) -> Examples:
@@ -490,11 +591,12 @@ def limit(examples: Examples, n: int | None, seed: int) -> Examples:
 
 
 def load_eval_split(cfg: DataConfig, source: str, names: list[str], role: str = "test",
-                    flag: str | None = None) -> Examples:
+                    flag: str | None = None, int_labels: bool = True) -> Examples:
     """Read an evaluation source and encode its labels with the trained class names; ``flag``:
-    where the source was named, for error messages (default ``--data.<role>``)."""
+    where the source was named, for error messages (default ``--data.<role>``); ``int_labels``:
+    see :class:`Splits` (a run records it in run.json)."""
     table = read_table(source, role, cfg, flag=flag)
-    examples, _ = to_examples(table, cfg, names)
+    examples, _ = to_examples(table, cfg, names, int_labels)
     examples = limit(examples, cfg.max_eval_samples, cfg.split_seed)
     examples.fingerprint = table.fingerprint  # type: ignore[attr-defined]
     return examples
@@ -531,10 +633,12 @@ def _token_cache_key(texts: Sequence[str], tokenizer: Any, max_length: int) -> s
     else:
         h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr((type(tokenizer).__name__, tokenizer.all_special_tokens, max_length,
-                   getattr(tokenizer, "model_max_length", None))).encode())
+                   getattr(tokenizer, "model_max_length", None),
+                   getattr(tokenizer, "truncation_side", None))).encode())
     for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))  # length-prefixed: no text boundary is ambiguous
+        h.update(b)
     return h.hexdigest()[:32]
 
 

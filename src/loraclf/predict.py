@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .data import PadCollator, sorted_batches, tokenize
+from .data import PadCollator, sorted_batches, tokenize, unicode_problem
 from .errors import ConfigError, DataError, RunError
 from .graphs import PAD_MULTIPLE, StepGraphs
 from .model import build_model, load_adapter, load_base, load_model_config, load_tokenizer, usable_length
@@ -76,16 +76,6 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
     out = np.empty((len(input_ids), parts[0][1].shape[-1]), dtype=np.float32)
     out[np.concatenate([idx for idx, _ in parts])] = torch.cat([t for _, t in parts]).cpu().numpy()
     return out
-
-
-def unicode_problem(text: str) -> str | None:
-    """Why ``text`` cannot be tokenized, or None. A lone surrogate ("\\ud800": valid JSON, and what
-    Python makes of undecodable bytes on stdin or argv) makes the tokenizer raise a TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"is not valid Unicode (an unpaired surrogate or undecodable byte at character {e.start + 1})"
-    return None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -70,7 +70,7 @@ def eval_examples(run: Run) -> tuple[str, str, Examples]:
     """(split, source, examples): the configured test split, else validation carved as in training."""
     d = run.cfg.data
     if d.test is not None:
-        return "test", d.test, load_eval_split(d, d.test, run.label_names)
+        return "test", d.test, load_eval_split(d, d.test, run.label_names, int_labels=run.info.get("int_labels", True))
     splits = load_splits(d, run.label_names, need_test=False)
     return "validation", d.validation or f"{d.train} (carved, seed {d.split_seed})", splits.validation
 

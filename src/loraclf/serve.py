@@ -41,8 +41,9 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .data import unicode_problem
 from .errors import LoraclfError, RunError
-from .predict import Predictor, unicode_problem
+from .predict import Predictor
 from .runs import Run, open_run
 
 EXAMPLES_FILE = "examples.json"

@@ -205,6 +205,7 @@ def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdo
         "status": "running",
         "base_model": resolved.model.name_or_path,
         "label_names": splits.label_names,
+        "int_labels": splits.int_labels,
         "seed": cfg.train.seed,
         "data": splits.fingerprints,
         "rows": {"train": len(splits.train), "validation": len(splits.validation),
