@@ -68,6 +68,39 @@ def test_train_evaluate_predict_end_to_end(tiny_roberta, agnews_files, tmp_path,
     assert json.loads(capsys.readouterr().out)["text"] == "robot chip"
 
 
+def test_a_run_reads_other_files_as_it_read_its_own(tiny_roberta, tmp_path, capsys):
+    """predict --input joins the run's text columns; evaluate --data.test reads the whole file (the
+    run's max_eval_samples was for its own data); integer labels are refused where the classes
+    were learnt as names."""
+    from conftest import make_rows
+
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+
+    def write(path, rows, label=lambda c: names[c]):
+        lines = ["title,body,label"] + [f"{t},{d.replace(',', '')},{label(c)}" for c, t, d in rows]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    train = write(tmp_path / "train.csv", make_rows(96, seed=4))
+    test = write(tmp_path / "test.csv", make_rows(40, seed=5))
+    run = tmp_path / "run"
+    o = tiny_overrides(tiny_roberta, {"train": train, "test": test}, run,
+                       **{"train.epochs": 1, "data.text_columns": ["title", "body"], "data.max_eval_samples": 10})
+    assert main(["train", "--config", SEED, "--quiet", *_args(o)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run), "--input", str(test)]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])["text"]
+    title, body = test.read_text().splitlines()[1].split(",")[:2]
+    assert first == f"{title} {body}"
+    assert main(["evaluate", str(run), "--data.test", str(test), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 40
+    assert main(["evaluate", str(run), "--data.test", str(test), "--data.max_eval_samples", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 5
+    ints = write(tmp_path / "ints.csv", make_rows(8, seed=6), label=str)
+    assert main(["evaluate", str(run), "--data.test", str(ints)]) == 2
+    assert "is an integer, but the classes were learnt as names" in _error_line(capsys)
+
+
 def test_params_json(tiny_roberta, capsys):
     assert main(["params", "--config", SEED, "--model.name_or_path", str(tiny_roberta), "--lora.layers", "[0,1]",
                  "--json"]) == 0
@@ -123,6 +156,8 @@ ERRORS = [
     (["evaluate", "RUN", "--data.max_eval_samples", "0"], "command line: --data.max_eval_samples: Input should be"),
     (["evaluate", "RUN", "--data.format", "xml"], "command line: --data.format: Input should be"),
     (["evaluate", "RUN", "--data.text_columns", "text"], "command line: --data.text_columns: Input should be a valid list"),
+    # an element of a list typed on the command line too
+    (["train", "--config", SEED, "--data.label_names", "[0,1]"], "command line: --data.label_names.0: Input should be"),
     # a misspelt key typed on the command line is blamed on the command line, not the YAML file
     (["train", "--config", SEED, "--train.epochz", "3"], "command line: unknown key '--train.epochz'"),
 ]

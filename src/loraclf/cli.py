@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (else --input, else stdin)")
     pr.add_argument("--input", help="file (- for stdin): one text per line (.txt, .txt.gz), or CSV/TSV/JSONL/Parquet "
                                     "(optionally .gz) with a text column")
-    pr.add_argument("--text-column", default="text", help="column holding the text in CSV/TSV/JSONL input")
+    pr.add_argument("--text-column", nargs="+", default=None, metavar="COLUMN",
+                    help="column(s) holding the text in CSV/TSV/JSONL/Parquet input, joined with a space as in "
+                         "training (default: the run's data.text_columns)")
     pr.add_argument("--output", help="write here instead of stdout")
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     pr.add_argument("--top-k", type=int, default=1)
@@ -384,13 +386,15 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
         path = Path(args.input)
         if path.is_dir() or is_lines_file(path):
             return read_lines(path, "--input")
-        table = read_table(str(path), "input", DataConfig(text_columns=[args.text_column]), flag="--input",
+        columns = args.text_column or _run_text_columns(args.run_dir)
+        table = read_table(str(path), "input", DataConfig(text_columns=columns), flag="--input",
                            format_fix="name the file .txt, .csv, .tsv, .jsonl or .parquet (optionally .gz)")
-        if args.text_column not in table.columns:
-            raise DataError(f"no column '{args.text_column}' (columns: {list(table.columns)})", where=str(path),
-                            fix="name the text column with --text-column")
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise DataError(f"no column(s) {missing} (columns: {list(table.columns)})", where=str(path),
+                            fix="name the text column(s) with --text-column")
         # the same row checks as training data: a null or number is an error, not the text "None"
-        return table_texts(table, [args.text_column])
+        return table_texts(table, columns)
     if sys.stdin is None or (sys.stdin.isatty() and args.input != "-"):
         raise DataError("no texts given", where="predict", fix="pass texts as arguments, --input FILE, or pipe them on stdin")
     # bytes, decoded here: the locale's decoding either raised a traceback (strict) or let
@@ -399,6 +403,17 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
     if raw is not None:
         return decode_lines(raw.read(), "stdin")
     return split_lines(sys.stdin.read().removeprefix("\ufeff"), "stdin")
+
+
+def _run_text_columns(run_dir: str) -> list[str]:
+    """The text columns the run trained on; ["text"] when the run cannot be read (loading the
+    model reports that, after the input's own problems)."""
+    from .runs import open_run
+
+    try:
+        return open_run(run_dir, allow_incomplete=True).cfg.data.text_columns
+    except LoraclfError:
+        return ["text"]
 
 
 def _check_output(path: str | None, flag: str) -> None:

@@ -264,7 +264,9 @@ def _format_errors(err: ValidationError, prefix: str = "", from_cli: frozenset[s
         loc = ".".join(parts)
         # an error of a whole section (a check across its keys) is the command line's when an
         # override touched that section: the override made the combination
-        cli = loc in from_cli or (len(parts) == 1 and any(k.startswith(loc + ".") for k in from_cli))
+        # an element of a list (data.label_names.0) is the command line's when the list was
+        cli = (loc in from_cli or any(loc.startswith(k + ".") for k in from_cli)
+               or (len(parts) == 1 and any(k.startswith(loc + ".") for k in from_cli)))
         name = f"--{loc}" if cli else loc
         if e["type"] == "extra_forbidden":
             section = parts[0]

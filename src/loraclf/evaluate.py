@@ -60,14 +60,19 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     model store) still gets its metrics: then ``saved_to`` is None and ``save_error`` says why.
     """
     run = open_run(run_dir, allow_incomplete=from_checkpoint)
-    data_cfg = data_config(run.cfg.data.model_dump(), data_overrides or {})
+    overrides = dict(data_overrides or {})
+    if "test" in overrides:
+        # the run's row limit was for the run's own data; another test source is read whole
+        overrides.setdefault("max_eval_samples", None)
+    data_cfg = data_config(run.cfg.data.model_dump(), overrides)
     if data_cfg.test is None:
         cleared = "test" in (data_overrides or {})
         raise DataError("--data.test is empty" if cleared else "the run has no test split configured",
                         where="command line" if cleared else str(run.path),
                         fix="pass one with --data.test PATH_OR_NAME")
     named = None if "test" in (data_overrides or {}) else "data.test in the run's config.yaml, or pass --data.test PATH"
-    examples = load_eval_split(data_cfg, data_cfg.test, run.label_names, flag=named)
+    examples = load_eval_split(data_cfg, data_cfg.test, run.label_names, flag=named,
+                               int_labels=run.info.get("int_labels", True))
     predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, from_checkpoint=from_checkpoint,
                                    max_tokens=max_tokens)
     result = evaluate_examples(predictor, examples)
