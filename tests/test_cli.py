@@ -355,6 +355,10 @@ def test_evaluating_a_subset_keeps_the_full_evaluation(trained_run, capsys):
     assert main(["evaluate", str(trained_run), "--precision", "fp32", "--data.max_eval_samples", "5"]) == 0
     assert json.loads((trained_run / "eval" / "test.csv.json").read_text()) == full and full["n"] == 80
     assert json.loads((trained_run / "eval" / "test.csv.n5.json").read_text())["n"] == 5
+    # a limit above the file's 80 rows takes them all: that is the full evaluation, not a ".n500"
+    assert main(["evaluate", str(trained_run), "--precision", "fp32", "--data.max_eval_samples", "500"]) == 0
+    assert not (trained_run / "eval" / "test.csv.n500.json").exists()
+    assert json.loads((trained_run / "eval" / "test.csv.json").read_text())["n"] == 80
 
 
 def test_evaluate_keeps_files_of_the_same_name_apart(trained_run, tmp_path, capsys):

@@ -83,8 +83,10 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     if (where := source_path(data_cfg.test)) is not None:
         result["source_path"] = where
     if write:
+        # a limit at or above the file's rows took them all: the evaluation is the full one
+        subset = data_cfg.max_eval_samples if data_cfg.max_eval_samples == len(examples) else None
         try:
-            result["saved_to"] = str(write_evaluation(run, result, data_cfg.test, data_cfg.max_eval_samples,
+            result["saved_to"] = str(write_evaluation(run, result, data_cfg.test, subset,
                                                       ckpt.name if ckpt is not None else None))
         except OSError as e:
             result.update(saved_to=None, save_error=f"cannot write {run.path / EVAL_DIR} ({e.strerror or e})")
