@@ -102,3 +102,41 @@ def test_lora_that_adapts_nothing_is_one_clear_error(tiny_roberta):
     with pytest.raises(ModelError, match=r"LoRA would adapt nothing: no linear layer matches lora.target_modules "
                                          r"\['query', 'value'\] in every layer, outside lora.exclude_modules"):
         _model(tiny_roberta, **{"lora.exclude_modules": ["query", "value"]})
+
+
+def test_loading_shows_the_load_report_only_when_weights_outside_the_head_are_missing(tiny_roberta, tmp_path):
+    """transformers calls the head MISSING on every load (new for training, restored from the
+    adapter for a run): a Python user was told their trained classifier was random. Weights the
+    checkpoint lacks elsewhere are still reported."""
+    import logging
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        cfg, model = _model(tiny_roberta)
+        model.save_pretrained(tmp_path / "adapter")
+        records.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_adapter(load_base(cfg.model, load_model_config(cfg.model, NAMES)), tmp_path / "adapter")
+        assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+        assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+        holed = tmp_path / "holed"
+        shutil.copytree(tiny_roberta, holed)
+        weights = next(holed.glob("*.safetensors"))
+        tensors = load_file(weights)
+        dropped = next(k for k in tensors if "layer.0.attention.self.key.weight" in k)
+        save_file({k: v for k, v in tensors.items() if k != dropped}, weights, metadata={"format": "pt"})
+        hcfg = load_config(None, {"model.name_or_path": str(holed), "model.head": "linear"})
+        load_base(hcfg.model, load_model_config(hcfg.model, NAMES))
+        reports = [r.getMessage() for r in records if "LOAD REPORT" in r.getMessage()]
+        assert len(reports) == 1 and "layer.0.attention.self.key.weight" in reports[0]
+    finally:
+        logger.removeHandler(handler)

@@ -6,9 +6,12 @@ training (real weights) and loading a finished run (adapter on top of the base).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -197,7 +200,8 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
         base = load_base(mcfg, config)
     _check_targets(base, lcfg)
     try:
-        return get_peft_model(base, peft_config(lcfg))
+        with _no_peft_deprecation():
+            return get_peft_model(base, peft_config(lcfg))
     except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its other refusals of a LoraConfig
         if "no modules were targeted" in str(e).lower():
             layers = "every layer" if lcfg.layers is None else f"lora.layers {list(lcfg.layers)}"
@@ -220,7 +224,8 @@ def load_adapter(base: torch.nn.Module, adapter_dir: Path) -> PeftModel:
         raise ModelError("adapter weights missing (adapter_model.safetensors)", where=str(adapter_dir),
                          fix="train the run again; loraclf reads adapter weights from safetensors only")
     try:
-        return PeftModel.from_pretrained(base, str(adapter_dir), use_safetensors=True)
+        with _no_peft_deprecation():
+            return PeftModel.from_pretrained(base, str(adapter_dir), use_safetensors=True)
     except SafetensorError as e:
         raise ModelError(f"adapter weights are damaged ({brief(e, 120)})",
                          where=str(adapter_dir / "adapter_model.safetensors"),
@@ -248,30 +253,78 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
     """Pretrained weights with the configured head installed: what training adapts and what a
     run's adapter (which holds the trained head) is loaded onto."""
     try:
-        base, loading = AutoModelForSequenceClassification.from_pretrained(
-            resolve_name(mcfg.name_or_path), config=config, revision=mcfg.revision,
-            trust_remote_code=mcfg.trust_remote_code, use_safetensors=True,
-            # fp32 master weights whatever the checkpoint's dtype: precision is autocast's job.
-            dtype=torch.float32, output_loading_info=True,
-        )
+        with _held_load_report() as report:
+            base, loading = AutoModelForSequenceClassification.from_pretrained(
+                resolve_name(mcfg.name_or_path), config=config, revision=mcfg.revision,
+                trust_remote_code=mcfg.trust_remote_code, use_safetensors=True,
+                # fp32 master weights whatever the checkpoint's dtype: precision is autocast's job.
+                dtype=torch.float32, output_loading_info=True,
+            )
     except (OSError, ValueError, SafetensorError) as e:
         raise _load_error("model", mcfg, e) from None
+    untrained = _untrained(loading.get("missing_keys") or [])
     if mcfg.head == "default":
-        _check_default_head(mcfg, loading.get("missing_keys") or [])
+        _check_default_head(mcfg, untrained)
     install_head(base, mcfg.head, config, mcfg.head_rank)
+    if set(untrained) & set(base.state_dict()):
+        # weights the checkpoint lacks outside the head, not replaced by loraclf's head either:
+        # transformers' report is news then
+        for record in report:
+            _MODELING_LOGGER.handle(record)
     return base
 
 
-def _check_default_head(mcfg: ModelConfig, missing: Iterable[str]) -> None:
-    """The model's own head must be all classifier: PEFT trains and saves only the modules named
-    like one (:func:`peft_trains`). A head with more — DeBERTa's pooler, XLNet's sequence summary,
-    BART's classification_head — not in the checkpoint would stay randomly initialised, frozen and
-    unsaved: every load of the run would draw it anew and predict something else."""
-    def trained(key: str) -> bool:  # inside a module PEFT trains (the key's own or an enclosing one)
+_MODELING_LOGGER = logging.getLogger("transformers.modeling_utils")
+
+
+@contextlib.contextmanager
+def _held_load_report() -> Iterator[list[logging.LogRecord]]:
+    """Hold back transformers' LOAD REPORT, which calls the classification head MISSING and
+    "newly initialized" on every load: the head is new when training starts and comes from the
+    adapter when a run is loaded, so the report would tell a Python user their trained classifier
+    is random. The caller passes the held records on when weights outside the head are missing."""
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "LOAD REPORT" in record.getMessage():
+                held.append(record)
+                return False
+            return True
+
+    hold = Hold()
+    _MODELING_LOGGER.addFilter(hold)
+    try:
+        yield held
+    finally:
+        _MODELING_LOGGER.removeFilter(hold)
+
+
+@contextlib.contextmanager
+def _no_peft_deprecation() -> Iterator[None]:
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing``; the FutureWarning is
+    addressed to PEFT, not to loraclf's users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _untrained(missing: Iterable[str]) -> list[str]:
+    """The missing weight names outside every module PEFT trains (the key's own or an enclosing
+    one): weights that would stay as initialised."""
+    def trained(key: str) -> bool:
         parts = key.split(".")[:-1]
         return any(peft_trains(".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
-    untrained = sorted(k for k in missing if not trained(k))
+    return sorted(k for k in missing if not trained(k))
+
+
+def _check_default_head(mcfg: ModelConfig, untrained: list[str]) -> None:
+    """The model's own head must be all classifier: PEFT trains and saves only the modules named
+    like one (:func:`peft_trains`). A head with more — DeBERTa's pooler, XLNet's sequence summary,
+    BART's classification_head — not in the checkpoint would stay randomly initialised, frozen and
+    unsaved: every load of the run would draw it anew and predict something else. ``untrained``:
+    :func:`_untrained` of the checkpoint's missing weights."""
     if untrained:
         shown = ", ".join(untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
         raise ModelError(f"model.head default would leave weights the checkpoint lacks random and untrained ({shown}): "
