@@ -202,6 +202,14 @@ def test_resume_refuses_changed_data(tiny_roberta, agnews_files, tmp_path):
         resume(run)
 
 
+def test_same_data_is_compared_by_content_not_path():
+    from loraclf.train import _same_data
+
+    then = {"train": {"path": "/old/train.csv", "sha256": "ab", "bytes": 3}, "validation": {"carved_from": "train"}}
+    assert _same_data({**then, "train": {**then["train"], "path": "/new/train.csv"}}, then)  # moved or copied
+    assert not _same_data({**then, "train": {**then["train"], "sha256": "cd"}}, then)
+
+
 def test_non_finite_loss_stops_and_names_last_checkpoint(tiny_roberta, agnews_files, tmp_path, monkeypatch):
     import loraclf.train as t
 
@@ -244,3 +252,96 @@ def test_cli_uses_checkpoint_when_asked_then_resumes(tiny_roberta, agnews_files,
     assert "--resume continues a run with its own saved config" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_run_in_training_is_not_trained_twice(trained_run, tmp_path):
+    """A second `train --resume` (or an overwrite) of a run still training was let in: two
+    processes wrote one folder (every later epoch twice in metrics.jsonl, checkpoints pruned
+    under the other), and evaluate's hint for a running run was to start one."""
+    import os
+    import shutil
+
+    from loraclf import runs
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    with runs.training_lock(run):
+        with pytest.raises(RunError, match=rf"being trained by another process \(pid {os.getpid()}\)"):
+            resume(run)
+        with pytest.raises(RunError, match="still training"):
+            runs.open_run(run)
+        with pytest.raises(RunError, match="being trained by another process; --train.overwrite will not delete it"):
+            runs.prepare_dir(run, overwrite=True)
+    with pytest.raises(RunError, match="run is incomplete.*loraclf train --resume"):  # a killed run: resume it
+        runs.open_run(run)
+
+
+class RaiseAt(StopAt):
+    """Ctrl-C pressed twice: the loop stops at once, without a new checkpoint."""
+
+    def on_step(self, step, record):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_second_ctrl_c_leaves_a_resumable_run_and_resume_sweeps_a_killed_prefix_cache(
+        reference, tiny_roberta, agnews_files, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), RaiseAt(6))
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"  # was "failed"
+    stale = run / ".prefix-cache-killed"  # what an OOM-killed session's disk cache leaves
+    stale.mkdir()
+    (stale / "hidden.npy").write_bytes(b"\0" * 1024)
+    resume(run)
+    assert _final(run) == reference and not stale.exists()
+
+
+def test_logged_losses_of_a_resumed_run_equal_the_uninterrupted_run(tiny_roberta, agnews_files, tmp_path):
+    """A stop between checkpoints flushes the loss window early; summed in float32 the two parts
+    logged a loss that differed in its last digits from the uninterrupted run's."""
+    extra = {**EXTRA, "train.checkpoint_every_steps": 4, "train.log_every_steps": 2, "lora.dropout": 0.3}
+
+    def train_records(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train"]
+
+    ref = tmp_path / "ref"
+    train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, ref, **extra)))
+    run = tmp_path / "run"
+    cb = StopAt(7)
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, run, **extra)), cb, cb.stop)
+    resume(run)
+    assert train_records(run) == train_records(ref)
+
+
+def test_damaged_checkpoint_state_is_one_clear_error(tmp_path):
+    ck = tmp_path / "step-00000003"
+    ck.mkdir()
+    (ck / "state.json").write_text('{"loop": {"step": 3, "epo')
+    with pytest.raises(RunError, match=r"checkpoint state.json is damaged .*delete .*step-00000003"):
+        checkpoint.load(ck)
+
+
+def test_a_full_disk_during_a_checkpoint_is_an_oserror_and_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """safetensors raises SafetensorError, not OSError, on a full disk: it escaped the CLI's
+    one-line disk errors as a traceback."""
+    import errno
+
+    import torch
+    from safetensors import SafetensorError
+
+    def full(tensors, path):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(OSError) as e:
+        checkpoint.save(tmp_path, checkpoint.LoopState(step=1), dict(model.named_parameters()), None, opt, sched, keep=2)
+    assert e.value.errno == errno.ENOSPC and "step-00000001" in e.value.filename
+    assert not list((tmp_path / "checkpoints").iterdir())

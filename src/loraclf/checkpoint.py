@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import RunError, brief
-from .runs import share_modes, unreadable_safetensors
+from .runs import share_modes, unreadable_safetensors, write_errors_as_oserror
 
 CHECKPOINT_DIR = "checkpoints"
 _DONE = "state.json"  # written last inside the temporary directory
@@ -107,13 +107,18 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    if best is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, tmp / "best.safetensors")
-    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, tmp / "rng.safetensors")
+    try:
+        with write_errors_as_oserror(tmp):
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            if best is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, tmp / "best.safetensors")
+            opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            rng_tensors, rng_meta = _rng_state()
+            save_file(rng_tensors, tmp / "rng.safetensors")
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give back what the half checkpoint took
+        raise
     state = {"loop": asdict(loop), "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
     with open(tmp / _DONE, "w", encoding="utf-8") as f:
         json.dump(state, f)
@@ -183,7 +188,12 @@ def _read(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load(path: Path) -> Loaded:
-    state = json.loads((path / _DONE).read_text(encoding="utf-8"))
+    try:
+        state = json.loads((path / _DONE).read_text(encoding="utf-8"))
+        LoopState(**state["loop"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"checkpoint {_DONE} is damaged ({brief(e, 80)})", where=str(path),
+                       fix=f"delete {path} to go back to the checkpoint before it") from None
     best = _read(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
     loaded = Loaded(LoopState(**state["loop"]), _read(path / "trainable.safetensors"), best, path)
     loaded._state = state  # type: ignore[attr-defined]

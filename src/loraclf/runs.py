@@ -9,10 +9,12 @@ Layout of RUN_DIR:
     tokenizer/        the tokenizer, so inference needs nothing but the base weights
     metrics.jsonl     one JSON record per log/eval event, each naming its split
     learning_curve.png
+    .lock             held (flock) by the process training the run; holds its pid
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -34,6 +36,7 @@ ADAPTER_DIR = "adapter"
 TOKENIZER_DIR = "tokenizer"
 CURVE_FILE = "learning_curve.png"
 EVAL_DIR = "eval"
+LOCK_FILE = ".lock"
 
 
 def _umask() -> int:
@@ -109,6 +112,62 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+@contextmanager
+def training_lock(run_dir: Path) -> Iterator[None]:
+    """Held while a process trains into ``run_dir``: a second ``train --resume`` (or an overwrite)
+    of a run that is still training is refused, instead of two processes writing one folder
+    (duplicated metrics, checkpoints pruned under the other). The kernel drops the lock when the
+    process dies, however it dies. Without flock (Windows) runs are not guarded."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(Path(run_dir) / LOCK_FILE, "a+", encoding="ascii") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip()
+            raise RunError(f"run is being trained by another process{f' (pid {pid})' if pid else ''}",
+                           where=str(run_dir), fix="wait for it to finish, or stop it (Ctrl-C) and then resume it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def is_training(run_dir: Path) -> bool:
+    """Is a process training into ``run_dir`` now (holding its :func:`training_lock`)?"""
+    try:
+        import fcntl
+
+        with open(Path(run_dir) / LOCK_FILE, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            return False
+    except (ImportError, OSError):
+        return False
+
+
+@contextmanager
+def write_errors_as_oserror(where: Path) -> Iterator[None]:
+    """safetensors reports a failed write (a full disk) as SafetensorError, not OSError, so it
+    escaped the CLI's one-line disk errors as a traceback: made the OSError it is, naming ``where``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        message = str(e)
+        code = errno.ENOSPC if "No space left" in message else errno.EIO
+        raise OSError(code, os.strerror(code) if code == errno.ENOSPC else f"cannot write ({message[:120]})",
+                      str(where)) from None
+
+
 def unreadable_safetensors(files: Iterable[Path]) -> tuple[Path, Exception] | None:
     """The first of ``files`` whose safetensors header cannot be read, with the error (None when
     all can). Reads headers only: a truncated or overwritten file shows up without loading weights."""
@@ -152,6 +211,9 @@ def prepare_dir(path: Path, overwrite: bool) -> None:
         if not (path / RUN_FILE).is_file():
             raise RunError(f"not a loraclf run (no {RUN_FILE}); --train.overwrite replaces only an earlier run",
                            where=str(path), fix="choose another --train.output_dir, or empty this folder yourself")
+        if is_training(path):
+            raise RunError("run is being trained by another process; --train.overwrite will not delete it",
+                           where=str(path), fix="choose another --train.output_dir, or wait for that training to end")
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -190,6 +252,10 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RunError("run.json is corrupted", where=str(path), fix="train the run again") from None
     if info.get("status") != "complete" and not allow_incomplete:
+        if is_training(path):
+            raise RunError("run is still training (another process is writing it)", where=str(path),
+                           fix="wait for it to finish (evaluate and predict also take --checkpoint: its newest "
+                               "checkpoint as it is)")
         raise RunError(f"run is incomplete (status: {info.get('status')!r}); training did not finish", where=str(path),
                        fix=f"finish it with loraclf train --resume {path} (evaluate and predict also take "
                            "--checkpoint: its newest checkpoint as it is)")

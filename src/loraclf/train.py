@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -224,22 +225,39 @@ def train(cfg: Config, callback: Callback | None = None, stop: threading.Event |
     t_start = time.perf_counter()
     splits, tokenizer, model_config, counts = prepare(cfg)
     resolved, info = _new_run(cfg, splits, tokenizer, counts)
-    return _fit(resolved, splits, tokenizer, model_config, counts, info, callback, stop, None, t_start)
+    with runs.training_lock(Path(resolved.train.output_dir)):
+        return _fit(resolved, splits, tokenizer, model_config, counts, info, callback, stop, None, t_start)
 
 
 def resume(run_dir: str | Path, callback: Callback | None = None, stop: threading.Event | None = None) -> TrainResult:
     """Continue an interrupted run from its newest checkpoint, exactly where it stopped."""
     t_start = time.perf_counter()
-    run = runs.open_run(run_dir, allow_incomplete=True)
-    if run.info.get("status") == "complete":
-        raise RunError("run is already complete", where=str(run.path), fix="nothing to resume; train a new run")
+    path = runs.open_run(run_dir, allow_incomplete=True).path
+    with runs.training_lock(path):
+        run = runs.open_run(path, allow_incomplete=True)  # read under the lock: another process may just have finished it
+        if run.info.get("status") == "complete":
+            raise RunError("run is already complete", where=str(run.path), fix="nothing to resume; train a new run")
+        return _resume(run, callback, stop, t_start)
+
+
+def _same_data(now: Any, then: Any) -> bool:
+    """Fingerprints compared by content: a data file copied or moved elsewhere is the same data."""
+    def content(fp: Any) -> Any:
+        if isinstance(fp, dict):
+            return {k: content(v) for k, v in fp.items() if k != "path"}
+        return fp
+
+    return content(json.loads(json.dumps(now))) == content(then)
+
+
+def _resume(run: runs.Run, callback: Callback | None, stop: threading.Event | None, t_start: float) -> TrainResult:
     ckpt, damaged = checkpoint.newest_readable(run.path)
     if ckpt is None:
         raise RunError("run has no readable checkpoint to resume from" + (
                        f" ({len(damaged)} damaged, renamed damaged-step-*)" if damaged else ""), where=str(run.path),
                        fix="train it again (add --train.overwrite true to reuse the directory)")
     splits, tokenizer, model_config, counts = prepare(run.cfg, run.label_names)
-    if json.loads(json.dumps(splits.fingerprints)) != run.info.get("data"):
+    if not _same_data(splits.fingerprints, run.info.get("data")):
         raise RunError("the data differs from the data the run started with (fingerprints do not match)",
                        where=str(run.path), fix="restore the original data files, or train a new run")
     info = {k: v for k, v in run.info.items() if k != "error"}
@@ -264,6 +282,10 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     # wall time of the sessions before this one (a resumed run), read once: the run's record is
     # this plus this session's, also when the run fails after recording it
     wall_before = info.get("wall_time_s", 0.0)
+    for stale in run_dir.glob(".prefix-cache-*"):
+        # the disk cache of a session that was killed (an OOM kill leaves no chance to clean up);
+        # the training lock says no other process is using it
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         # Equal-sized micro-batches each averaged, then averaged again, give the mean over all their
         # rows: one batch of batch_size x steps rows computes the same loss and gradient.
@@ -359,7 +381,10 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         # The per-batch losses stay on the device and are summed there; the host reads them (one
         # synchronisation) only at log steps, checkpoints and epoch ends. Reading every step would
         # stop the host from queuing the next step while the device runs this one.
-        pending = {"loss": torch.zeros((), device=accelerator.device), "n": 0, "since": loop.step}
+        # float64: a checkpoint's extra flush splits a window in two, and two float32 partial sums
+        # would log a resumed run's loss differently from the uninterrupted run's in the last digits
+        pending = {"loss": torch.zeros((), device=accelerator.device,
+                                     dtype=torch.float32 if accelerator.device.type == "mps" else torch.float64), "n": 0, "since": loop.step}
 
         def flush_losses() -> None:
             if pending["n"] == 0:
@@ -465,7 +490,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         unwrapped.load_state_dict(best_state, strict=False)
         if accelerator.is_main_process:
             tmp = run_dir / f".{runs.ADAPTER_DIR}.tmp"
-            unwrapped.save_pretrained(tmp)
+            with runs.write_errors_as_oserror(tmp):
+                unwrapped.save_pretrained(tmp)
             runs.share_modes(tmp)  # safetensors writes 0600
             runs.replace_dir(tmp, run_dir / runs.ADAPTER_DIR)
         test = None
@@ -501,7 +527,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     except BaseException as e:
         # Whatever stopped the run (error, Ctrl-C), the directory must not look complete.
         # the time spent so far counts too: a resumed run adds its own to it
-        info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", error=str(e) or type(e).__name__,
+        # a second Ctrl-C stops without a new checkpoint: interrupted all the same, resumable from the last one
+        interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
+        info.update(status="interrupted" if interrupted else "failed", error=str(e) or type(e).__name__,
                     wall_time_s=wall_before + time.perf_counter() - t_start)
         runs.write_json(run_dir / runs.RUN_FILE, info)
         raise
