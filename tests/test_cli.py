@@ -156,6 +156,9 @@ ERRORS = [
     (["evaluate", "RUN", "--data.max_eval_samples", "0"], "command line: --data.max_eval_samples: Input should be"),
     (["evaluate", "RUN", "--data.format", "xml"], "command line: --data.format: Input should be"),
     (["evaluate", "RUN", "--data.text_columns", "text"], "command line: --data.text_columns: Input should be a valid list"),
+    # --resume "$RUN" with RUN unset started a new run from the default config
+    (["train", "--resume", ""], "command line: --resume is empty"),
+    (["train", "--config", SEED, "--data.validation_size", "2.5"], "neither a fraction (below 1) nor a whole number"),
     # an element of a list typed on the command line too
     (["train", "--config", SEED, "--data.label_names", "[0,1]"], "command line: --data.label_names.0: Input should be"),
     # a misspelt key typed on the command line is blamed on the command line, not the YAML file
@@ -434,3 +437,13 @@ def test_disk_full_while_writing_the_run_is_one_line(tiny_roberta, agnews_files,
     line = _error_line(capsys)
     assert "No space left on device" in line and "labels.json" in line
     assert not (tmp_path / "run" / "run.json").exists()  # nothing that looks like a run
+
+
+def test_output_into_a_closed_pipe_ends_quietly(trained_run, tmp_path):
+    """`loraclf evaluate RUN | head -1` ended with "error: Broken pipe" and exit 1 (a machine failure)."""
+    script = ("import sys\nfrom loraclf.cli import main\n"
+              f"sys.exit(main(['evaluate', {str(trained_run)!r}, '--precision', 'fp32']))")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Broken pipe" not in err and "Traceback" not in err

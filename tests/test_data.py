@@ -379,3 +379,9 @@ def test_token_cache_key_tells_apart_text_boundaries_and_truncation_side(tiny_ro
     tok.truncation_side = "left"
     left = tokenize_cached(long, tok, 5, tmp_path)
     assert left == tokenize(long, tok, 5) and left != right
+
+
+def test_out_of_range_label_in_a_headerless_file_is_named_as_the_file_has_it(tmp_path):
+    p = _write(tmp_path, "t5.csv", '"5","t","d"\n')
+    with pytest.raises(DataError, match=r"row 1: label 5 out of range for 4 classes \(1\.\.4\)"):
+        load_eval_split(_cfg(), p, list(AG_NEWS_LABELS))

@@ -79,6 +79,11 @@ def test_missing_local_model_dir(tmp_path):
     cfg = load_config(None, {"model.name_or_path": str(tmp_path)})
     with pytest.raises(ModelError, match="cannot load model config from"):
         load_model_config(cfg.model, NAMES)
+    # a path that does not exist (a run's base model that moved) is not blamed on the hub
+    gone = load_config(None, {"model.name_or_path": str(tmp_path / "moved")})
+    with pytest.raises(ModelError, match=r"model directory '.*moved' does not exist.*config.yaml") as e:
+        load_model_config(gone.model, NAMES)
+    assert "Hugging Face Hub" not in str(e.value)
 
 
 def test_unreachable_hub_model_is_one_clear_line():
@@ -112,6 +117,7 @@ def test_loading_shows_the_load_report_only_when_weights_outside_the_head_are_mi
     import shutil
     import warnings
 
+    import transformers
     from safetensors.torch import load_file, save_file
 
     records: list[logging.LogRecord] = []
@@ -119,6 +125,8 @@ def test_loading_shows_the_load_report_only_when_weights_outside_the_head_are_mi
     handler.emit = records.append
     logger = logging.getLogger("transformers.modeling_utils")
     logger.addHandler(handler)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # the CLI tests lower it to errors only
     try:
         cfg, model = _model(tiny_roberta)
         model.save_pretrained(tmp_path / "adapter")
@@ -140,3 +148,4 @@ def test_loading_shows_the_load_report_only_when_weights_outside_the_head_are_mi
         assert len(reports) == 1 and "layer.0.attention.self.key.weight" in reports[0]
     finally:
         logger.removeHandler(handler)
+        transformers.logging.set_verbosity(verbosity)

@@ -126,6 +126,16 @@ def test_unreadable_data_still_gives_a_report(trained_run, tmp_path):
     assert not (run / report.CONFUSION_FILE).exists()  # no stale plot beside "not computed"
 
 
+def test_report_cli_says_when_the_analysis_is_missing(trained_run, tmp_path, capsys):
+    """`loraclf report` replaced a full report with one saying "Not computed" and exited 0 in silence."""
+    run = _copy(trained_run, tmp_path / "run")
+    _edit_config(run, test=str(tmp_path / "gone.csv"))
+    assert cli.main(["report", str(run)]) == 2
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out
+    assert "warning: no metrics, confusion matrix or mistakes" in captured.err and "gone.csv" in captured.err
+
+
 def test_report_of_a_missing_or_incomplete_run_is_one_line(tmp_path, capsys, trained_run):
     assert cli.main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()

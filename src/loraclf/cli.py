@@ -197,10 +197,13 @@ class _Bar:
 def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .train import resume, train
 
-    if args.resume and (args.config or overrides):
+    resuming = args.resume is not None
+    if resuming and not args.resume.strip():  # --resume "$RUN" with RUN unset must not start a new run
+        raise ConfigError(["--resume is empty"], where="command line", fix="give --resume the run directory")
+    if resuming and (args.config or overrides):
         raise ConfigError(["--resume continues a run with its own saved config"], where="command line",
                           fix="drop --config and --section.key options when resuming")
-    cfg = None if args.resume else load_config(args.config, overrides)
+    cfg = None if resuming else load_config(args.config, overrides)
     bar = _Bar(args.quiet)
     stop = threading.Event()
 
@@ -213,7 +216,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = resume(args.resume, bar, stop) if args.resume else train(cfg, bar, stop)
+        result = resume(args.resume, bar, stop) if resuming else train(cfg, bar, stop)
+    except KeyboardInterrupt:  # a second signal: stopped without a new checkpoint
+        _resume_hint(Path(args.resume if resuming else cfg.train.output_dir))
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -405,6 +411,13 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
     return split_lines(sys.stdin.read().removeprefix("\ufeff"), "stdin")
 
 
+def _resume_hint(run_dir: Path) -> None:
+    from .checkpoint import latest
+
+    if (run_dir / "run.json").is_file() and latest(run_dir) is not None:
+        print(f"stopped at once; resume from the last checkpoint with: loraclf train --resume {run_dir}", file=sys.stderr)
+
+
 def _run_text_columns(run_dir: str) -> list[str]:
     """The text columns the run trained on; ["text"] when the run cannot be read (loading the
     model reports that, after the input's own problems)."""
@@ -548,10 +561,13 @@ def cmd_report(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     _no_overrides("report", overrides)
     if args.max_examples < 1 or args.top_mistakes < 0 or args.batch_size < 1:
         raise ConfigError(["--max-examples and --batch-size must be >= 1, --top-mistakes >= 0"], where="command line")
-    html_path, md_path = write_report(args.run_dir, max_examples=args.max_examples, top_mistakes=args.top_mistakes,
-                                      batch_size=args.batch_size, precision=args.precision)
-    print(f"wrote {html_path}")
-    print(f"wrote {md_path}")
+    written = write_report(args.run_dir, max_examples=args.max_examples, top_mistakes=args.top_mistakes,
+                           batch_size=args.batch_size, precision=args.precision)
+    print(f"wrote {written.html}")
+    print(f"wrote {written.md}")
+    if written.problem:  # the files say "Not computed"; the exit code says so too
+        print(f"loraclf report: warning: no metrics, confusion matrix or mistakes: {written.problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -617,6 +633,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"loraclf {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): end quietly, as other Unix tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool the signal ended
     except OSError as e:  # disk full, permission denied while writing outputs
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"loraclf {command}: error: {e.strerror or e}{where}", file=sys.stderr)

@@ -117,6 +117,13 @@ class DataConfig(_Section):
     token_cache: bool = Field(True, description="keep token ids on disk ($LORACLF_CACHE, else ~/.cache/loraclf), "
                               "keyed by tokenizer, max_length and texts: reruns skip tokenization")
 
+    @field_validator("validation_size")
+    @classmethod
+    def _whole_rows(cls, size: float) -> float:
+        if size >= 1 and not float(size).is_integer():
+            raise ValueError(f"validation_size {size} is neither a fraction (below 1) nor a whole number of rows")
+        return size
+
     @field_validator("label_names")
     @classmethod
     def _names_unique(cls, names: list[str] | None) -> list[str] | None:
@@ -146,7 +153,7 @@ class TrainConfig(_Section):
     seed: int = Field(42, ge=0, lt=2**32, description="seed of initialisation, dropout and batch order "
                       "(numpy's range: 0 to 2**32 - 1)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast where the hardware runs it fast (CUDA bf16, CPU AMX), else fp32"
+        "auto", description="auto = bf16 autocast where the hardware runs it fast (CUDA bf16, CPU AMX or AVX512-BF16), else fp32"
     )
     max_trainable_params: int = Field(1_000_000, gt=0, description="hard budget: LoRA + head")
     group_by_length: bool = Field(True, description="batch rows of similar length together")

@@ -500,11 +500,12 @@ def encode_labels(raw: list[int | str], names: list[str], table: Table, fix: str
     """Map raw labels to indices into ``names``: integers are indices, strings are names."""
     index = {n: i for i, n in enumerate(names)}
     out = np.empty(len(raw), dtype=np.int64)
+    first = 1 if table.one_based else 0  # say what the file says, not the shifted index
     for i, v in enumerate(raw):
         if isinstance(v, int):
             if not 0 <= v < len(names):
-                raise DataError(f"row {i + 1}: label {v} out of range for {len(names)} classes (0..{len(names) - 1})",
-                                where=table.source, fix=fix)
+                raise DataError(f"row {i + 1}: label {v + first} out of range for {len(names)} classes "
+                                f"({first}..{len(names) - 1 + first})", where=table.source, fix=fix)
             out[i] = v
         elif v in index:
             out[i] = index[v]

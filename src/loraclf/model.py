@@ -44,6 +44,10 @@ def _load_error(what: str, mcfg: ModelConfig, e: Exception) -> ModelError:
     if local.exists():
         return ModelError(f"cannot load {what} from '{local}' ({msg[:200]})", where="model.name_or_path",
                           fix="point --model.name_or_path at a directory with config.json, tokenizer files and *.safetensors")
+    if mcfg.name_or_path.startswith(("/", ".", "~")):  # a path, never a hub name: the hub's error would mislead
+        return ModelError(f"model directory '{local}' does not exist", where="model.name_or_path",
+                          fix="check the path; a run records its base model's absolute path, so for a run whose base "
+                              "model moved, restore it there or set model.name_or_path in the run's config.yaml")
     return ModelError(f"cannot load {what} '{mcfg.name_or_path}': not a local directory and not reachable on the "
                       f"Hugging Face Hub ({msg[:160]})", where="model.name_or_path", fix=_OFFLINE_FIX)
 

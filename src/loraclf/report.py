@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -95,10 +95,17 @@ def analyse(predictor: Predictor, examples: Examples, split: str, source: str, m
                     str(predictor.device))
 
 
+class Written(NamedTuple):
+    html: Path
+    md: Path
+    problem: str | None  # why the analysis is missing (the report says "Not computed"), or None
+
+
 def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, examples: Examples | None = None,
                  split: str | None = None, source: str | None = None, max_examples: int | None = 2000,
-                 top_mistakes: int = 10, batch_size: int = 64, precision: str | None = None) -> tuple[Path, Path]:
-    """Write RUN_DIR/report.html and RUN_DIR/report.md; returns their paths.
+                 top_mistakes: int = 10, batch_size: int = 64, precision: str | None = None) -> Written:
+    """Write RUN_DIR/report.html and RUN_DIR/report.md; returns their paths and, when the
+    analysis (metrics, confusion matrix, mistakes) could not be computed, why.
 
     ``info`` replaces run.json's content (training passes its final record before marking the
     run complete); ``examples`` (with ``split``/``source``) spares re-reading the data.
@@ -127,7 +134,7 @@ def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, exa
     html_path, md_path = run.path / HTML_FILE, run.path / MD_FILE
     write_text(html_path, content.html())
     write_text(md_path, content.markdown())
-    return html_path, md_path
+    return Written(html_path, md_path, problem)
 
 
 # ----------------------------------------------------------------------------- content
