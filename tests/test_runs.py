@@ -71,3 +71,53 @@ def test_a_trained_run_is_readable_by_others_under_the_usual_umask(trained_run):
              *(trained_run / "checkpoints").glob("*/*.safetensors")]
     assert len(files) > 3
     assert {f.name: _mode(f) for f in files} == {f.name: want for f in files}
+
+
+def test_a_finished_runs_lock_file_alone_does_not_make_its_folder_not_empty(tmp_path):
+    """`rm -rf run/*` leaves the hidden .lock of the finished run; train then refused the folder
+    as "not empty" (and, with --train.overwrite, as "not a loraclf run")."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with runs.training_lock(run):
+        pass
+    assert [p.name for p in run.iterdir()] == [runs.LOCK_FILE]
+    runs.prepare_dir(run, overwrite=False)
+    with runs.training_lock(run):  # held: the folder is in use, not empty
+        with pytest.raises(RunError, match="already exists and is not empty"):
+            runs.prepare_dir(run, overwrite=False)
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS"])
+def test_a_filesystem_without_locks_trains_unguarded_instead_of_refusing(code, tmp_path, monkeypatch):
+    """On mounts that refuse flock every training was refused as "being trained by another
+    process" (and left its run.json saying "running")."""
+    import errno
+    import fcntl
+
+    def no_locks(f, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with runs.training_lock(tmp_path):
+        assert not runs.is_training(tmp_path)
+
+
+def test_a_refused_lock_leaves_no_run_that_claims_to_be_running(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    import fcntl
+
+    from conftest import tiny_overrides
+
+    from loraclf.config import load_config
+    from loraclf.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def held(f, op):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(RunError, match="being trained by another process"):
+        train(load_config(Path(__file__).parents[1] / "configs" / "agnews-seed.yaml",
+                          tiny_overrides(tiny_roberta, agnews_files, run)))
+    assert not (run / runs.RUN_FILE).exists()

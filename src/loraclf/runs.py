@@ -117,7 +117,8 @@ def training_lock(run_dir: Path) -> Iterator[None]:
     """Held while a process trains into ``run_dir``: a second ``train --resume`` (or an overwrite)
     of a run that is still training is refused, instead of two processes writing one folder
     (duplicated metrics, checkpoints pruned under the other). The kernel drops the lock when the
-    process dies, however it dies. Without flock (Windows) runs are not guarded."""
+    process dies, however it dies. Without flock (Windows, and filesystems that refuse it, such as
+    some network mounts) runs are not guarded: training goes on rather than being refused."""
     try:
         import fcntl
     except ImportError:
@@ -126,7 +127,10 @@ def training_lock(run_dir: Path) -> Iterator[None]:
     with open(Path(run_dir) / LOCK_FILE, "a+", encoding="ascii") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if not _held_elsewhere(e):
+                yield
+                return
             f.seek(0)
             pid = f.read().strip()
             raise RunError(f"run is being trained by another process{f' (pid {pid})' if pid else ''}",
@@ -146,11 +150,17 @@ def is_training(run_dir: Path) -> bool:
         with open(Path(run_dir) / LOCK_FILE, "rb") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return True
+            except OSError as e:
+                return _held_elsewhere(e)
             return False
     except (ImportError, OSError):
         return False
+
+
+def _held_elsewhere(e: OSError) -> bool:
+    """Did flock fail because another process holds the lock? (Not because the filesystem has no
+    locks: ENOLCK, EOPNOTSUPP, ENOSYS, which must not read as "another process is training".)"""
+    return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 @contextmanager
@@ -200,7 +210,9 @@ def prepare_dir(path: Path, overwrite: bool) -> None:
     only an earlier loraclf run: ``overwrite`` must never delete a folder of the user's own files."""
     if path.exists() and not path.is_dir():
         raise RunError("exists and is not a directory", where=str(path), fix="choose another --train.output_dir")
-    if path.is_dir() and any(path.iterdir()):
+    # A finished run's lock file is left behind (deleting it would race a process taking it); alone,
+    # it does not make a folder the user emptied with `rm -rf run/*` "not empty".
+    if path.is_dir() and any(p.name != LOCK_FILE or is_training(path) for p in path.iterdir()):
         if not overwrite:
             raise RunError("run directory already exists and is not empty", where=str(path),
                            fix="choose another --train.output_dir, or pass --train.overwrite true to replace it")

@@ -189,9 +189,8 @@ def _frozen_prefix(model: torch.nn.Module, tc: TrainConfig, train_ids: list[list
 
 
 def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdown) -> tuple[Config, dict[str, Any]]:
-    """Create the run directory with what identifies the run; status stays "running"."""
+    """Fill the (new, empty) run directory with what identifies the run; status stays "running"."""
     run_dir = Path(cfg.train.output_dir)
-    runs.prepare_dir(run_dir, cfg.train.overwrite)
     # Record the base and the data files as absolute paths when local, so that evaluate, report
     # and --resume work from any directory, and after the run folder moves.
     resolved = cfg.model_copy(deep=True)
@@ -224,8 +223,10 @@ def train(cfg: Config, callback: Callback | None = None, stop: threading.Event |
     checkpoint at the next optimizer step and raises :class:`Interrupted`."""
     t_start = time.perf_counter()
     splits, tokenizer, model_config, counts = prepare(cfg)
-    resolved, info = _new_run(cfg, splits, tokenizer, counts)
-    with runs.training_lock(Path(resolved.train.output_dir)):
+    runs.prepare_dir(Path(cfg.train.output_dir), cfg.train.overwrite)
+    # Locked before run.json exists: a refused lock leaves no run that claims to be "running".
+    with runs.training_lock(Path(cfg.train.output_dir)):
+        resolved, info = _new_run(cfg, splits, tokenizer, counts)
         return _fit(resolved, splits, tokenizer, model_config, counts, info, callback, stop, None, t_start)
 
 
