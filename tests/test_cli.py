@@ -66,6 +66,12 @@ def test_train_evaluate_predict_end_to_end(tiny_roberta, agnews_files, tmp_path,
     jl.write_text('{"body": "robot chip"}\n')
     assert main(["predict", str(run), "--input", str(jl), "--text-column", "body"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == "robot chip"
+    # RUN_DIR after the flag: a list-taking --text-column swallowed it as a second column
+    assert main(["predict", "--input", str(jl), "--text-column", "body", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "robot chip"
+    # a mistyped RUN_DIR is named as such, not as a missing "text" column of the input
+    assert main(["predict", str(run) + "x", "--input", str(jl)]) == 2
+    assert "no such run directory" in _error_line(capsys)
 
 
 def test_a_run_reads_other_files_as_it_read_its_own(tiny_roberta, tmp_path, capsys):
@@ -92,6 +98,8 @@ def test_a_run_reads_other_files_as_it_read_its_own(tiny_roberta, tmp_path, caps
     first = json.loads(capsys.readouterr().out.splitlines()[0])["text"]
     title, body = test.read_text().splitlines()[1].split(",")[:2]
     assert first == f"{title} {body}"
+    assert main(["predict", str(run), "--input", str(test), "--text-column", "body", "--text-column", "title"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["text"] == f"{body} {title}"
     assert main(["evaluate", str(run), "--data.test", str(test), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 40
     assert main(["evaluate", str(run), "--data.test", str(test), "--data.max_eval_samples", "5", "--json"]) == 0

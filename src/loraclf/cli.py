@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (else --input, else stdin)")
     pr.add_argument("--input", help="file (- for stdin): one text per line (.txt, .txt.gz), or CSV/TSV/JSONL/Parquet "
                                     "(optionally .gz) with a text column")
-    pr.add_argument("--text-column", nargs="+", default=None, metavar="COLUMN",
-                    help="column(s) holding the text in CSV/TSV/JSONL/Parquet input, joined with a space as in "
-                         "training (default: the run's data.text_columns)")
+    # one column per flag (repeat it for more): a list-taking flag swallowed a RUN_DIR written after it
+    pr.add_argument("--text-column", action="append", default=None, metavar="COLUMN",
+                    help="column holding the text in CSV/TSV/JSONL/Parquet input; repeat for several, joined with a "
+                         "space as in training (default: the run's data.text_columns)")
     pr.add_argument("--output", help="write here instead of stdout")
     pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     pr.add_argument("--top-k", type=int, default=1)
@@ -419,14 +420,11 @@ def _resume_hint(run_dir: Path) -> None:
 
 
 def _run_text_columns(run_dir: str) -> list[str]:
-    """The text columns the run trained on; ["text"] when the run cannot be read (loading the
-    model reports that, after the input's own problems)."""
+    """The text columns the run trained on. A run that cannot be read is reported as such: a
+    mistyped RUN_DIR is not a problem with the input's columns."""
     from .runs import open_run
 
-    try:
-        return open_run(run_dir, allow_incomplete=True).cfg.data.text_columns
-    except LoraclfError:
-        return ["text"]
+    return open_run(run_dir, allow_incomplete=True).cfg.data.text_columns
 
 
 def _check_output(path: str | None, flag: str) -> None:
