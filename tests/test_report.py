@@ -117,22 +117,36 @@ def test_report_falls_back_to_validation_carved_as_in_training(trained_run, tmp_
 
 
 def test_unreadable_data_still_gives_a_report(trained_run, tmp_path):
-    run = _copy(trained_run, tmp_path / "run")
+    run = _copy(trained_run, tmp_path / "run")  # no report yet
     (run / report.CONFUSION_FILE).write_bytes(b"an earlier report's plot")
     _edit_config(run, test=str(tmp_path / "gone.csv"))
-    report.write_report(run)
+    written = report.write_report(run)
     md = (run / report.MD_FILE).read_text()
     assert "Not computed:" in md and "gone.csv" in md and "## Learning curve" in md
+    assert "gone.csv" in written.problem
     assert not (run / report.CONFUSION_FILE).exists()  # no stale plot beside "not computed"
 
 
-def test_report_cli_says_when_the_analysis_is_missing(trained_run, tmp_path, capsys):
-    """`loraclf report` replaced a full report with one saying "Not computed" and exited 0 in silence."""
+def test_report_cli_keeps_a_full_report_when_the_analysis_is_missing(trained_run, tmp_path, capsys):
+    """`loraclf report` replaced a full report with one saying "Not computed" (and exited 0 in silence)."""
     run = _copy(trained_run, tmp_path / "run")
+    report.write_report(run)
+    before = {f: (run / f).read_bytes() for f in (report.HTML_FILE, report.MD_FILE, report.CONFUSION_FILE)}
+    assert b"Not computed" not in before[report.MD_FILE]
     _edit_config(run, test=str(tmp_path / "gone.csv"))
     assert cli.main(["report", str(run)]) == 2
     captured = capsys.readouterr()
-    assert "wrote" in captured.out
+    assert "wrote" not in captured.out
+    err = captured.err.strip()
+    assert err.startswith("loraclf report: error:") and "\n" not in err
+    assert "gone.csv" in err and "existing report.html and report.md were kept" in err
+    assert {f: (run / f).read_bytes() for f in before} == before
+    # with no report to keep, one is written that says what is missing; the exit code says so too
+    for f in before:
+        (run / f).unlink()
+    assert cli.main(["report", str(run)]) == 2
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and "Not computed" in (run / report.MD_FILE).read_text()
     assert "warning: no metrics, confusion matrix or mistakes" in captured.err and "gone.csv" in captured.err
 
 

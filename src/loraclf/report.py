@@ -105,7 +105,9 @@ def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, exa
                  split: str | None = None, source: str | None = None, max_examples: int | None = 2000,
                  top_mistakes: int = 10, batch_size: int = 64, precision: str | None = None) -> Written:
     """Write RUN_DIR/report.html and RUN_DIR/report.md; returns their paths and, when the
-    analysis (metrics, confusion matrix, mistakes) could not be computed, why.
+    analysis (metrics, confusion matrix, mistakes) could not be computed, why. Asked for by hand
+    (``info`` None) where a report exists already, a missing analysis raises instead: the
+    existing report is kept rather than replaced by one without its numbers.
 
     ``info`` replaces run.json's content (training passes its final record before marking the
     run complete); ``examples`` (with ``split``/``source``) spares re-reading the data.
@@ -123,6 +125,12 @@ def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, exa
         analysis = analyse(predictor, examples, split or "test", source or "", max_examples, top_mistakes,
                            run.cfg.data.split_seed)
     except LoraclfError as e:
+        if info is None and (run.path / HTML_FILE).exists():
+            # by hand (not at the end of training): a report saying "Not computed" must not
+            # replace one that has the numbers; the user fixes the problem, or deletes the old report
+            e.what += f" (no analysis, so the existing {HTML_FILE} and {MD_FILE} were kept)"
+            e.args = (e.message,)
+            raise
         problem = str(e)
     if analysis is not None:
         plots.confusion_matrix(analysis.metrics["confusion_matrix"], run.label_names, run.path / CONFUSION_FILE,
