@@ -370,6 +370,9 @@ def test_evaluating_a_subset_keeps_the_full_evaluation(trained_run, capsys):
     assert main(["evaluate", str(trained_run), "--precision", "fp32", "--data.max_eval_samples", "500"]) == 0
     assert not (trained_run / "eval" / "test.csv.n500.json").exists()
     assert json.loads((trained_run / "eval" / "test.csv.json").read_text())["n"] == 80
+    # ... and so does a limit equal to them (it was saved as ".n80")
+    assert main(["evaluate", str(trained_run), "--precision", "fp32", "--data.max_eval_samples", "80"]) == 0
+    assert not (trained_run / "eval" / "test.csv.n80.json").exists()
 
 
 def test_evaluate_keeps_files_of_the_same_name_apart(trained_run, tmp_path, capsys):

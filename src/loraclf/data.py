@@ -48,12 +48,14 @@ class Table:
 @dataclass
 class Examples:
     """Validated examples: ``labels`` are int64 class indices, shape [N]; ``named``: the source
-    gave the labels as class names, not integers."""
+    gave the labels as class names, not integers; ``sampled_from``: for a random subset drawn by
+    :func:`limit`, the number of rows it was drawn from (None: these are all the rows)."""
 
     texts: list[str]
     labels: np.ndarray
     source: str
     named: bool = False
+    sampled_from: int | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -588,7 +590,9 @@ def limit(examples: Examples, n: int | None, seed: int) -> Examples:
     if n is None or n >= len(examples):
         return examples
     idx = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
-    return examples.subset(idx)
+    sample = examples.subset(idx)
+    sample.sampled_from = len(examples)
+    return sample
 
 
 def load_eval_split(cfg: DataConfig, source: str, names: list[str], role: str = "test",

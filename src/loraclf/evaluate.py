@@ -84,7 +84,7 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
         result["source_path"] = where
     if write:
         # a limit at or above the file's rows took them all: the evaluation is the full one
-        subset = data_cfg.max_eval_samples if data_cfg.max_eval_samples == len(examples) else None
+        subset = len(examples) if examples.sampled_from is not None else None
         try:
             result["saved_to"] = str(write_evaluation(run, result, data_cfg.test, subset,
                                                       ckpt.name if ckpt is not None else None))
