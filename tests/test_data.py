@@ -128,6 +128,8 @@ BAD_INPUTS = [
      "row 2: text is not valid Unicode"),
     # one huge class id: the gaps are named without building range(k) (which ran out of memory)
     ("bigint.csv", "text,label\na,0\nb,1\nc,300000000\n", {}, "no training row has class [2, 3, 4, 5, 6] (and more)"),
+    # negative labels are not classes: the gaps named are 0..k-1's, and the range check names the -3
+    ("negative.csv", "text,label\na,-3\nb,0\nc,2\n", {}, "no training row has class [1] —"),
     ("bigfloat.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1e20}\n', {}, "no training row has class [1, 2"),
     ("oneclass.csv", "text,label\na,spam\nb,spam\nc,spam\n", {"validation_size": 1},
      "the training rows hold only one class ('spam')"),
@@ -312,8 +314,12 @@ def test_headerless_files_other_than_ag_news_keep_their_class_numbers(tmp_path):
     p14 = _write(tmp_path, "dbpedia.csv", "".join(f'"{c}","t{c}","d"\n' for c in range(1, 15)))
     ex, names = to_examples(read_table(p14, "train", _cfg()), _cfg())
     assert names == [str(c) for c in range(1, 15)] and ex.labels.tolist() == list(range(14))
-    with pytest.raises(DataError, match=r"indices 1\.\.3, but no training row has class \[2\]"):
+    with pytest.raises(DataError, match=r"indices 1\.\.3, but no training row has class \[2\].*relabel the classes from 1"):
         to_examples(read_table(_write(tmp_path, "gap.csv", '"1","t","d"\n"3","t","d"\n'), "train", _cfg()), _cfg())
+    # refused where the classes were learnt as names: the label as the file writes it, not shifted
+    with pytest.raises(DataError, match=r"row 1: label 3 is an integer, but the classes were learnt as names"):
+        to_examples(read_table(_write(tmp_path, "three.csv", '"3","t","d"\n'), "test", _cfg()), _cfg(),
+                    ["x", "y", "z"], int_labels=False)
 
 
 def test_gzip_suffix_in_any_case_and_gzipped_parquet(tmp_path):

@@ -452,7 +452,8 @@ def _raw_labels(table: Table, cfg: DataConfig) -> list[int | str]:
 
 
 def _first_gaps(present: set[int], k: int, n: int = 5) -> list[int]:
-    """The first ``n`` of 0..k-1 not in ``present``, without building range(k) (k may be huge)."""
+    """The first ``n`` of 0..k-1 not in ``present``, without building range(k) (k may be huge);
+    negative labels are not classes and are left to the range check."""
     gaps: list[int] = []
     expect = 0
     for v in sorted(present):
@@ -461,7 +462,7 @@ def _first_gaps(present: set[int], k: int, n: int = 5) -> list[int]:
             expect += 1
         if len(gaps) >= n:
             break
-        expect = v + 1
+        expect = max(expect, v + 1)
     while expect < k and len(gaps) < n:
         gaps.append(expect)
         expect += 1
@@ -491,8 +492,12 @@ def label_vocabulary(raw: list[int | str], table: Table, cfg: DataConfig) -> lis
             first = 1 if table.one_based else 0
             raise DataError(
                 f"integer labels must be class indices {first}..{k - 1 + first}, but no training row has class "
-                f"{[m + first for m in missing]}{' (and more)' if k - len(present) > len(missing) else ''}",
-                where=table.source, fix="relabel the classes from 0, or set --data.label_names (index order)",
+                f"{[m + first for m in missing]}"
+                f"{' (and more)' if k - sum(v >= 0 for v in present) > len(missing) else ''}",
+                where=table.source,
+                fix="relabel the classes from 1 (or add a header row label,title,description to count them from 0), "
+                    "or set --data.label_names (index order)" if table.one_based else
+                    "relabel the classes from 0, or set --data.label_names (index order)",
             )
         return [str(i + 1) if table.one_based else str(i) for i in range(k)]
     return sorted(set(raw))  # type: ignore[arg-type]
@@ -529,7 +534,8 @@ def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None,
     else:
         fix = "remove rows whose class the model was not trained on"
         if not int_labels and raw and not named:
-            raise DataError(f"row 1: label {raw[0]} is an integer, but the classes were learnt as names {names}, "
+            first = 1 if table.one_based else 0  # as the file writes it, not the shifted index
+            raise DataError(f"row 1: label {raw[0] + first} is an integer, but the classes were learnt as names {names}, "
                             "which have no index order", where=table.source,
                             fix="write class names in the label column (or train with --data.label_names, "
                                 "which gives the names their indices)")
