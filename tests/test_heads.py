@@ -285,3 +285,28 @@ def test_early_stopping_and_recipe_options_train(tiny_roberta, agnews_files, tmp
     # the report says so ("best epoch 1 of 6" alone read as if 6 epochs had run)
     assert "best epoch | 1 of 6 (stopped early after epoch 2: early\\_stopping\\_patience 1)" \
         in (out / "report.md").read_text()
+
+
+def test_a_missing_pooler_matters_only_to_the_default_head(tiny_bert, tmp_path):
+    """BERT's pooler feeds only its own head; loraclf's heads read the last hidden states. A
+    checkpoint saved without it (add_pooling_layer=False) trains with those heads, and is refused
+    with the default head, not as a damaged encoder."""
+    import shutil
+
+    from transformers import BertModel
+
+    from loraclf.errors import ModelError
+
+    bare = tmp_path / "bert-no-pooler"
+    shutil.copytree(tiny_bert, bare)
+    for f in bare.glob("*.safetensors"):
+        f.unlink()
+    torch.manual_seed(0)
+    BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).save_pretrained(bare)
+    cfg = _cfg(bare, "linear")
+    mc = load_model_config(cfg.model, LABELS)
+    load_base(cfg.model, mc)
+    cfg = _cfg(bare, "default")
+    with pytest.raises(ModelError, match=r"model.head default would leave weights the checkpoint lacks random and "
+                                         r"untrained \(bert.pooler.dense.bias, bert.pooler.dense.weight\)"):
+        load_base(cfg.model, load_model_config(cfg.model, LABELS))

@@ -257,7 +257,7 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
     """Pretrained weights with the configured head installed: what training adapts and what a
     run's adapter (which holds the trained head) is loaded onto."""
     try:
-        with _held_load_report() as report:
+        with _held_load_report():
             base, loading = AutoModelForSequenceClassification.from_pretrained(
                 resolve_name(mcfg.name_or_path), config=config, revision=mcfg.revision,
                 trust_remote_code=mcfg.trust_remote_code, use_safetensors=True,
@@ -267,14 +267,10 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
     except (OSError, ValueError, SafetensorError) as e:
         raise _load_error("model", mcfg, e) from None
     untrained = _untrained(loading.get("missing_keys") or [])
+    _check_encoder(mcfg, base.base_model_prefix, untrained)
     if mcfg.head == "default":
         _check_default_head(mcfg, untrained)
     install_head(base, mcfg.head, config, mcfg.head_rank)
-    if set(untrained) & set(base.state_dict()):
-        # weights the checkpoint lacks outside the head, not replaced by loraclf's head either:
-        # transformers' report is news then
-        for record in report:
-            _MODELING_LOGGER.handle(record)
     return base
 
 
@@ -282,24 +278,20 @@ _MODELING_LOGGER = logging.getLogger("transformers.modeling_utils")
 
 
 @contextlib.contextmanager
-def _held_load_report() -> Iterator[list[logging.LogRecord]]:
+def _held_load_report() -> Iterator[None]:
     """Hold back transformers' LOAD REPORT, which calls the classification head MISSING and
     "newly initialized" on every load: the head is new when training starts and comes from the
     adapter when a run is loaded, so the report would tell a Python user their trained classifier
-    is random. The caller passes the held records on when weights outside the head are missing."""
-    held: list[logging.LogRecord] = []
+    is random. Weights missing anywhere else are an error (:func:`_check_encoder`), not a report."""
 
     class Hold(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            if "LOAD REPORT" in record.getMessage():
-                held.append(record)
-                return False
-            return True
+            return "LOAD REPORT" not in record.getMessage()
 
     hold = Hold()
     _MODELING_LOGGER.addFilter(hold)
     try:
-        yield held
+        yield
     finally:
         _MODELING_LOGGER.removeFilter(hold)
 
@@ -321,6 +313,19 @@ def _untrained(missing: Iterable[str]) -> list[str]:
         return any(peft_trains(".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
     return sorted(k for k in missing if not trained(k))
+
+
+def _check_encoder(mcfg: ModelConfig, prefix: str, untrained: list[str]) -> None:
+    """Refuse a checkpoint that lacks encoder weights (a truncated conversion, a config that does
+    not match its weights): they would be random, frozen and unsaved, so the run would train on
+    noise and every later load would draw different noise. The pooler is left to the head check:
+    only the default head reads it (loraclf's heads read the last hidden states)."""
+    encoder = [k for k in untrained if k.startswith(f"{prefix}.") and ".pooler." not in f".{k}."]
+    if encoder:
+        shown = ", ".join(encoder[:3]) + (f" and {len(encoder) - 3} more" if len(encoder) > 3 else "")
+        raise ModelError(f"the checkpoint lacks {len(encoder)} encoder weight(s) ({shown}): they would be random "
+                         "and never trained", where=str(mcfg.name_or_path),
+                         fix="use a complete checkpoint whose config.json matches its weights (download it again)")
 
 
 def _check_default_head(mcfg: ModelConfig, untrained: list[str]) -> None:
