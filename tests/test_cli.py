@@ -283,6 +283,10 @@ def test_predict_output_to_a_pipe_or_symlink_is_written_not_replaced(trained_run
     (tmp_path / "link.jsonl").symlink_to(target)
     assert main(["predict", str(trained_run), "bank", "--output", str(tmp_path / "link.jsonl")]) == 0
     assert (tmp_path / "link.jsonl").is_symlink() and json.loads(target.read_text())["text"] == "bank"
+    # /dev/stdout into a pipe: the link resolves to "pipe:[N]", where no file can be made
+    p = subprocess.run([sys.executable, "-m", "loraclf.cli", "predict", str(trained_run), "goal", "--output",
+                        "/dev/stdout"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and json.loads(p.stdout)["text"] == "goal", p.stderr
 
 
 def test_predict_output_that_cannot_be_written_exits_1(trained_run, tmp_path, capsys, monkeypatch):

@@ -71,13 +71,14 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     Ordinary permissions: the temporary file is opened 0o666 less the umask, unlike mkstemp's 0600."""
     path = Path(path)
     text = {} if "b" in mode else {"encoding": "utf-8"}
-    if path.is_symlink():
-        path = path.resolve()  # the file it points to is replaced, the link stays
     if path.exists() and not path.is_file():
-        # a device or a pipe (--output /dev/stdout): written to, never replaced by a regular file
+        # a device or a pipe (--output /dev/stdout): written to, never replaced by a regular file.
+        # Asked before resolving links: /dev/stdout into a pipe resolves to no path ("pipe:[N]").
         with open(path, mode, **text) as f:
             yield f
         return
+    if path.is_symlink():
+        path = path.resolve()  # the file it points to is replaced, the link stays
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
