@@ -14,7 +14,7 @@ from conftest import tiny_overrides
 from loraclf import budget
 from loraclf.config import load_config
 from loraclf.errors import ConfigError
-from loraclf.model import build_model, load_adapter, load_base, load_model_config
+from loraclf.model import build_model, check_weights, load_adapter, load_base, load_model_config
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 HEADS = ["default", "linear", "mean", "lowrank"]
@@ -195,7 +195,11 @@ def test_a_default_head_the_checkpoint_lacks_is_refused(tmp_path):
     with pytest.raises(ModelError, match=r"model.head default would leave weights the checkpoint lacks random and "
                                          r"untrained \(pooler.dense.bias, pooler.dense.weight\).*train with model.head linear"):
         load_base(cfg.model, mc)
+    # refused by train before the run folder is written (it was left behind, marked failed)
+    with pytest.raises(ModelError, match=r"model.head default would leave weights the checkpoint lacks"):
+        check_weights(cfg.model, mc)
     cfg = _cfg(tmp_path / "deberta", "linear", **{"lora.target_modules": ["query_proj", "value_proj"], "lora.r": 2})
+    check_weights(cfg.model, mc)
     model = build_model(cfg.model, cfg.lora, mc).eval()  # the linear head replaces pooler + classifier
     ids, mask = _batch(1)
     model.save_pretrained(tmp_path / "adapter")

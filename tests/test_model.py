@@ -109,7 +109,7 @@ def test_lora_that_adapts_nothing_is_one_clear_error(tiny_roberta):
         _model(tiny_roberta, **{"lora.exclude_modules": ["query", "value"]})
 
 
-def test_loading_hides_the_load_report_and_refuses_missing_encoder_weights(tiny_roberta, tmp_path):
+def test_loading_hides_the_load_report_and_refuses_missing_encoder_weights(tiny_roberta, agnews_files, tmp_path):
     """transformers calls the head MISSING on every load (new for training, restored from the
     adapter for a run): a Python user was told their trained classifier was random. Weights the
     checkpoint lacks in the encoder were only logged, and the CLI (errors only) trained in silence
@@ -143,11 +143,20 @@ def test_loading_hides_the_load_report_and_refuses_missing_encoder_weights(tiny_
         tensors = load_file(weights)
         dropped = next(k for k in tensors if "layer.0.attention.self.key.weight" in k)
         save_file({k: v for k, v in tensors.items() if k != dropped}, weights, metadata={"format": "pt"})
+        lacks = r"lacks 1 encoder weight\(s\) \(roberta\.encoder\.layer\.0\.attention\.self\.key\.weight\)"
         for head in ("linear", "default"):
             hcfg = load_config(None, {"model.name_or_path": str(holed), "model.head": head})
-            with pytest.raises(ModelError, match=r"lacks 1 encoder weight\(s\) \(roberta\.encoder\.layer\.0\."
-                                                 r"attention\.self\.key\.weight\)"):
+            with pytest.raises(ModelError, match=lacks):
                 load_base(hcfg.model, load_model_config(hcfg.model, NAMES))
+        # and train refuses it before writing a run folder (which would be left behind "failed")
+        from conftest import tiny_overrides
+
+        from loraclf.train import train
+
+        out = tmp_path / "run"
+        with pytest.raises(ModelError, match=lacks):
+            train(load_config(None, tiny_overrides(holed, agnews_files, out)))
+        assert not out.exists()
     finally:
         logger.removeHandler(handler)
         transformers.logging.set_verbosity(verbosity)

@@ -236,33 +236,42 @@ def load_adapter(base: torch.nn.Module, adapter_dir: Path) -> PeftModel:
                          fix="restore the file from a copy, or train the run again") from None
 
 
-def check_weights(mcfg: ModelConfig) -> None:
-    """A local model folder holds readable safetensors weights: checked before a run folder is
-    written, so that a folder without weights (or with a truncated file) fails a run before it
-    starts, not after its directory exists. Reads each file's header only. Hub models are
-    checked when they are downloaded."""
+def check_weights(mcfg: ModelConfig, config: PretrainedConfig) -> None:
+    """The weights would load as :func:`load_base` loads them: checked before a run folder is
+    written, so that a folder without weights, a truncated file or a checkpoint that lacks part
+    of the model fails a run before it starts, not after its directory exists. A local folder's
+    files are read for their headers only; the checkpoint is matched to the model on the meta
+    device (no tensors read). A hub model is downloaded here, as training would next."""
     local = Path(mcfg.name_or_path).expanduser()
-    if not local.is_dir():
-        return
-    files = sorted(local.glob("*.safetensors"))
-    if not files:
-        raise ModelError("no *.safetensors weights in the model folder", where=str(local),
-                         fix="add the model's safetensors weights (loraclf never reads pickle .bin files)")
-    if (bad := unreadable_safetensors(files)) is not None:
-        raise ModelError(f"weights file is damaged ({brief(bad[1], 120)})", where=str(bad[0]),
-                         fix="download or copy the model's weights again")
+    if local.is_dir():
+        files = sorted(local.glob("*.safetensors"))
+        if not files:
+            raise ModelError("no *.safetensors weights in the model folder", where=str(local),
+                             fix="add the model's safetensors weights (loraclf never reads pickle .bin files)")
+        if (bad := unreadable_safetensors(files)) is not None:
+            raise ModelError(f"weights file is damaged ({brief(bad[1], 120)})", where=str(bad[0]),
+                             fix="download or copy the model's weights again")
+    _pretrained(mcfg, config, meta=True)
 
 
 def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
     """Pretrained weights with the configured head installed: what training adapts and what a
     run's adapter (which holds the trained head) is loaded onto."""
+    base = _pretrained(mcfg, config)
+    install_head(base, mcfg.head, config, mcfg.head_rank)
+    return base
+
+
+def _pretrained(mcfg: ModelConfig, config: PretrainedConfig, meta: bool = False) -> torch.nn.Module:
+    """The checkpoint loaded (``meta``: matched only, no tensors), refused where it lacks weights
+    that nothing would train."""
     try:
         with _held_load_report():
             base, loading = AutoModelForSequenceClassification.from_pretrained(
                 resolve_name(mcfg.name_or_path), config=config, revision=mcfg.revision,
                 trust_remote_code=mcfg.trust_remote_code, use_safetensors=True,
                 # fp32 master weights whatever the checkpoint's dtype: precision is autocast's job.
-                dtype=torch.float32, output_loading_info=True,
+                dtype=torch.float32, output_loading_info=True, **({"device_map": "meta"} if meta else {}),
             )
     except (OSError, ValueError, SafetensorError) as e:
         raise _load_error("model", mcfg, e) from None
@@ -270,7 +279,6 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
     _check_encoder(mcfg, base.base_model_prefix, untrained)
     if mcfg.head == "default":
         _check_default_head(mcfg, untrained)
-    install_head(base, mcfg.head, config, mcfg.head_rank)
     return base
 
 

@@ -149,7 +149,7 @@ def prepare(cfg: Config, label_names: list[str] | None = None) -> tuple[Splits, 
     model_config = load_model_config(cfg.model, splits.label_names)
     if model_config.pad_token_id is None:
         model_config.pad_token_id = tokenizer.pad_token_id
-    check_weights(cfg.model)
+    check_weights(cfg.model, model_config)
     meta_model = build_model(cfg.model, cfg.lora, model_config, meta=True)
     counts = budget.breakdown(meta_model)
     budget.check(counts, cfg.train.max_trainable_params)
