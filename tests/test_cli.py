@@ -462,3 +462,17 @@ def test_output_into_a_closed_pipe_ends_quietly(trained_run, tmp_path):
     proc.stdout.close()  # the reader is gone before anything is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Broken pipe" not in err and "Traceback" not in err
+
+
+def test_predict_into_a_pipe_closed_mid_output_is_not_a_success(trained_run, tmp_path):
+    """`loraclf predict RUN --input big.txt | head` exited 0: the pipe took part of one large
+    write and CPython dropped the rest without an error."""
+    texts = tmp_path / "many.txt"
+    # ~160 KB of JSON lines: more than a pipe holds
+    texts.write_text("".join(f"the match goal number {i}\n" for i in range(600)))
+    proc = subprocess.Popen([sys.executable, "-m", "loraclf.cli", "predict", str(trained_run), "--input", str(texts)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(100)  # a reader that stops early (| head -c 100)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err

@@ -491,8 +491,23 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         _write_output(args.output, buf.getvalue())
         print(f"wrote {len(results)} predictions to {args.output}", file=sys.stderr)
     else:
-        sys.stdout.write(buf.getvalue())
+        _to_stdout(buf.getvalue())
     return 0
+
+
+def _to_stdout(text: str) -> None:
+    """Write ``text`` to stdout so that a reader that went away (``| head``) is noticed: CPython's
+    buffered stdout drops the rest of one large write the pipe took only part of, without an
+    error, and the command exited 0; os.write raises BrokenPipeError for it (see main)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # a captured or replaced stdout
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()
+    view = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _no_overrides(command: str, overrides: dict[str, Any]) -> None:
