@@ -59,3 +59,26 @@ def test_bert_style_counts(tiny_bert):
     b = budget.count(cfg, ["a", "b", "c", "d"])
     # 2 layers x (query, value) x r*(in+out) + linear classifier 32*4+4
     assert b.lora_total == 2 * 2 * 2 * (32 + 32) and b.head == {"classifier": 132}
+
+
+def test_counting_allocates_no_lora_weights(roberta_base_arch, monkeypatch):
+    """The LoRA matrices were built (and initialised) in real memory and only then moved to the
+    base layer's meta device: a rank of 10^6 made `params` and `train` spend minutes allocating
+    and initialising 128 GB before naming the budget. Every LoRA init must see a meta tensor."""
+    import torch.nn as nn
+
+    seen = []
+    real_init = nn.init.kaiming_uniform_
+
+    def spy(tensor, *args, **kwargs):
+        seen.append(tensor.device.type)
+        return real_init(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", spy)
+    cfg = load_config(None, {"model.name_or_path": str(roberta_base_arch), "lora.r": 4})
+    model = build_model(cfg.model, cfg.lora, load_model_config(cfg.model, ["a", "b", "c", "d"]), meta=True)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert seen and set(seen) == {"meta"}
+    big = load_config(None, {"model.name_or_path": str(roberta_base_arch), "lora.r": 1_000_000})
+    with pytest.raises(BudgetError, match="exceed"):
+        budget.check(budget.count(big, ["a", "b", "c", "d"]), big.train.max_trainable_params)

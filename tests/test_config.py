@@ -50,6 +50,12 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "--train.epochs" in msg and f"{p} and command line" in msg
 
 
+def test_switches_and_nulls_keep_their_booleans():
+    cfg = load_config(None, {"model.trust_remote_code": True, "train.cuda_graphs": False, "data.token_cache": False,
+                             "train.cache_frozen_prefix": None})
+    assert cfg.model.trust_remote_code is True and cfg.train.cuda_graphs is False and cfg.data.token_cache is False
+
+
 def test_semantic_checks():
     with pytest.raises(ConfigError, match="layer indices must be >= 0"):
         load_config(None, {"lora.layers": [-1]})
@@ -71,6 +77,15 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("lora:\n  r: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    # a key given twice: YAML kept the last, so a second `lora:` replaced the first in silence
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("lora:\n  r: 4\n  target_modules: [query]\nlora:\n  r: 2\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:4: not valid YAML \(key 'lora' appears twice in one mapping\)"
+                                          r".*keep one of the two"):
+        load_config(dup)
+    dup.write_text("model:\n  head: linear\n  head: default\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:3: .*key 'head' appears twice"):
+        load_config(dup)
     lst = tmp_path / "list.yaml"
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
@@ -101,6 +116,18 @@ def test_evaluate_data_options_are_validated_with_their_names():
     ("data.validation_size", float("inf"), "--data.validation_size"),
     ("train.learning_rate", float("inf"), "--train.learning_rate"),
     ("lora.alpha", float("nan"), "--lora.alpha"),
+    # an oversized rank overflowed inside PEFT (a TypeError traceback from `params`)
+    ("lora.r", 10**20, "--lora.r: Input should be less than or equal to 1048576"),
+    # true/false where a number is meant: pydantic read them as 1 and 0 (`r: on` trained with r 1)
+    ("lora.r", True, "--lora.r: a number is expected, not true/false (got true)"),
+    ("train.epochs", True, "--train.epochs: a number is expected"),
+    ("data.validation_size", True, "--data.validation_size: a number is expected"),
+    ("lora.layers", [True, 1], "--lora.layers: a number is expected, not true/false (got [true, 1])"),
+    ("lora.rank_pattern", {"query": True}, "--lora.rank_pattern: a number is expected"),
+    ("train.max_trainable_params", False, "--train.max_trainable_params: a number is expected"),
+    # fewer than two class names: [] read as null, one name trained a one-class head
+    ("data.label_names", [], "--data.label_names: 0 class name(s) []: a classifier needs at least two"),
+    ("data.label_names", ["x"], "--data.label_names: 1 class name(s) ['x']"),
 ])
 def test_out_of_range_numbers_are_refused_by_name(key, value, fragment):
     with pytest.raises(ConfigError) as e:

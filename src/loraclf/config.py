@@ -7,6 +7,7 @@ their location, which is what a user fixing a YAML file wants.
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
@@ -24,6 +25,28 @@ class _Section(BaseModel):
     # inf/nan are never a sensible setting here (an infinite learning rate or validation_size
     # crashed deep inside a run instead of being refused with the key's name).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: Any) -> Any:
+        # pydantic reads true as 1 for a number: `r: on` or `epochs: yes` trained with 1
+        if _bool_where_number(cls.model_fields[info.field_name].annotation, value):
+            raise ValueError(f"a number is expected, not true/false (got {json.dumps(value)})")
+        return value
+
+
+def _bool_where_number(annotation: Any, value: Any) -> bool:
+    """Does ``value`` hold a bool (itself, in a list, or as a dict value) where ``annotation`` wants a number?"""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if bool in args or isinstance(value, (list, dict)):
+            return any(_bool_where_number(a, value) for a in args if a is not type(None)) and bool not in args
+        return isinstance(value, bool) and any(a in (int, float) for a in args)
+    if origin is list and isinstance(value, list):
+        return any(_bool_where_number(args[0], v) for v in value)
+    if origin is dict and isinstance(value, dict):
+        return any(_bool_where_number(args[1], v) for v in value.values())
+    return isinstance(value, bool) and annotation in (int, float)
 
 
 class ModelConfig(_Section):
@@ -51,7 +74,7 @@ class ModelConfig(_Section):
 class LoraSettings(_Section):
     """LoRA adapters, applied through PEFT."""
 
-    r: int = Field(8, gt=0, description="rank of each LoRA update")
+    r: int = Field(8, gt=0, le=2**20, description="rank of each LoRA update")
     alpha: float = Field(16, gt=0, description="scaling numerator: update scaled by alpha/r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] = Field(["query", "value"], min_length=1, description="module names to adapt")
@@ -129,6 +152,9 @@ class DataConfig(_Section):
     def _names_unique(cls, names: list[str] | None) -> list[str] | None:
         if names is not None and len(set(names)) != len(names):
             raise ValueError(f"names repeat: {names}")
+        if names is not None and len(names) < 2:
+            raise ValueError(f"{len(names)} class name(s) {names}: a classifier needs at least two "
+                             "(null: names from the data)")
         return names
 
 
@@ -244,17 +270,33 @@ def parse_override_value(dotted_key: str, raw: str) -> Any:
         return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: YAML keeps the last,
+    so a second `lora:` section silently replaced the first (a typo training the wrong recipe)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"config file not found"], where=str(p), fix="check the path given to --config")
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"{p}:{mark.line + 1}" if mark else str(p)
         problem = getattr(e, "problem", None) or brief(e)
-        raise ConfigError([f"not valid YAML ({problem})"], where=loc, fix="correct the YAML syntax") from None
+        raise ConfigError([f"not valid YAML ({problem})"], where=loc,
+                          fix="keep one of the two" if "appears twice" in problem else "correct the YAML syntax") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):

@@ -204,7 +204,8 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
         base = load_base(mcfg, config)
     _check_targets(base, lcfg)
     try:
-        with _no_peft_deprecation():
+        # LoRA matrices on the meta device too: counting an oversized rank must not allocate it
+        with _no_peft_deprecation(), torch.device("meta") if meta else contextlib.nullcontext():
             return get_peft_model(base, peft_config(lcfg))
     except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its other refusals of a LoraConfig
         if "no modules were targeted" in str(e).lower():
