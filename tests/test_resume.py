@@ -345,3 +345,49 @@ def test_a_full_disk_during_a_checkpoint_is_an_oserror_and_leaves_no_half_checkp
         checkpoint.save(tmp_path, checkpoint.LoopState(step=1), dict(model.named_parameters()), None, opt, sched, keep=2)
     assert e.value.errno == errno.ENOSPC and "step-00000001" in e.value.filename
     assert not list((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("missing", ["best", "optimizer"])
+def test_resume_goes_back_past_a_checkpoint_missing_a_file(missing, reference, tiny_roberta, agnews_files, tmp_path):
+    """A checkpoint whose best.safetensors was deleted passed as readable, trained to the end and
+    failed there with a traceback (no best weights to load); a missing optimizer file failed at
+    once. Either makes it damaged: resume goes back to the one before it."""
+    run = tmp_path / "run"
+    cb = StopAt(7)  # after epoch 1 (5 steps): the checkpoint holds a best epoch
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), cb, cb.stop)
+    (run / "checkpoints" / "step-00000007" / f"{missing}.safetensors").unlink()
+    assert not checkpoint.readable(run / "checkpoints" / "step-00000007")
+    resume(run)
+    assert _final(run) == reference
+    assert json.loads((run / "run.json").read_text())["resumed_past_damaged"] == ["damaged-step-00000007"]
+
+
+def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_keeps_it(tmp_path, monkeypatch):
+    """With keep_checkpoints 1, the same step written twice deleted the only checkpoint before
+    renaming the new one into place: a kill in between left none."""
+    import os
+
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loop = checkpoint.LoopState(step=4)
+    first = checkpoint.save(tmp_path, loop, dict(model.named_parameters()), None, opt, sched, keep=1)
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise KeyboardInterrupt  # the kill lands before the new checkpoint is renamed into place
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, loop, dict(model.named_parameters()), None, opt, sched, keep=1)
+    monkeypatch.undo()
+    assert checkpoint.latest(tmp_path) == first and checkpoint.readable(first)
+    assert not list((tmp_path / "checkpoints").glob(".*.old"))
+    # and the next save of that step replaces it cleanly
+    assert checkpoint.save(tmp_path, loop, dict(model.named_parameters()), None, opt, sched, keep=1) == first
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]

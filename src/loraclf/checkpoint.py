@@ -125,9 +125,15 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
         f.flush()
         os.fsync(f.fileno())
     share_modes(tmp)  # safetensors writes 0600
+    # The same step written twice (a step checkpoint, then the epoch's at that step): the old one
+    # is moved aside, not deleted, until the new one is in place; a kill in between leaves the
+    # aside copy, which _complete puts back (with keep_checkpoints 1 it is the only one).
+    aside = root / f".{final.name}.old"
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -136,6 +142,12 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
 def _complete(run_dir: Path) -> list[Path]:
     """The complete checkpoints (their done-marker written), newest first."""
     root = Path(run_dir) / CHECKPOINT_DIR
+    for aside in root.glob(".step-*.old"):  # a kill while replacing a checkpoint of the same step
+        final = root / aside.name[1:-len(".old")]
+        if final.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(final)
     done = [p for p in root.glob("step-*") if (p / _DONE).is_file()] if root.is_dir() else []
     return sorted(done, key=lambda p: p.name, reverse=True)
 
@@ -148,8 +160,14 @@ def latest(run_dir: Path) -> Path | None:
 def readable(path: Path) -> bool:
     """Whether a complete checkpoint's files can still be read (headers only: cheap)."""
     try:
-        json.loads((path / _DONE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        state = json.loads((path / _DONE).read_text(encoding="utf-8"))
+        loop = LoopState(**state["loop"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    # a file deleted after the checkpoint was written (by hand, a partial copy) makes it as unusable
+    # as a truncated one: the best epoch's weights are needed at the end of the run
+    needed = ["trainable", "optimizer", "rng"] + (["best"] if loop.best_epoch > 0 else [])
+    if not all((path / f"{name}.safetensors").is_file() for name in needed):
         return False
     return unreadable_safetensors(path.glob("*.safetensors")) is None
 
