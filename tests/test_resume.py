@@ -391,3 +391,20 @@ def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_keeps_it(tmp_path,
     # and the next save of that step replaces it cleanly
     assert checkpoint.save(tmp_path, loop, dict(model.named_parameters()), None, opt, sched, keep=1) == first
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]
+
+
+def test_resume_on_a_device_with_another_fuse_default_keeps_the_run_s_batches(reference, tiny_roberta, agnews_files,
+                                                                                tmp_path, monkeypatch):
+    """fuse_accumulation null means "on a GPU": a CPU run resumed on a GPU fused its micro-batches
+    and read the checkpoint's micro-batch position as a position in fused batches, skipping
+    rows. The checkpoint records the choice and the resumed run keeps it."""
+    import loraclf.train as tr
+
+    run = tmp_path / "run"
+    cb = StopAt(3)  # mid-epoch
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), cb, cb.stop)
+    assert json.loads((checkpoint.latest(run) / "state.json").read_text())["loop"]["fused"] is False
+    monkeypatch.setattr(tr, "fuse_accumulation", lambda tc: True)  # what a GPU would choose
+    resume(run)
+    assert _final(run) == reference

@@ -145,20 +145,41 @@ def test_fused_accumulation_trains_the_same_adapter(tiny_roberta, agnews_files, 
     import torch
 
     # Without dropout and with plain (ungrouped) batches, two micro-batches of 16 rows and one
-    # batch of 32 are the same rows and the same mean loss: the adapters must agree.
+    # batch of 32 are the same rows and the same mean loss: the adapters must agree. 80 rows: each
+    # epoch ends on a step of one micro-batch (16 rows), whose gradient the unfused run scaled
+    # down by half (accelerate divides by gradient_accumulation_steps).
     model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
     weights, steps = {}, {}
     for fused in (False, True):
         cfg = load_config(SEED, tiny_overrides(model, agnews_files, tmp_path / str(fused),
                                                **{"train.fuse_accumulation": fused, "train.epochs": 2,
                                                   "train.gradient_accumulation_steps": 2, "lora.dropout": 0.0,
-                                                  "train.group_by_length": False, "data.max_train_samples": 64}))
+                                                  "train.group_by_length": False, "data.max_train_samples": 80,
+                                                  "train.max_grad_norm": None}))
         train(cfg)
         weights[fused] = load_file(tmp_path / str(fused) / "adapter" / "adapter_model.safetensors")
         steps[fused] = json.loads((tmp_path / str(fused) / "run.json").read_text())["optimizer_steps"]
-    assert steps[True] == steps[False] == 4
+    assert steps[True] == steps[False] == 6
     for k in weights[True]:
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_accumulation_keeps_the_token_budget_of_a_step(tiny_roberta, agnews_files, tmp_path):
+    """max_tokens_per_batch is per micro-batch: a fused step of gradient_accumulation_steps of
+    them gets that many times the budget. It got one micro-batch's, so the fused run took about
+    gradient_accumulation_steps times as many optimizer steps, each on that fraction of the rows."""
+    steps = {}
+    for fused in (False, True):
+        out = tmp_path / str(fused)
+        train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, out,
+                                               **{"train.fuse_accumulation": fused, "train.epochs": 1,
+                                                  "train.gradient_accumulation_steps": 4,
+                                                  "train.max_tokens_per_batch": 150,
+                                                  "data.max_train_samples": 96})))
+        steps[fused] = json.loads((out / "run.json").read_text())["optimizer_steps"]
+    # the two runs cut their batches differently (one 600-token budget vs four of 150), so the
+    # counts differ a little; one micro-batch's budget per fused step gave about 4x the steps
+    assert steps[False] >= 3 and abs(steps[True] - steps[False]) <= max(1, steps[False] // 3)
 
 
 def test_padding_to_a_multiple_trains_the_same_adapter(tiny_roberta, agnews_files, tmp_path):

@@ -52,6 +52,9 @@ class LoopState:
     window_loss: float = 0.0
     window_n: int = 0
     stopped_early: int | None = None
+    # how the run grouped its micro-batches (train.fuse_accumulation resolved); a resumed run keeps
+    # it, even on another device whose default differs, or ``batch`` would count other batches
+    fused: bool | None = None
 
 
 def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -140,6 +140,17 @@ def _cuda_graphs_unsupported() -> str | None:
     return None
 
 
+def fuse_accumulation(tc: TrainConfig) -> bool:
+    """Whether a new run fuses its accumulation micro-batches (train.fuse_accumulation resolved).
+
+    Equal-sized micro-batches each averaged, then averaged again, give the mean over all their
+    rows: one batch of batch_size x steps rows computes the same loss and gradient. Fewer, larger
+    kernels pay on a GPU; on a CPU the larger batch's padding costs more than it saves."""
+    if tc.fuse_accumulation is not None:
+        return tc.fuse_accumulation
+    return tc.cuda_graphs is True or PartialState().device.type == "cuda"
+
+
 def prepare(cfg: Config, label_names: list[str] | None = None) -> tuple[Splits, Any, Any, budget.Breakdown]:
     """All checks that need no weights: data rows, tokenizer, architecture, budget."""
     splits = load_splits(cfg.data, label_names)
@@ -288,12 +299,13 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         # the training lock says no other process is using it
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        # Equal-sized micro-batches each averaged, then averaged again, give the mean over all their
-        # rows: one batch of batch_size x steps rows computes the same loss and gradient.
-        fuse = tc.fuse_accumulation if tc.fuse_accumulation is not None else (
-            tc.cuda_graphs is True or PartialState().device.type == "cuda")
+        loaded = checkpoint.load(ckpt) if ckpt is not None else None
+        fuse = loaded.loop.fused if loaded is not None and loaded.loop.fused is not None else fuse_accumulation(tc)
         batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if fuse
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
+        # a token budget is per micro-batch: a fused step holds gradient_accumulation_steps of them
+        max_tokens = (tc.max_tokens_per_batch * tc.gradient_accumulation_steps if fuse and tc.max_tokens_per_batch
+                      else tc.max_tokens_per_batch)
         use_graphs = tc.cuda_graphs if tc.cuda_graphs is not None else (
             _cuda_graphs_unsupported() is None and accumulation == 1
             and not (tc.compile and tc.compile_mode in COMPILE_MODES_WITH_GRAPHS))
@@ -327,7 +339,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         stores = [s for s in (train_store, val_store) if s is not None]
         cache_seconds = time.perf_counter() - t_cache
         sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], batch_size, tc.seed, tc.group_by_length,
-                                            max_tokens=tc.max_tokens_per_batch)
+                                            max_tokens=max_tokens)
         # a CUDA graph per batch shape: round lengths so that few shapes occur
         pad_multiple = cfg.data.pad_to_multiple_of or (PAD_MULTIPLE if use_graphs else None)
         if train_store is not None:
@@ -356,7 +368,10 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             with autocast(accelerator.device, precision):
                 out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
                 loss = training_loss(out.logits, inputs["labels"], tc.label_smoothing)
-            accelerator.backward(loss)
+            # accelerate divides every micro-batch's loss by gradient_accumulation_steps; an epoch's
+            # last step may have fewer micro-batches, whose mean is then over those it has (as a
+            # fused step's is): without this its gradient would be scaled down
+            accelerator.backward(loss * group_scale if group_scale != 1.0 else loss)
             if (step_graphs is not None or accelerator.sync_gradients) and tc.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(params, tc.max_grad_norm)
             return loss.detach().float()
@@ -364,12 +379,13 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         # null (auto) falls back to eager when a capture fails; true insists
         step_graphs = StepGraphs(forward_backward, params, strict=tc.cuda_graphs is True) if use_graphs else None
         metrics = _Metrics(run_dir / runs.METRICS_FILE)
-        loop, best_state = checkpoint.LoopState(), None
-        if ckpt is not None:
-            loaded = checkpoint.load(ckpt)
+        loop, best_state = checkpoint.LoopState(fused=fuse), None
+        group_scale = 1.0
+        if loaded is not None:
             unwrapped.load_state_dict(loaded.trainable, strict=False)
             checkpoint.restore(loaded, optimizer, scheduler)
             loop, best_state = loaded.loop, loaded.best
+            loop.fused = fuse
             metrics.truncate(loop.metrics_lines)  # records written after the checkpoint are redone
         loop.train_time += cache_seconds  # the cache is part of what training costs
         cache_seconds_left = cache_seconds
@@ -418,6 +434,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             if prefix is not None:
                 prefix.eval_prefix()
             sampler.begin_epoch(epoch, skip=loop.batch)
+            n_batches = sampler.batches_in_epoch(epoch)
+            last_group = n_batches - (n_batches % accumulation or accumulation)  # first micro-batch of the last step
             t0 = time.perf_counter()
             epoch_t0, cache_seconds_left = loop.train_time - cache_seconds_left, 0.0  # epoch 1 pays for the cache
             with prefix.active() if prefix is not None and train_store is not None else contextlib.nullcontext():
@@ -430,6 +448,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                     else:
                         if cudagraphs:
                             torch.compiler.cudagraph_mark_step_begin()
+                        group_scale = accumulation / (n_batches - last_group) if loop.batch >= last_group else 1.0
                         with accelerator.accumulate(model):
                             pending["loss"] += forward_backward(inputs)
                             optimizer.step()
