@@ -476,3 +476,12 @@ def test_predict_into_a_pipe_closed_mid_output_is_not_a_success(trained_run, tmp
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_error_lines_name_the_command_not_an_override_value(capsys):
+    """The command was taken as the first argument not starting with '-': an override before it
+    named the error after its value ("loraclf 0: error")."""
+    assert main(["--lora.r", "0", "params", "--config", SEED]) == 2
+    assert _error_line(capsys).startswith("loraclf params: error: ")
+    assert main(["--lora.r", "=", "params"]) == 2  # broken before the command is parsed: named all the same
+    assert _error_line(capsys).startswith("loraclf params: error: ")

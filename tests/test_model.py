@@ -109,6 +109,19 @@ def test_lora_that_adapts_nothing_is_one_clear_error(tiny_roberta):
         _model(tiny_roberta, **{"lora.exclude_modules": ["query", "value"]})
 
 
+def test_a_misspelt_exclusion_is_refused_not_ignored(tiny_roberta):
+    """PEFT ignores an exclude_modules entry that matches nothing: 'atention.output.dense' adapted
+    the very modules the user meant to keep frozen, and the count said nothing."""
+    with pytest.raises(ModelError, match=r"exclude_modules entry 'atention.output.dense' matches no module.*"
+                                         r"linear layers: \['dense', 'key', 'out_proj', 'query', 'value'\]"):
+        _model(tiny_roberta, **{"lora.target_modules": ["query", "dense"],
+                                "lora.exclude_modules": ["atention.output.dense"]})
+    _, model = _model(tiny_roberta, **{"lora.target_modules": ["query", "dense"],
+                                       "lora.exclude_modules": ["attention.output.dense"]})
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted and not any(n.endswith("attention.output.dense") for n in adapted)
+
+
 def test_loading_hides_the_load_report_and_refuses_missing_encoder_weights(tiny_roberta, agnews_files, tmp_path):
     """transformers calls the head MISSING on every load (new for training, restored from the
     adapter for a run): a Python user was told their trained classifier was random. Weights the

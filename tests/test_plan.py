@@ -200,7 +200,7 @@ def test_rank_pattern_plan_trains(tiny_roberta, agnews_files, tmp_path):
     np.testing.assert_allclose(p.logits(texts), unmerged.logits(texts), atol=1e-5)
 
 
-def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys):
+def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys, monkeypatch):
     base = ["plan", "--model.name_or_path", str(roberta_base_arch), "--data.label_names", json.dumps(LABELS)]
     assert main(base + ["--budget", "1000000", "--top", "3"]) == 0
     out = capsys.readouterr().out
@@ -239,6 +239,14 @@ def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys):
         assert main(base + ["--config", seed, "--write", str(tmp_path / "plans" / name)]) == 0
         assert f"wrote {tmp_path / 'plans' / name}: #1," in capsys.readouterr().out  # was "#None" without --pick
         assert load_config(tmp_path / "plans" / name).train.output_dir == want
+    # the base recipe's run directory written as an absolute path is the same directory
+    own = tmp_path / "own.yaml"
+    own.write_text(Path(seed).read_text().replace("output_dir: runs/agnews-seed",
+                                                  f"output_dir: {tmp_path / 'runs' / 'own'}"))
+    monkeypatch.chdir(tmp_path)
+    assert main(base + ["--config", str(own), "--write", str(tmp_path / "plans" / "own.yaml")]) == 0
+    capsys.readouterr()
+    assert load_config(tmp_path / "plans" / "own.yaml").train.output_dir == "runs/own-plan"
     assert main(base + ["--pick", "2"]) == 2  # without --write it was silently ignored
     assert "--pick chooses what --write writes" in capsys.readouterr().err
 

@@ -273,7 +273,8 @@ def _plan_run_dir(write: str, base_dir: str) -> str:
     path = Path(write)
     stem = (path.stem if path.suffix.lower() in (".yaml", ".yml") else path.name) or "plan"
     out = f"runs/{stem}"
-    return f"{out}-plan" if Path(out) == Path(base_dir) else out
+    same = Path(out).resolve() == Path(base_dir).expanduser().resolve()  # "/abs/runs/x" is "runs/x" here
+    return f"{out}-plan" if same else out
 
 
 def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -619,10 +620,15 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _prog(command: str) -> str:
+    return f"loraclf {command}" if command else "loraclf"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    command = next((a for a in argv if not a.startswith("-")), "loraclf")
+    # the command names the error lines; an override's value ("--lora.r 0 params") is not it
+    command = next((a for a in argv if a in COMMANDS), "")
     try:
         after_dashes: list[str] = []
         if command == "predict" and "--" in argv:
@@ -631,6 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             argv, after_dashes = argv[:cut], argv[cut + 1:]
         rest, overrides = split_overrides(argv)
         args, extra = parser.parse_known_args(rest)
+        command = args.command
         if args.command == "predict":
             # argparse binds TEXT... before later options; texts after them arrive here.
             args.texts += [a for a in extra if not a.startswith("-")] + after_dashes
@@ -641,10 +648,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_interrupts():
             return COMMANDS[args.command](args, overrides)
     except LoraclfError as e:
-        print(f"loraclf {command}: error: {e}", file=sys.stderr)
+        print(f"{_prog(command)}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"loraclf {command}: interrupted", file=sys.stderr)
+        print(f"{_prog(command)}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (| head): end quietly, as other Unix tools do
         with contextlib.suppress(OSError):
@@ -652,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE: what a shell reports for a tool the signal ended
     except OSError as e:  # disk full, permission denied while writing outputs
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"loraclf {command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"{_prog(command)}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
 
 

@@ -184,13 +184,17 @@ def _check_targets(model: torch.nn.Module, lcfg: LoraSettings) -> None:
     if missing:
         raise ModelError(f"target module(s) {missing} not found in the model", where="lora.target_modules",
                          fix=f"use names (or dotted name suffixes) of its linear layers: {leaf_names}")
-    problems = []
+    # a misspelt exclusion would silently adapt what the user meant to keep frozen
+    every = [n for n, _ in model.named_modules()]
+    problems = [f"exclude_modules entry {x!r} matches no module" for x in lcfg.exclude_modules or []
+                if not any(_matches(n, x) for n in every)]
     for field in ("rank_pattern", "alpha_pattern"):
         for key in getattr(lcfg, field) or {}:
             if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):  # PEFT's matching rule
                 problems.append(f"{field} key {key!r} matches no linear layer")
     if problems:
-        raise ModelError("; ".join(problems), where="lora", fix="match the end of module names, e.g. 'intermediate.dense'")
+        raise ModelError("; ".join(problems), where="lora",
+                         fix=f"match the end of module names, e.g. 'intermediate.dense' (linear layers: {leaf_names})")
 
 
 def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig, meta: bool = False) -> PeftModel:
