@@ -267,3 +267,27 @@ def test_every_config_validates_and_fits_its_budget(roberta_base_arch, path):
         assert (b.trainable, b.lora_total, b.head_total) == (777_988, 184_320, 593_668)
     if path.name == "agnews-best.yaml":
         assert (b.trainable, b.head_total) == (998_404, 3_076)
+
+
+def test_plan_leaves_out_a_default_head_the_checkpoint_lacks(tiny_roberta, tmp_path, capsys):
+    """DeBERTa-v2's own head needs a pooler that a base checkpoint lacks: the planner counted it,
+    ranked it, and wrote it as a config that train then refused."""
+    import torch
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    torch.manual_seed(0)
+    DebertaV2Model(DebertaV2Config(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, pad_token_id=1)).save_pretrained(tmp_path / "deberta")
+    base = ["plan", "--model.name_or_path", str(tmp_path / "deberta"), "--data.label_names", json.dumps(LABELS),
+            "--budget", "20000", "--top", "0", "--json"]
+    assert main(base) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["heads_left_out"]) == {"default"} and "pooler.dense.bias" in doc["heads_left_out"]["default"]
+    assert "default" not in doc["heads"] and {p["head"] for p in doc["plans"]} == {"linear", "mean", "lowrank"}
+    assert main(base + ["--heads", "default"]) == 2
+    err = capsys.readouterr().err
+    assert "--heads default: the checkpoint lacks its weights (pooler.dense.bias" in err and "--heads linear" in err
+    # a checkpoint with the weights (roberta's pooler is in a base checkpoint) keeps its own head
+    assert main(base[:2] + [str(tiny_roberta)] + base[3:]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["heads_left_out"] == {} and "default" in doc["heads"]

@@ -302,6 +302,10 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             raise ConfigError([f"--write {args.write} already exists"], where="command line",
                               fix="choose a new file, or add --overwrite to replace it")
     names = cfg.data.label_names or load_splits(cfg.data, need_test=False).label_names
+    left_out = planner.unusable_heads(cfg, names, heads)
+    if left_out and not (heads := tuple(h for h in heads if h not in left_out)):
+        raise ConfigError([f"--heads {', '.join(left_out)}: {'; '.join(left_out.values())}"], where="command line",
+                          fix="plan with --heads linear (or mean, lowrank:K), which replace the model's own head")
     arch, plans = planner.make_plans(cfg, names, budget, heads, args.min_rank, args.max_rank)
     if not plans:
         raise BudgetError(f"nothing fits a budget of {budget:,} with LoRA rank >= {args.min_rank}",
@@ -323,12 +327,14 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps({"model": cfg.model.name_or_path, "model_type": arch.model_type, "layers": arch.num_layers,
                           "num_labels": arch.num_labels, "budget": budget, "candidates": len(plans),
-                          "heads": arch.heads, "plans": [{"pick": i + 1, **p.to_dict()} for i, p in enumerate(shown)],
+                          "heads": arch.heads, "heads_left_out": left_out, "plans": [{"pick": i + 1, **p.to_dict()} for i, p in enumerate(shown)],
                           "written": written}, indent=2))
         return 0
     print(f"model   {cfg.model.name_or_path} ({arch.model_type}, {arch.num_layers} layers, {arch.num_labels} classes)")
     print(f"budget  {budget:,}: {len(plans)} configurations fit; best {len(shown)} (breadth, then budget use)")
     print("heads   " + ", ".join(f"{k} {v:,}" for k, v in arch.heads.items()))
+    for spec, why in left_out.items():
+        print(f"        {spec} left out: {why}")
     print("modules " + ", ".join(f"{planner.ROLE_NAMES[s.role]}={s.path}" for s in arch.sites) + "\n")
     print(f"{'#':>3}  {'trainable':>11}  {'budget':>6}  {'head':<11} {'modules':<7} {'layers':<22} {'rank':<15}"
           f" {'sites':>5}")

@@ -267,9 +267,9 @@ def load_base(mcfg: ModelConfig, config: PretrainedConfig) -> torch.nn.Module:
     return base
 
 
-def _pretrained(mcfg: ModelConfig, config: PretrainedConfig, meta: bool = False) -> torch.nn.Module:
-    """The checkpoint loaded (``meta``: matched only, no tensors), refused where it lacks weights
-    that nothing would train."""
+def _load(mcfg: ModelConfig, config: PretrainedConfig, meta: bool = False) -> tuple[torch.nn.Module, list[str]]:
+    """The checkpoint loaded (``meta``: matched only, no tensors) and the weights it lacks that
+    nothing would train (:func:`_untrained`)."""
     try:
         with _held_load_report():
             base, loading = AutoModelForSequenceClassification.from_pretrained(
@@ -280,7 +280,27 @@ def _pretrained(mcfg: ModelConfig, config: PretrainedConfig, meta: bool = False)
             )
     except (OSError, ValueError, SafetensorError) as e:
         raise _load_error("model", mcfg, e) from None
-    untrained = _untrained(loading.get("missing_keys") or [])
+    return base, _untrained(loading.get("missing_keys") or [])
+
+
+def default_head_gaps(mcfg: ModelConfig, config: PretrainedConfig) -> list[str]:
+    """The weights that the model's own head (``model.head: default``) would need and a local
+    checkpoint lacks, matched on the meta device. Empty where nothing can be said without a
+    download (a hub name) or without weights (a folder of config and tokenizer only, which the
+    planner counts on), and where the folder cannot be read: training reports that."""
+    local = Path(mcfg.name_or_path).expanduser()
+    if not local.is_dir() or not any(local.glob("*.safetensors")):
+        return []
+    try:
+        return _load(mcfg, config, meta=True)[1]
+    except ModelError:
+        return []
+
+
+def _pretrained(mcfg: ModelConfig, config: PretrainedConfig, meta: bool = False) -> torch.nn.Module:
+    """The checkpoint loaded (``meta``: matched only, no tensors), refused where it lacks weights
+    that nothing would train."""
+    base, untrained = _load(mcfg, config, meta)
     _check_encoder(mcfg, base.base_model_prefix, untrained)
     if mcfg.head == "default":
         _check_default_head(mcfg, untrained)

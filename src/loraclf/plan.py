@@ -48,7 +48,7 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig
 from .config import Config, build_config
 from .errors import BudgetError, ModelError
 from .heads import DEFAULT_HEAD_RANK, HEADS, classifier_attr, install_head, trained_head_params
-from .model import find_blocks, is_linear, load_model_config, num_layers
+from .model import default_head_gaps, find_blocks, is_linear, load_model_config, num_layers
 from .runs import write_text
 
 DEFAULT_HEADS = ("linear", "mean", f"lowrank:{DEFAULT_HEAD_RANK}", "default")
@@ -392,6 +392,19 @@ def plan_config(base: Config, plan: Plan, budget: int, output_dir: str | None = 
     doc["lora"].update(plan.lora_settings(per_rank, lcfg.alpha))
     doc["train"]["max_trainable_params"] = budget
     return build_config(doc, where="plan")
+
+
+def unusable_heads(cfg: Config, label_names: list[str], heads: tuple[str, ...]) -> dict[str, str]:
+    """Heads among ``heads`` that training would refuse for this checkpoint, with why: the model's
+    own head where a local checkpoint lacks its weights (DeBERTa's pooler). Counting alone would
+    rank such a plan, and the written config would then fail in ``train``."""
+    if "default" not in heads:
+        return {}
+    gaps = default_head_gaps(cfg.model, load_model_config(cfg.model, label_names))
+    if not gaps:
+        return {}
+    shown = ", ".join(gaps[:3]) + (f" and {len(gaps) - 3} more" if len(gaps) > 3 else "")
+    return {"default": f"the checkpoint lacks its weights ({shown}), which would stay random (train refuses it)"}
 
 
 def make_plans(cfg: Config, label_names: list[str], budget: int, heads: tuple[str, ...] = DEFAULT_HEADS,
