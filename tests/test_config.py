@@ -152,3 +152,17 @@ def test_a_section_with_every_key_commented_out_is_empty(tmp_path):
     p.write_text("lora:\n  # r: 8\ntrain:\n")
     assert load_config(p, {"lora.r": 4}).lora.r == 4
     assert load_config(p).train.seed == 42
+
+
+def test_a_section_that_is_not_a_mapping_is_the_file_s_error_even_with_an_override(tmp_path):
+    """``lora: 5`` in the file plus ``--lora.r 8`` was blamed on the command line ("'lora' is not
+    a section; --lora: ..."): the file is what to correct."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: 5\n")
+    for overrides in ({}, {"lora.r": 8}):
+        with pytest.raises(ConfigError) as e:
+            load_config(bad, overrides)
+        msg = str(e.value)
+        assert msg.startswith(f"{bad}: lora: Input should be a valid dictionary") and "command line" not in msg
+    with pytest.raises(ConfigError, match=r"and command line: .*--train.epochs"):  # each blamed on its own source
+        load_config(bad, {"lora.r": 8, "train.epochs": 0})

@@ -346,6 +346,7 @@ def build_config(doc: dict[str, Any], overrides: dict[str, Any] | None = None, w
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else {} if v is None and k in SECTIONS else v)
                               for k, v in doc.items()}
     problems: list[tuple[str, bool]] = []
+    applied = []
     for dotted, value in (overrides or {}).items():
         section, dot, key = dotted.partition(".")
         if not dot or not key or "." in key:
@@ -353,14 +354,14 @@ def build_config(doc: dict[str, Any], overrides: dict[str, Any] | None = None, w
             continue
         target = merged.setdefault(section, {})
         if not isinstance(target, dict):
-            problems.append((f"'{section}' is not a section", True))
-            continue
+            continue  # the file's section is not a mapping (``lora: 5``): validation blames the file
         target[key] = value
+        applied.append(dotted)
     cfg = None
     try:
         cfg = Config.model_validate(merged)
     except ValidationError as e:
-        problems.extend(_format_errors(e, from_cli=frozenset(overrides or ())))
+        problems.extend(_format_errors(e, from_cli=frozenset(applied)))
     _raise_problems(problems, where)
     return cfg
 
