@@ -122,6 +122,23 @@ def test_a_misspelt_exclusion_is_refused_not_ignored(tiny_roberta):
     assert adapted and not any(n.endswith("attention.output.dense") for n in adapted)
 
 
+def test_lora_on_the_classification_head_is_refused(tiny_bert, tmp_path):
+    """PEFT trains the head whole (modules_to_save): targeting BERT's 'classifier' adapted nothing
+    in silence, and DistilBERT's 'pre_classifier' died in PEFT with a TypeError traceback."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    with pytest.raises(ModelError, match=r"target module\(s\) \['classifier'\] are in the classification head"):
+        _model(tiny_bert, **{"lora.target_modules": ["query", "classifier"]})
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                     pad_token_id=0)).save_pretrained(tmp_path / "distilbert")
+    with pytest.raises(ModelError, match=r"\['pre_classifier'\] are in the classification head.*model.head"):
+        _model(tmp_path / "distilbert", **{"lora.target_modules": ["q_lin", "pre_classifier"]})
+    # a name the encoder and the head share adapts the encoder's modules only, as before
+    _, model = _model(tiny_bert, **{"lora.target_modules": ["dense"]})
+    assert not [n for n, _ in model.named_parameters() if "lora_" in n and "classifier" in n]
+
+
 def test_loading_hides_the_load_report_and_refuses_missing_encoder_weights(tiny_roberta, agnews_files, tmp_path):
     """transformers calls the head MISSING on every load (new for training, restored from the
     adapter for a run): a Python user was told their trained classifier was random. Weights the

@@ -55,3 +55,25 @@ def test_precision_choice():
     assert choose_precision("fp32", torch.device("cpu")) == "fp32"
     assert choose_precision("bf16", torch.device("cpu")) == "bf16"  # emulated when asked explicitly
     assert choose_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+
+
+def test_auto_does_not_pick_emulated_bf16_on_a_pre_ampere_gpu(monkeypatch):
+    """torch.cuda.is_bf16_supported() says True on a V100/T4 (compute capability 7.x), where bf16
+    is emulated and slower than fp32: auto picked it. Asked for by name, bf16 still runs there."""
+    import pytest
+
+    from loraclf.errors import ConfigError
+
+    native = {"value": False}
+
+    def supported(including_emulation=True):
+        return native["value"] or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    cuda = torch.device("cuda")
+    assert choose_precision("auto", cuda) == "fp32" and choose_precision("bf16", cuda) == "bf16"
+    native["value"] = True  # Ampere and later
+    assert choose_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    with pytest.raises(ConfigError, match="bf16 is not supported on cuda"):
+        choose_precision("bf16", cuda)

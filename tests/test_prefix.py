@@ -110,3 +110,64 @@ def test_spill_file_is_removed_when_the_pass_fails(tiny_roberta, tmp_path):
     with pytest.raises(IndexError):
         prefix.compute(bad, 1, 1, torch.device("cpu"), "fp32", ram_bytes=0, spill_parent=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def _other_arch(tiny_roberta: Path, dest: Path, kind: str) -> Path:
+    """A tiny random DeBERTa-v2 or ELECTRA-small-shaped model (embeddings narrower than the
+    layers) with the tiny RoBERTa's tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2Model, ElectraConfig, ElectraModel
+
+    shutil.copytree(tiny_roberta, dest, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    common = dict(vocab_size=len(AutoTokenizer.from_pretrained(tiny_roberta)), hidden_size=32, num_hidden_layers=4,
+                  num_attention_heads=2, intermediate_size=64, pad_token_id=1, max_position_embeddings=130)
+    torch.manual_seed(0)
+    model = (DebertaV2Model(DebertaV2Config(**common)) if kind == "deberta"
+             else ElectraModel(ElectraConfig(**common, embedding_size=16)))
+    model.save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.parametrize("kind, targets, cached", [("deberta", ["query_proj", "value_proj"], 2),
+                                                  ("electra-small", ["query", "value"], 0)])
+def test_other_architectures_cache_or_fall_back_without_failing(kind, targets, cached, tiny_roberta, agnews_files,
+                                                                tmp_path):
+    """DeBERTa-v2's layers return (hidden, attentions) and its encoder unpacks two values: the
+    stand-in layers returned one and training died with a traceback. ELECTRA-small projects its
+    embeddings before layer 0, so the cache does not fit: the self-check raised instead of
+    saying no. Now DeBERTa caches, and ELECTRA-small trains uncached (or, asked to cache, is
+    refused in one line)."""
+    model = _other_arch(tiny_roberta, tmp_path / kind, kind)
+    extra = {"lora.target_modules": targets, "model.head": "linear", "train.epochs": 1}
+    _, info = _run(model, agnews_files, tmp_path / "run", **extra)
+    assert info["status"] == "complete" and info["throughput"]["frozen_prefix_layers"] == cached
+    if cached:
+        reference_path = tmp_path / "reference"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(FrozenPrefix, "skip", False)
+            _, info_r = _run(model, agnews_files, reference_path, **extra)
+        assert info["metrics"]["validation"]["loss"] == pytest.approx(info_r["metrics"]["validation"]["loss"],
+                                                                      abs=1e-4)
+    else:
+        with pytest.raises(ConfigError, match="logits with the cache differ"):
+            _run(model, agnews_files, tmp_path / "forced", **extra, **{"train.cache_frozen_prefix": True})
+
+
+def test_validation_cache_is_not_charged_for_a_training_cache_on_disk(tiny_roberta, tmp_path):
+    """The validation rows' RAM allowance subtracted the training cache's size also when that
+    cache was memory-mapped on disk (using no RAM): the small validation cache went to disk too."""
+    from types import SimpleNamespace
+
+    from loraclf.train import _frozen_prefix
+
+    model, _ = _model(tiny_roberta, [2, 3])
+    train_ids = [[0] + [7] * 40 + [2]] * 200  # 200 x 42 tokens x 32 floats x 4 B = 1.03 MiB
+    val_ids = [[0] + [7] * 40 + [2]] * 10  # 52 KiB
+    tc = SimpleNamespace(cache_frozen_prefix=None, prefix_cache_ram_mb=1, eval_batch_size=32)
+    _, train_store, val_store = _frozen_prefix(model, tc, train_ids, val_ids, 1, torch.device("cpu"), "fp32", tmp_path)
+    try:
+        assert train_store.spill_dir is not None and val_store.spill_dir is None
+    finally:
+        train_store.close()
+        val_store.close()

@@ -184,6 +184,14 @@ def _check_targets(model: torch.nn.Module, lcfg: LoraSettings) -> None:
     if missing:
         raise ModelError(f"target module(s) {missing} not found in the model", where="lora.target_modules",
                          fix=f"use names (or dotted name suffixes) of its linear layers: {leaf_names}")
+
+    # PEFT adapts nothing there (BERT's "classifier": a silent no-op) or fails with a TypeError
+    # (DistilBERT's "pre_classifier", which it would wrap twice)
+    head_only = [t for t in lcfg.target_modules if all(_in_head(n) for n in names if _matches(n, t))]
+    if head_only:
+        raise ModelError(f"target module(s) {head_only} are in the classification head, which is trained whole "
+                         "(not through LoRA)", where="lora.target_modules",
+                         fix="target encoder layers only; the head's size is set by model.head")
     # a misspelt exclusion would silently adapt what the user meant to keep frozen
     every = [n for n, _ in model.named_modules()]
     problems = [f"exclude_modules entry {x!r} matches no module" for x in lcfg.exclude_modules or []
@@ -211,7 +219,7 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
         # LoRA matrices on the meta device too: counting an oversized rank must not allocate it
         with _no_peft_deprecation(), torch.device("meta") if meta else contextlib.nullcontext():
             return get_peft_model(base, peft_config(lcfg))
-    except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its other refusals of a LoraConfig
+    except (ValueError, TypeError) as e:  # PEFT's NoMatchingPeftModuleError and its other refusals of a LoraConfig
         if "no modules were targeted" in str(e).lower():
             layers = "every layer" if lcfg.layers is None else f"lora.layers {list(lcfg.layers)}"
             excluded = f", outside lora.exclude_modules {list(lcfg.exclude_modules)}" if lcfg.exclude_modules else ""
@@ -341,11 +349,13 @@ def _no_peft_deprecation() -> Iterator[None]:
 def _untrained(missing: Iterable[str]) -> list[str]:
     """The missing weight names outside every module PEFT trains (the key's own or an enclosing
     one): weights that would stay as initialised."""
-    def trained(key: str) -> bool:
-        parts = key.split(".")[:-1]
-        return any(peft_trains(".".join(parts[:i])) for i in range(1, len(parts) + 1))
+    return sorted(k for k in missing if not ("." in k and _in_head(k.rsplit(".", 1)[0])))
 
-    return sorted(k for k in missing if not trained(k))
+
+def _in_head(module_name: str) -> bool:
+    """Whether PEFT trains the module whole (modules_to_save): the module itself or a parent."""
+    parts = module_name.split(".")
+    return any(peft_trains(".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
 def _check_encoder(mcfg: ModelConfig, prefix: str, untrained: list[str]) -> None:

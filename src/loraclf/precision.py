@@ -31,7 +31,8 @@ def choose_precision(requested: str, device: torch.device) -> str:
         raise ConfigError([f"precision {requested!r} is not one of auto, fp32, bf16"], where="precision",
                           fix="use auto, fp32 or bf16")
     if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
+        # pre-Ampere GPUs (V100, T4) emulate bf16, much slower than fp32: auto must not pick it
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=requested == "bf16")
     elif device.type == "cpu":
         bf16_ok = cpu_has_native_bf16() or requested == "bf16"  # CPUs emulate bf16 when asked explicitly
     else:

@@ -83,7 +83,9 @@ class FrozenPrefix:
         self.blocks = blocks
         self.k = k
         self._pending: torch.Tensor | None = None
-        self._tuple_out = False
+        # what block k-1 returns: a tensor (None), or a tuple of that length (BERT's (hidden,),
+        # DeBERTa-v2's (hidden, attentions)); the stand-in blocks return the same shape
+        self._tuple_len: int | None = None
 
     @classmethod
     def find(cls, model: torch.nn.Module) -> FrozenPrefix | None:
@@ -138,7 +140,7 @@ class FrozenPrefix:
             raise _Captured
 
         def note_output(module, args, output):
-            self._tuple_out = isinstance(output, tuple)
+            self._tuple_len = len(output) if isinstance(output, tuple) else None
 
         was_training = self.model.training
         self.model.eval()
@@ -192,7 +194,9 @@ class FrozenPrefix:
             return hidden
 
         def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            return (hidden_states,) if self._tuple_out else hidden_states
+            if self._tuple_len is None:
+                return hidden_states
+            return (hidden_states,) + (None,) * (self._tuple_len - 1)  # attentions not asked for
 
         patched = self.prefix_modules()
         self.embeddings.forward = embeddings_forward  # type: ignore[method-assign]
@@ -226,7 +230,12 @@ class FrozenPrefix:
                 full = self.model(**kw).logits.float()
                 with self.active():
                     self.feed(store.batch(order, batch["input_ids"].shape[1]).to(device))
-                    cached = self.model(**kw).logits.float()
+                    try:
+                        cached = self.model(**kw).logits.float()
+                    except Exception:  # noqa: BLE001 - e.g. ELECTRA-small projects the embeddings
+                        # before layer 0, Longformer pads the ids: the cache does not fit this
+                        # forward, which is what the check is for
+                        return False
         finally:
             self.model.train(was_training)
         tol = 1e-2 if precision == "bf16" else 1e-4

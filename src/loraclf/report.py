@@ -111,7 +111,10 @@ def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, exa
 
     ``info`` replaces run.json's content (training passes its final record before marking the
     run complete); ``examples`` (with ``split``/``source``) spares re-reading the data.
-    ``precision`` defaults to the one training evaluated with, so the numbers reproduce it.
+    ``precision`` defaults to the one training evaluated with. In fp32 the numbers reproduce
+    training's to float rounding; in bf16 inference holds the merged weights in bf16 where
+    training autocast fp32 weights, so a row near a decision boundary can go the other way
+    (a macro-F1 differing in the fourth decimal).
     """
     run = open_run(run_dir, allow_incomplete=info is not None)
     if info is not None:

@@ -191,8 +191,9 @@ def _frozen_prefix(model: torch.nn.Module, tc: TrainConfig, train_ids: list[list
     ram = tc.prefix_cache_ram_mb * 2**20
     train_store = prefix.compute(train_ids, pad_id, tc.eval_batch_size, device, precision, ram, run_dir)
     try:
+        in_ram = train_store.nbytes if train_store.spill_dir is None else 0  # a memory map takes no RAM budget
         val_store = prefix.compute(val_ids, pad_id, tc.eval_batch_size, device, precision,
-                                   max(0, ram - train_store.nbytes), run_dir)
+                                   max(0, ram - in_ram), run_dir)
     except BaseException:
         train_store.close()  # the caller only closes stores it was given
         raise
