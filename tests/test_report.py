@@ -69,6 +69,21 @@ def test_plots_take_class_names_as_plain_text(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.png"]  # written atomically: no temporary file left
 
 
+@pytest.mark.parametrize("n", [4, 60])
+def test_confusion_matrix_figure_stays_bounded_with_many_classes(tmp_path, n):
+    """1.2 inches a class: 100 classes took 4.8 GB and 31 s to draw and ~550 passed matplotlib's
+    pixel limit, after evaluate had computed its metrics (lost with the traceback)."""
+    import struct
+
+    from loraclf import plots
+
+    matrix = [[(i * 7 + j) % 5 for j in range(n)] for i in range(n)]
+    plots.confusion_matrix(matrix, [f"class {i}" for i in range(n)], tmp_path / "c.png", "t")
+    width, height = struct.unpack(">II", (tmp_path / "c.png").read_bytes()[16:24])  # the PNG's IHDR
+    assert width <= 100 * plots.MAX_SIDE_INCHES and height <= 100 * plots.MAX_SIDE_INCHES
+    assert width >= 100 * (1.2 * min(n, 4) + 2)  # a few classes keep their roomy cells
+
+
 def test_examples_are_saved_for_the_page(trained_run):
     examples = json.loads((trained_run / "examples.json").read_text())
     labels = json.loads((trained_run / "labels.json").read_text())

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -105,7 +106,10 @@ def _is_gzip(path: Path) -> bool:
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, decompressed when it is ``.gz`` (any case)."""
     with (gzip.open if _is_gzip(path) else open)(path, "rb") as f:
-        return f.read()
+        try:
+            return f.read()
+        except zlib.error as e:  # damaged deflate data (not a bad header, checksum or end): what callers catch
+            raise gzip.BadGzipFile(f"damaged compressed data: {e}") from None
 
 
 def _read_text(path: Path) -> str:
@@ -135,7 +139,7 @@ def detect_format(path: Path, fix: str | None = None) -> str:
         try:
             with (gzip.open if _is_gzip(path) else open)(path, "rb") as f:
                 line = f.readline().decode("utf-8-sig")
-        except (UnicodeDecodeError, OSError, gzip.BadGzipFile, EOFError):
+        except (UnicodeDecodeError, OSError, gzip.BadGzipFile, EOFError, zlib.error):
             return "csv"  # the real reader reports the problem with its location
         first = next(csv.reader([line]), [])
         return "agnews" if len(first) == 3 and _INT_RE.match(first[0] or "") else "csv"

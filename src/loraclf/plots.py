@@ -48,17 +48,29 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], label_names: Sequence[str]
         _confusion_matrix(matrix, label_names, path, title)
 
 
+# Beyond these the figure would grow with the square of the classes (1.2 inch a class: 100 classes
+# took 4.8 GB and 31 s to draw, ~550 passed matplotlib's pixel limit): the side is capped, counts
+# are written in the cells only while they are legible, names on the axes while they fit.
+MAX_SIDE_INCHES = 24
+MAX_CELL_COUNTS = 30
+MAX_TICK_NAMES = 80
+
+
 def _confusion_matrix(matrix: Sequence[Sequence[int]], label_names: Sequence[str], path: Path, title: str) -> None:
     n = len(label_names)
-    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 2))
+    side = min(1.2 * n + 2.5, MAX_SIDE_INCHES)
+    fig, ax = plt.subplots(figsize=(side, min(1.2 * n + 2, MAX_SIDE_INCHES)))
     ax.imshow(matrix, cmap="Blues")
     peak = max((max(r) for r in matrix), default=0)
-    for i in range(n):
-        for j in range(n):
-            v = matrix[i][j]
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
-    ax.set_xticks(range(n), label_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), label_names)
+    if n <= MAX_CELL_COUNTS:
+        for i in range(n):
+            for j in range(n):
+                v = matrix[i][j]
+                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > peak / 2 else "black")
+    if n <= MAX_TICK_NAMES:
+        size = None if n <= MAX_CELL_COUNTS else 6
+        ax.set_xticks(range(n), label_names, rotation=45 if n <= MAX_CELL_COUNTS else 90, ha="right", fontsize=size)
+        ax.set_yticks(range(n), label_names, fontsize=size)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
