@@ -397,6 +397,30 @@ def test_evaluate_keeps_files_of_the_same_name_apart(trained_run, tmp_path, caps
     assert (run / "eval" / "test.csv.json").is_file()  # the first keeps the plain name
 
 
+def test_evaluate_reads_another_test_file_by_its_own_format_and_takes_the_text_limit(trained_run, tmp_path, capsys):
+    """evaluate --data.test inherited the run's data.format (a Parquet file read as CSV: 'not
+    valid UTF-8'); the over-long-text error said to raise --data.max_text_chars, which evaluate
+    refused."""
+    import shutil
+
+    import pandas as pd
+    import yaml
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    conf = yaml.safe_load((run / "config.yaml").read_text())
+    conf["data"]["format"] = "agnews"  # what its own (headerless) files are
+    (run / "config.yaml").write_text(yaml.safe_dump(conf))
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    texts = ["war minister treaty", "goal striker " * 20, "bank profit shares", "chip robot space"]
+    pd.DataFrame({"text": texts, "label": names}).to_parquet(tmp_path / "t.parquet")
+    base = ["evaluate", str(run), "--precision", "fp32", "--data.test", str(tmp_path / "t.parquet"), "--json"]
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 4
+    assert main(base + ["--data.max_text_chars", "100"]) == 2
+    assert "raise --data.max_text_chars" in _error_line(capsys)
+    assert main(base + ["--data.max_text_chars", "1000"]) == 0
+
+
 def test_evaluate_names_hub_splits_apart(trained_run):
     from loraclf.evaluate import evaluation_name
     from loraclf.runs import open_run

@@ -133,7 +133,8 @@ BAD_INPUTS = [
     ("bigfloat.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1e20}\n', {}, "no training row has class [1, 2"),
     ("oneclass.csv", "text,label\na,spam\nb,spam\nc,spam\n", {"validation_size": 1},
      "the training rows hold only one class ('spam')"),
-    ("zero.csv", '"0","t","d"\n"1","t","d"\n', {}, "row 1: class 0 in a headerless label,title,description file"),
+    ("zero.csv", '"0","t","d"\n"1","t","d"\n', {}, "to read the labels as they are, and set --data.text_columns "
+     "[title,description]"),
     ("utfline.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n{"text": "\xff", "label": 0}\n', {},
      "line 3 is not valid UTF-8 (byte 62 of the file)"),
     ("badarr.json", '[{"text": "a", "label": 0}, 5]', {}, "element 2 of the array is a JSON int"),
@@ -385,9 +386,52 @@ def test_token_cache_key_tells_apart_text_boundaries_and_truncation_side(tiny_ro
     tok.truncation_side = "left"
     left = tokenize_cached(long, tok, 5, tmp_path)
     assert left == tokenize(long, tok, 5) and left != right
+    # split_special_tokens changes how "</s>" written in a text is tokenized
+    marked = ["war </s> goal"]
+    whole = tokenize_cached(marked, tok, 32, tmp_path)
+    tok.split_special_tokens = True
+    split = tokenize_cached(marked, tok, 32, tmp_path)
+    assert split == tokenize(marked, tok, 32) and split != whole
 
 
 def test_out_of_range_label_in_a_headerless_file_is_named_as_the_file_has_it(tmp_path):
     p = _write(tmp_path, "t5.csv", '"5","t","d"\n')
     with pytest.raises(DataError, match=r"row 1: label 5 out of range for 4 classes \(1\.\.4\)"):
         load_eval_split(_cfg(), p, list(AG_NEWS_LABELS))
+
+
+def test_numbers_written_as_names_are_names(tmp_path):
+    """Star ratings "1".."5" as JSON strings were read as class indices (no class 0: refused), and
+    the fix offered, --data.label_names ["1",...,"5"], then failed with 'label 5 out of range'."""
+    from loraclf.data import Table, to_examples
+
+    stars = tmp_path / "stars.jsonl"
+    stars.write_text("".join(json.dumps({"text": f"review {i}", "label": str(i % 5 + 1)}) + "\n" for i in range(20)))
+    ex, names = to_examples(read_table(str(stars), "train", DataConfig()), DataConfig())
+    assert names == ["1", "2", "3", "4", "5"] and ex.labels[:5].tolist() == [0, 1, 2, 3, 4]
+    # in CSV every value is text: numbers are indices, unless the names given make them names
+    csv_stars = tmp_path / "stars.csv"
+    csv_stars.write_text("text,label\n" + "".join(f"review {i},{i % 5 + 1}\n" for i in range(20)))
+    cfg = DataConfig(label_names=["1", "2", "3", "4", "5"])
+    ex, names = to_examples(read_table(str(csv_stars), "train", cfg), cfg)
+    assert names == ["1", "2", "3", "4", "5"] and ex.labels[:5].tolist() == [0, 1, 2, 3, 4]
+    # ... but where every number is a valid index the documented meaning (index order) holds
+    cfg = DataConfig(label_names=["4", "3", "2", "1", "0"])
+    table = Table({"text": ["a", "b", "c", "d", "e"], "label": ["0", "1", "2", "3", "4"]}, source="t")
+    assert to_examples(table, cfg)[0].labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_source_that_names_its_classes_is_read_by_name():
+    """A hub split's ClassLabel names were ignored where the names were already known (evaluate, a
+    validation or test split): a run that learnt names refused its integers, and names in another
+    order mislabelled every row in silence."""
+    from loraclf.data import Table, to_examples
+
+    hub = Table({"text": ["war", "goal", "bank", "chip"], "label": [0, 1, 2, 3]}, source="ag:test",
+                label_names=["World", "Sports", "Business", "Sci/Tech"], typed=True)
+    run_names = ["Business", "Sci/Tech", "Sports", "World"]
+    for int_labels in (True, False):
+        ex, _ = to_examples(hub, DataConfig(), run_names, int_labels=int_labels)
+        assert [run_names[i] for i in ex.labels] == ["World", "Sports", "Business", "Sci/Tech"]
+    with pytest.raises(DataError, match="label 'World' is not one of the classes"):
+        to_examples(hub, DataConfig(), ["a", "b", "c", "d"])

@@ -350,7 +350,8 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .evaluate import evaluate_run
 
-    allowed = {"data.test", "data.max_eval_samples", "data.format", "data.text_columns", "data.label_column"}
+    allowed = {"data.test", "data.max_eval_samples", "data.format", "data.text_columns", "data.label_column",
+               "data.max_text_chars"}
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise ConfigError([f"evaluate does not take --{k}" for k in bad], where="command line",

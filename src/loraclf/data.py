@@ -40,6 +40,9 @@ class Table:
     source: str
     label_names: list[str] | None = None  # names carried by the source (hub ClassLabel)
     one_based: bool = False  # a headerless label,title,description file: classes count from 1
+    # JSON / Parquet / hub values carry their type: a string label there is a name even when it
+    # looks like a number ("1".."5" star ratings); in CSV/TSV every value is text
+    typed: bool = False
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -290,7 +293,7 @@ def _read_hub(source: str, role: str, cfg: DataConfig) -> Table:
     columns = {c: ds[c] for c in ds.column_names}
     fp = {"dataset": name, "split": split, "fingerprint": getattr(ds, "_fingerprint", None),
           "version": str(ds.info.version) if ds.info.version else None}
-    return Table(columns, source=f"{name}:{split}", label_names=names, fingerprint=fp)
+    return Table(columns, source=f"{name}:{split}", label_names=names, fingerprint=fp, typed=True)
 
 
 def _gzip_error(path: Path, e: Exception) -> DataError:
@@ -366,7 +369,8 @@ def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None,
         raise DataError("permission denied", where=str(path), fix="make the file readable") from None
     except (gzip.BadGzipFile, EOFError) as e:
         raise _gzip_error(path, e) from None
-    return Table(cols, source=str(path), one_based=fmt == "agnews", fingerprint=file_fingerprint(path))
+    return Table(cols, source=str(path), one_based=fmt == "agnews", fingerprint=file_fingerprint(path),
+                 typed=fmt in ("jsonl", "parquet"))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -415,7 +419,10 @@ def table_texts(table: Table, columns: list[str]) -> list[str]:
     return texts
 
 
-def _raw_labels(table: Table, cfg: DataConfig) -> list[int | str]:
+def _raw_labels(table: Table, cfg: DataConfig, names: list[str] | None = None) -> list[int | str]:
+    """Each row's label: an int (a class index, shifted to 0-based for 1-based files) or a name.
+    ``names``: the classes already known; numbers written as text that are all among them, where
+    some are no valid index, are those names (star ratings "1".."5" with label_names "1".."5")."""
     if cfg.label_column not in table.columns:
         raise DataError(f"no label column '{cfg.label_column}' (columns: {list(table.columns)})", where=table.source,
                         fix="set --data.label_column to an existing column")
@@ -432,7 +439,7 @@ def _raw_labels(table: Table, cfg: DataConfig) -> list[int | str]:
             s = v.strip()
             if not s:
                 raise DataError(f"row {i}: empty label", where=table.source, fix="fill in every label")
-            if _INT_RE.match(s):
+            if _INT_RE.match(s) and not table.typed:
                 out.append(int(s.partition(".")[0]))
                 kinds.add("int")
             else:
@@ -450,8 +457,13 @@ def _raw_labels(table: Table, cfg: DataConfig) -> list[int | str]:
         if zero is not None:
             raise DataError(f"row {zero}: class 0 in a headerless label,title,description file, whose classes count "
                             "from 1 (the AG News release)", where=table.source,
-                            fix="add the header row label,title,description to read the labels as they are")
+                            fix="add the header row label,title,description to read the labels as they are, "
+                                "and set --data.text_columns [title,description]")
         out = [v - 1 for v in out]  # type: ignore[operator]
+    if names and kinds == {"int"} and any(not 0 <= v < len(names) for v in out):  # type: ignore[operator]
+        written = [str(v).strip() for v in table.columns[cfg.label_column]]
+        if set(written) <= set(names):
+            return written  # type: ignore[return-value]
     return out
 
 
@@ -530,7 +542,12 @@ def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None,
     """Validate every row; returns the examples and the class names (decided here when None).
     ``int_labels`` False: integer labels are refused (the classes ``names`` have no index order)."""
     texts = _texts(table, cfg)
-    raw = _raw_labels(table, cfg)
+    raw = _raw_labels(table, cfg, names or cfg.label_names)
+    if table.label_names and raw and isinstance(raw[0], int):
+        # a source that names its classes (a hub ClassLabel) is read by name, so a run's or the
+        # config's order of the same names maps each row right; an int it does not name stays
+        # an index and meets the range check
+        raw = [table.label_names[v] if 0 <= v < len(table.label_names) else v for v in raw]  # type: ignore[index]
     named = bool(raw) and isinstance(raw[0], str)
     if names is None:
         names = label_vocabulary(raw, table, cfg)
@@ -649,7 +666,8 @@ def _token_cache_key(texts: Sequence[str], tokenizer: Any, max_length: int) -> s
         h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr((type(tokenizer).__name__, tokenizer.all_special_tokens, max_length,
                    getattr(tokenizer, "model_max_length", None),
-                   getattr(tokenizer, "truncation_side", None))).encode())
+                   getattr(tokenizer, "truncation_side", None),
+                   getattr(tokenizer, "split_special_tokens", None))).encode())
     for t in texts:
         b = t.encode("utf-8", "surrogatepass")
         h.update(len(b).to_bytes(8, "little"))  # length-prefixed: no text boundary is ambiguous

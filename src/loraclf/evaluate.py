@@ -62,8 +62,10 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     run = open_run(run_dir, allow_incomplete=from_checkpoint)
     overrides = dict(data_overrides or {})
     if "test" in overrides:
-        # the run's row limit was for the run's own data; another test source is read whole
+        # the run's row limit and file format were for the run's own data; another test source
+        # is read whole, its format told by its own name and content
         overrides.setdefault("max_eval_samples", None)
+        overrides.setdefault("format", "auto")
     data_cfg = data_config(run.cfg.data.model_dump(), overrides)
     if data_cfg.test is None:
         cleared = "test" in (data_overrides or {})
