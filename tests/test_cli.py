@@ -299,7 +299,8 @@ def test_predict_output_that_cannot_be_written_exits_1(trained_run, tmp_path, ca
     monkeypatch.setattr(os, "replace", disk_full)
     assert main(["predict", str(trained_run), "goal", "--output", str(tmp_path / "o.jsonl")]) == 1
     err = _error_line(capsys)
-    assert err == f"loraclf predict: error: No space left on device ({tmp_path / 'o.jsonl'})"
+    assert err == (f"loraclf predict: error: No space left on device ({tmp_path / 'o.jsonl'}) — fix: free disk "
+                   "space, then run it again")
     assert list(tmp_path.iterdir()) == []  # no temporary file left either
 
 
@@ -476,6 +477,53 @@ def test_disk_full_while_writing_the_run_is_one_line(tiny_roberta, agnews_files,
     line = _error_line(capsys)
     assert "No space left on device" in line and "labels.json" in line
     assert not (tmp_path / "run" / "run.json").exists()  # nothing that looks like a run
+
+
+def test_disk_full_while_saving_the_tokenizer_is_one_line_and_leaves_no_run(tiny_roberta, agnews_files, tmp_path,
+                                                                            capsys, monkeypatch):
+    """tokenizers reports a full disk as a plain Exception ("... (os error 28)"): a traceback, and
+    run.json stayed "running" for a run that never started."""
+    from transformers import PreTrainedTokenizerFast
+
+    def full(self, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", full)
+    run = tmp_path / "run"
+    o = tiny_overrides(tiny_roberta, agnews_files, run)
+    assert main(["train", "--config", SEED, "--quiet", *_args(o)]) == 1
+    assert _error_line(capsys) == (f"loraclf train: error: No space left on device ({run / 'tokenizer'}) — fix: free "
+                                   "disk space, then run it again (an interrupted training continues with --resume "
+                                   "RUN_DIR)")
+    assert [p.name for p in run.iterdir() if p.name != ".lock"] == []
+    monkeypatch.undo()
+    assert main(["train", "--config", SEED, "--quiet", *_args(o)]) == 0  # the same folder trains as it is
+    capsys.readouterr()
+
+
+def test_a_read_only_folder_names_the_file_not_a_temporary_one(tmp_path, monkeypatch, capsys):
+    """atomic_file's temporary name ('.report_confusion.png.15049.972f9eb6.tmp') was what a user
+    read in the error line of a read-only run folder, with no fix."""
+    import errno
+
+    from loraclf import cli
+    from loraclf.runs import write_text
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OSError) as e:
+        write_text(tmp_path / "report.md", "x")
+    assert e.value.errno == errno.EROFS and e.value.filename == str(tmp_path / "report.md")
+    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "report": lambda args, o: write_text(tmp_path / "r.md", "x")})
+    assert main(["report", str(tmp_path)]) == 1
+    assert _error_line(capsys) == (f"loraclf report: error: Read-only file system ({tmp_path / 'r.md'}) — fix: make "
+                                   "that folder writable, or write elsewhere")
 
 
 def test_output_into_a_closed_pipe_ends_quietly(trained_run, tmp_path):

@@ -111,7 +111,7 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        with write_errors_as_oserror(tmp):
+        with write_errors_as_oserror(final):
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
             if best is not None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, tmp / "best.safetensors")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import csv
 import io
 import json
@@ -458,10 +459,7 @@ def _check_output(path: str | None, flag: str) -> None:
 def _write_output(path: str, text: str) -> None:
     from .runs import write_text
 
-    try:
-        write_text(path, text)
-    except OSError as e:  # the machine's failure (disk full, file too large): exit 1, naming the file
-        raise OSError(e.errno, e.strerror or str(e), path) from None
+    write_text(path, text)  # the machine's failure (disk full, file too large): an OSError naming the file
 
 
 def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -666,8 +664,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE: what a shell reports for a tool the signal ended
     except OSError as e:  # disk full, permission denied while writing outputs
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"{_prog(command)}: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"{_prog(command)}: error: {e.strerror or e}{where}{_os_fix(e, command)}", file=sys.stderr)
         return 1
+
+
+def _os_fix(e: OSError, command: str) -> str:
+    """The way out of the machine's failures that have one."""
+    again = "run it again" + (" (an interrupted training continues with --resume RUN_DIR)" if command == "train" else "")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f" — fix: free disk space, then {again}"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return " — fix: make that folder writable, or write elsewhere"
+    return ""
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 from contextlib import contextmanager
@@ -80,14 +81,20 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     if path.is_symlink():
         path = path.resolve()  # the file it points to is replaced, the link stays
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, mode, **text) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, mode, **text) as f:
+                yield f
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        if e.filename not in (None, str(tmp)):
+            raise
+        # a full disk or a read-only folder names the file the user knows, not our temporary one
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -166,16 +173,22 @@ def _held_elsewhere(e: OSError) -> bool:
 
 @contextmanager
 def write_errors_as_oserror(where: Path) -> Iterator[None]:
-    """safetensors reports a failed write (a full disk) as SafetensorError, not OSError, so it
-    escaped the CLI's one-line disk errors as a traceback: made the OSError it is, naming ``where``."""
+    """safetensors (SafetensorError) and tokenizers (a plain Exception: "... (os error 28)") report
+    a failed write (a full disk) in types of their own, which escaped the CLI's one-line disk
+    errors as a traceback: made the OSError they are, naming ``where``."""
     from safetensors import SafetensorError
 
     try:
         yield
-    except SafetensorError as e:
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only what reads as an operating-system error is converted
         message = str(e)
-        code = errno.ENOSPC if "No space left" in message else errno.EIO
-        raise OSError(code, os.strerror(code) if code == errno.ENOSPC else f"cannot write ({message[:120]})",
+        found = re.search(r"os error (\d+)", message)
+        if not isinstance(e, SafetensorError) and found is None:
+            raise
+        code = int(found.group(1)) if found else errno.ENOSPC if "No space left" in message else errno.EIO
+        raise OSError(code, os.strerror(code) if found or code == errno.ENOSPC else f"cannot write ({message[:120]})",
                       str(where)) from None
 
 

@@ -226,8 +226,18 @@ def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdo
         "versions": runs.environment(),
     }
     runs.write_json(run_dir / runs.RUN_FILE, info)
-    tokenizer.save_pretrained(run_dir / runs.TOKENIZER_DIR)
+    with runs.write_errors_as_oserror(run_dir / runs.TOKENIZER_DIR):
+        tokenizer.save_pretrained(run_dir / runs.TOKENIZER_DIR)
     return resolved, info
+
+
+def _undo_new_run(run_dir: Path) -> None:
+    """What :func:`_new_run` wrote, removed after it failed (a full disk): no run.json left saying
+    "running" for a run that never started, and the folder can be trained into again as it is."""
+    for name in (runs.RUN_FILE, runs.CONFIG_FILE, runs.LABELS_FILE):
+        with contextlib.suppress(OSError):
+            (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / runs.TOKENIZER_DIR, ignore_errors=True)
 
 
 def train(cfg: Config, callback: Callback | None = None, stop: threading.Event | None = None) -> TrainResult:
@@ -238,7 +248,11 @@ def train(cfg: Config, callback: Callback | None = None, stop: threading.Event |
     runs.prepare_dir(Path(cfg.train.output_dir), cfg.train.overwrite)
     # Locked before run.json exists: a refused lock leaves no run that claims to be "running".
     with runs.training_lock(Path(cfg.train.output_dir)):
-        resolved, info = _new_run(cfg, splits, tokenizer, counts)
+        try:
+            resolved, info = _new_run(cfg, splits, tokenizer, counts)
+        except BaseException:
+            _undo_new_run(Path(cfg.train.output_dir))
+            raise
         return _fit(resolved, splits, tokenizer, model_config, counts, info, callback, stop, None, t_start)
 
 
