@@ -240,6 +240,26 @@ def test_predict_refuses_texts_and_input_together(trained_run, tmp_path, capsys)
     assert "texts given both as arguments ('out.jsonl', ...) and with --input" in err and "--output FILE" in err
 
 
+def test_predict_output_mistakes_are_caught(trained_run, tmp_path, capsys):
+    """--output p.csv without --format wrote JSON lines into p.csv; --output equal to --input
+    replaced the texts with predictions; --text-column with a .txt file or text arguments was
+    ignored in silence."""
+    texts = tmp_path / "in.txt"
+    texts.write_text("goal\nbank\n")
+    run = str(trained_run)
+    assert main(["predict", run, "--input", str(texts), "--output", str(tmp_path / "p.csv")]) == 0
+    assert (tmp_path / "p.csv").read_text().startswith("text,label,p_World")
+    assert main(["predict", run, "goal", "--output", str(tmp_path / "p.CSV"), "--format", "jsonl"]) == 0
+    assert json.loads((tmp_path / "p.CSV").read_text())["text"] == "goal"  # an explicit --format wins
+    capsys.readouterr()
+    assert main(["predict", run, "--input", str(texts), "--output", str(texts)]) == 2
+    assert "is the --input file: the predictions would replace the texts" in _error_line(capsys)
+    assert texts.read_text() == "goal\nbank\n"
+    for argv in (["--input", str(texts)], ["goal"]):
+        assert main(["predict", run, *argv, "--text-column", "title"]) == 2
+        assert "--text-column applies to CSV/TSV/JSONL/Parquet --input files" in _error_line(capsys)
+
+
 def test_predict_unknown_extension_says_what_predict_accepts(trained_run, tmp_path, capsys):
     # the fix said "or set --data.format", which predict then refused
     (tmp_path / "a.dat").write_text("text\ngoal\n")

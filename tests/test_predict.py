@@ -29,6 +29,13 @@ def test_merged_equals_unmerged(trained_run, predictor):
     assert not any("lora" in n for n, _ in predictor.model.named_parameters())
 
 
+@pytest.mark.parametrize("top_k", [0, -1, 2.5, None, True])
+def test_predict_refuses_a_top_k_the_cli_refuses(predictor, top_k):
+    # 0 and negatives returned one class; 2.5 and None were TypeErrors from deep inside
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+        predictor.predict(TEXTS[:1], top_k=top_k)
+
+
 def test_predict_output_shape(predictor):
     out = predictor.predict(TEXTS[:2], top_k=3)
     for r in out:

@@ -65,6 +65,11 @@ def _keys_epilog() -> str:
     return "\n".join(lines)
 
 
+# what evaluate takes of the run's data settings: the test source and how to read it
+EVALUATE_DATA_KEYS = ("data.test", "data.max_eval_samples", "data.format", "data.text_columns", "data.label_column",
+                      "data.max_text_chars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraclf", description="LoRA text classifiers under a trainable-parameter budget.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank considered [default: 64]")
 
     e = sub.add_parser("evaluate", help="metrics of a run on its test split or any --data.test",
-                       epilog="data keys accepted: --data.test, --data.max_eval_samples, --data.format, "
-                              "--data.text_columns, --data.label_column")
+                       epilog="data keys accepted: " + ", ".join(f"--{k}" for k in EVALUATE_DATA_KEYS))
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--batch-size", type=int, default=64)
@@ -123,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="column holding the text in CSV/TSV/JSONL/Parquet input; repeat for several, joined with a "
                          "space as in training (default: the run's data.text_columns)")
     pr.add_argument("--output", help="write here instead of stdout")
-    pr.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    pr.add_argument("--format", choices=["jsonl", "csv"], default=None,
+                    help="output format (default: csv for an --output named .csv, else jsonl)")
     pr.add_argument("--top-k", type=int, default=1)
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
@@ -351,12 +356,10 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .evaluate import evaluate_run
 
-    allowed = {"data.test", "data.max_eval_samples", "data.format", "data.text_columns", "data.label_column",
-               "data.max_text_chars"}
-    bad = sorted(set(overrides) - allowed)
+    bad = sorted(set(overrides) - set(EVALUATE_DATA_KEYS))
     if bad:
         raise ConfigError([f"evaluate does not take --{k}" for k in bad], where="command line",
-                          fix=f"evaluate accepts {', '.join('--' + k for k in sorted(allowed))}")
+                          fix=f"evaluate accepts {', '.join('--' + k for k in EVALUATE_DATA_KEYS)}")
     data = {k.split(".", 1)[1]: v for k, v in overrides.items()}
     _check_max_tokens(args)
     r = evaluate_run(args.run_dir, data, batch_size=args.batch_size, precision=args.precision,
@@ -391,16 +394,22 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
         # "predict RUN --input in.txt out.jsonl" (a forgotten --output) classified the string "out.jsonl"
         raise ConfigError([f"texts given both as arguments ({args.texts[0]!r}, ...) and with --input {args.input}"],
                           where="command line", fix="give one of them (to write a file, use --output FILE)")
-    if args.texts:
-        return list(args.texts)
     from .data import decode_lines, is_lines_file, read_lines, split_lines
 
+    tables = args.input and args.input != "-" and not (Path(args.input).is_dir() or is_lines_file(Path(args.input)))
+    if args.text_column and not tables:
+        # it was ignored in silence, as if the texts had been read from that column
+        raise ConfigError([f"--text-column applies to CSV/TSV/JSONL/Parquet --input files, not to "
+                           f"{'texts given as arguments' if args.texts else 'one text per line'}"],
+                          where="command line", fix="drop --text-column")
+    if args.texts:
+        return list(args.texts)
     if args.input and args.input != "-":
         from .config import DataConfig
         from .data import read_table, table_texts
 
         path = Path(args.input)
-        if path.is_dir() or is_lines_file(path):
+        if not tables:
             return read_lines(path, "--input")
         columns = args.text_column or _run_text_columns(args.run_dir)
         table = read_table(str(path), "input", DataConfig(text_columns=columns), flag="--input",
@@ -419,6 +428,13 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
     if raw is not None:
         return decode_lines(raw.read(), "stdin")
     return split_lines(sys.stdin.read().removeprefix("\ufeff"), "stdin")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
+    except OSError:  # the output does not exist yet
+        return False
 
 
 def _resume_hint(run_dir: Path) -> None:
@@ -472,6 +488,11 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError([f"--top-k must be >= 1 (got {args.top_k})"], where="command line",
                           fix="give --top-k 1 (the label only) or more")
     _check_output(args.output, "--output")
+    if args.output and args.input and args.input != "-" and _same_file(args.output, args.input):
+        raise ConfigError([f"--output {args.output} is the --input file: the predictions would replace the texts"],
+                          where="command line", fix="write the predictions to another file")
+    if args.format is None:  # "--output p.csv" wrote JSON lines into p.csv
+        args.format = "csv" if args.output and args.output.lower().endswith(".csv") else "jsonl"
     texts = _read_inputs(args)
     if not texts:
         raise DataError("no texts to classify", where="stdin" if args.input in (None, "-") else args.input,

@@ -159,9 +159,11 @@ class Predictor:
     def predict(self, texts: Sequence[str] | str, top_k: int = 1) -> list[dict[str, Any]]:
         """Per text: label, probabilities of every class, and the ``top_k`` classes. A single
         string is one text (a list of one result), not a sequence of characters."""
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1 (got {top_k!r})")  # as the CLI's --top-k
         texts = _as_list(texts)
         probs = softmax(self.logits(texts))
-        k = max(1, min(top_k, len(self.label_names)))
+        k = min(int(top_k), len(self.label_names))
         results = []
         for text, p in zip(texts, probs):
             order = np.argsort(-p, kind="stable")[:k]
