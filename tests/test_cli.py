@@ -363,6 +363,11 @@ def test_predict_table_input_rows_are_checked(row, expected, trained_run, tmp_pa
 def test_predict_texts_after_double_dash(trained_run, capsys):
     assert main(["predict", str(trained_run), "--top-k", "2", "--", "-5% shares fall", "--data.x 1"]) == 0
     assert _predicted_texts(capsys) == ["-5% shares fall", "--data.x 1"]
+    # without "--" such a text is an unknown option: the error says where it goes
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(trained_run), "-dash"])
+    assert e.value.code == 2
+    assert "a text starting with '-' goes after '--': loraclf predict RUN_DIR -- -dash" in capsys.readouterr().err
 
 
 def test_predict_output_to_a_missing_folder_writes_nothing(trained_run, tmp_path, capsys):

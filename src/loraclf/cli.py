@@ -669,7 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.texts += [a for a in extra if not a.startswith("-")] + after_dashes
             extra = [a for a in extra if a.startswith("-")]
         if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            hint = (f" (a text starting with '-' goes after '--': loraclf predict RUN_DIR -- {extra[0]})"
+                    if args.command == "predict" else "")
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
         _quiet_libraries()
         with _sigterm_interrupts():
             return COMMANDS[args.command](args, overrides)
