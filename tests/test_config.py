@@ -166,3 +166,10 @@ def test_a_section_that_is_not_a_mapping_is_the_file_s_error_even_with_an_overri
         assert msg.startswith(f"{bad}: lora: Input should be a valid dictionary") and "command line" not in msg
     with pytest.raises(ConfigError, match=r"and command line: .*--train.epochs"):  # each blamed on its own source
         load_config(bad, {"lora.r": 8, "train.epochs": 0})
+
+
+def test_yaml_merge_keys_are_not_duplicate_keys(tmp_path):
+    """The duplicate-key check constructed '<<' as a key and refused every merge key."""
+    f = tmp_path / "merge.yaml"
+    f.write_text("lora:\n  rank_pattern: &rp {query: 16}\n  alpha_pattern: {<<: *rp, value: 8}\n")
+    assert load_config(f).lora.alpha_pattern == {"query": 16, "value": 8}

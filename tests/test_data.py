@@ -415,10 +415,12 @@ def test_numbers_written_as_names_are_names(tmp_path):
     cfg = DataConfig(label_names=["1", "2", "3", "4", "5"])
     ex, names = to_examples(read_table(str(csv_stars), "train", cfg), cfg)
     assert names == ["1", "2", "3", "4", "5"] and ex.labels[:5].tolist() == [0, 1, 2, 3, 4]
-    # ... but where every number is a valid index the documented meaning (index order) holds
-    cfg = DataConfig(label_names=["4", "3", "2", "1", "0"])
-    table = Table({"text": ["a", "b", "c", "d", "e"], "label": ["0", "1", "2", "3", "4"]}, source="t")
-    assert to_examples(table, cfg)[0].labels.tolist() == [0, 1, 2, 3, 4]
+    # ... in every file alike, also one that lacks a class (it was read as indices: "1" -> "2")
+    val = Table({"text": ["a", "b", "c", "d"], "label": ["1", "2", "3", "4"]}, source="v")
+    assert to_examples(val, cfg, names)[0].labels.tolist() == [0, 1, 2, 3]
+    # names "0".."K-1" are their own indices; a JSONL run with "0".."3" names takes CSV's 0..3
+    table = Table({"text": ["a", "b"], "label": ["1", "0"]}, source="t")
+    assert to_examples(table, DataConfig(), ["0", "1", "2", "3"], int_labels=False)[0].labels.tolist() == [1, 0]
 
 
 def test_a_source_that_names_its_classes_is_read_by_name():
@@ -433,5 +435,6 @@ def test_a_source_that_names_its_classes_is_read_by_name():
     for int_labels in (True, False):
         ex, _ = to_examples(hub, DataConfig(), run_names, int_labels=int_labels)
         assert [run_names[i] for i in ex.labels] == ["World", "Sports", "Business", "Sci/Tech"]
-    with pytest.raises(DataError, match="label 'World' is not one of the classes"):
-        to_examples(hub, DataConfig(), ["a", "b", "c", "d"])
+    # other names rename the classes by index (data.label_names on a hub dataset), as documented
+    ex, names = to_examples(hub, DataConfig(label_names=["w", "s", "b", "t"]))
+    assert names == ["w", "s", "b", "t"] and ex.labels.tolist() == [0, 1, 2, 3]

@@ -386,7 +386,11 @@ def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_keeps_it(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(tmp_path, loop, dict(model.named_parameters()), None, opt, sched, keep=1)
     monkeypatch.undo()
-    assert checkpoint.latest(tmp_path) == first and checkpoint.readable(first)
+    # a reader finds it where it was moved aside, and leaves it there (a save may be in progress)
+    aside = checkpoint.latest(tmp_path)
+    assert aside.name == ".step-00000004.old" and checkpoint.readable(aside)
+    # resume (under the training lock) puts it back
+    assert checkpoint.newest_readable(tmp_path) == (first, []) and checkpoint.readable(first)
     assert not list((tmp_path / "checkpoints").glob(".*.old"))
     # and the next save of that step replaces it cleanly
     assert checkpoint.save(tmp_path, loop, dict(model.named_parameters()), None, opt, sched, keep=1) == first
@@ -408,3 +412,35 @@ def test_resume_on_a_device_with_another_fuse_default_keeps_the_run_s_batches(re
     monkeypatch.setattr(tr, "fuse_accumulation", lambda tc: True)  # what a GPU would choose
     resume(run)
     assert _final(run) == reference
+
+
+def test_a_checkpoint_from_before_the_fuse_record_resumes_with_its_own_batches(tiny_roberta, agnews_files, tmp_path):
+    """Checkpoints written before LoopState.fused existed were cut, when fused, with one micro-batch's
+    token budget; resuming one with the budget times gradient_accumulation_steps read its batch
+    position in other batches (12 steps became 4). Such a run is emulated by its equivalent, one
+    batch of 4 x 4 rows under a budget of 150, relabelled as 4 micro-batches of 4 fused."""
+    import shutil
+
+    import yaml
+
+    old_style = {"data.max_train_samples": 96, "train.epochs": 1, "train.fuse_accumulation": True,
+                 "train.max_tokens_per_batch": 150, "train.checkpoint_every_steps": 1, "train.keep_checkpoints": 50}
+    ref = tmp_path / "ref"
+    train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, ref, **old_style, **{
+        "train.batch_size": 16, "train.gradient_accumulation_steps": 1})))
+    run = shutil.copytree(ref, tmp_path / "run")
+    conf = yaml.safe_load((run / "config.yaml").read_text())
+    conf["train"].update(batch_size=4, gradient_accumulation_steps=4)
+    (run / "config.yaml").write_text(yaml.safe_dump(conf))
+    steps = sorted((run / "checkpoints").glob("step-*"))
+    assert len(steps) > 4
+    for later in steps[2:]:
+        shutil.rmtree(later)
+    state = json.loads((steps[1] / "state.json").read_text())
+    del state["loop"]["fused"]  # written before the record existed
+    (steps[1] / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(run / "adapter")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    resume(run)
+    assert _final(run) == _final(ref)

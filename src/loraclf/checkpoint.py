@@ -142,17 +142,25 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
     return final
 
 
-def _complete(run_dir: Path) -> list[Path]:
-    """The complete checkpoints (their done-marker written), newest first."""
+def _complete(run_dir: Path, restore: bool = False) -> list[Path]:
+    """The complete checkpoints (their done-marker written), newest first. A checkpoint moved
+    aside by a save that a kill interrupted (``.step-N.old``, no ``step-N``) counts as step N;
+    ``restore`` (only under the training lock: a reader must not undo a save in progress) puts
+    it back in place."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    for aside in root.glob(".step-*.old"):  # a kill while replacing a checkpoint of the same step
-        final = root / aside.name[1:-len(".old")]
-        if final.is_dir():
-            shutil.rmtree(aside, ignore_errors=True)
+    if not root.is_dir():
+        return []
+    found = {p.name: p for p in root.glob("step-*") if (p / _DONE).is_file()}
+    for aside in root.glob(".step-*.old"):
+        name = aside.name[1:-len(".old")]
+        if (root / name).is_dir() or not (aside / _DONE).is_file():
+            continue
+        if restore:
+            aside.rename(root / name)
+            found[name] = root / name
         else:
-            aside.rename(final)
-    done = [p for p in root.glob("step-*") if (p / _DONE).is_file()] if root.is_dir() else []
-    return sorted(done, key=lambda p: p.name, reverse=True)
+            found[name] = aside
+    return [found[k] for k in sorted(found, reverse=True)]
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -180,7 +188,7 @@ def newest_readable(run_dir: Path) -> tuple[Path | None, list[Path]]:
     after they were written: a truncating copy, a disk error). The damaged ones are renamed
     ``damaged-step-*`` so that a resumed run can write its own checkpoints at those steps."""
     damaged = []
-    for p in _complete(run_dir):
+    for p in _complete(run_dir, restore=True):
         if readable(p):
             return p, damaged
         aside = p.with_name(f"damaged-{p.name}")

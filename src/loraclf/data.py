@@ -421,25 +421,30 @@ def table_texts(table: Table, columns: list[str]) -> list[str]:
 
 def _raw_labels(table: Table, cfg: DataConfig, names: list[str] | None = None) -> list[int | str]:
     """Each row's label: an int (a class index, shifted to 0-based for 1-based files) or a name.
-    ``names``: the classes already known; numbers written as text that are all among them, where
-    some are no valid index, are those names (star ratings "1".."5" with label_names "1".."5")."""
+    ``names``: the classes already known. Where they are all numbers but not the indices
+    "0".."K-1" (star ratings "1".."5"), a number label is read as the name it writes, in every
+    file alike: as an index, "1" would be the class named "2"."""
     if cfg.label_column not in table.columns:
         raise DataError(f"no label column '{cfg.label_column}' (columns: {list(table.columns)})", where=table.source,
                         fix="set --data.label_column to an existing column")
     out: list[int | str] = []
     kinds = set()
+    by_name = bool(names) and all(_INT_RE.match(n) for n in names) and list(names) != [str(i) for i in range(len(names))]
     for i, v in enumerate(table.columns[cfg.label_column], start=1):
         if isinstance(v, bool) or v is None or (isinstance(v, float) and not v.is_integer()):
             raise DataError(f"row {i}: label {v!r} is not a class", where=table.source,
                             fix="use integer class ids or class names")
         if isinstance(v, (int, float)):
-            out.append(int(v))
-            kinds.add("int")
+            out.append(str(int(v)) if by_name else int(v))
+            kinds.add("str" if by_name else "int")
         elif isinstance(v, str):
             s = v.strip()
             if not s:
                 raise DataError(f"row {i}: empty label", where=table.source, fix="fill in every label")
-            if _INT_RE.match(s) and not table.typed:
+            if _INT_RE.match(s) and by_name:
+                out.append(str(int(s.partition(".")[0])))  # "01" and "1.0" name class "1"
+                kinds.add("str")
+            elif _INT_RE.match(s) and not table.typed:
                 out.append(int(s.partition(".")[0]))
                 kinds.add("int")
             else:
@@ -460,10 +465,6 @@ def _raw_labels(table: Table, cfg: DataConfig, names: list[str] | None = None) -
                             fix="add the header row label,title,description to read the labels as they are, "
                                 "and set --data.text_columns [title,description]")
         out = [v - 1 for v in out]  # type: ignore[operator]
-    if names and kinds == {"int"} and any(not 0 <= v < len(names) for v in out):  # type: ignore[operator]
-        written = [str(v).strip() for v in table.columns[cfg.label_column]]
-        if set(written) <= set(names):
-            return written  # type: ignore[return-value]
     return out
 
 
@@ -543,10 +544,11 @@ def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None,
     ``int_labels`` False: integer labels are refused (the classes ``names`` have no index order)."""
     texts = _texts(table, cfg)
     raw = _raw_labels(table, cfg, names or cfg.label_names)
-    if table.label_names and raw and isinstance(raw[0], int):
-        # a source that names its classes (a hub ClassLabel) is read by name, so a run's or the
-        # config's order of the same names maps each row right; an int it does not name stays
-        # an index and meets the range check
+    known = names or cfg.label_names
+    if table.label_names and known and set(known) == set(table.label_names) and raw and isinstance(raw[0], int):
+        # a source that names its classes (a hub ClassLabel) with the run's names is read by name,
+        # so their order in the run maps each row right; other names (label_names renaming the
+        # classes) name the indices, as documented; an int it does not name meets the range check
         raw = [table.label_names[v] if 0 <= v < len(table.label_names) else v for v in raw]  # type: ignore[index]
     named = bool(raw) and isinstance(raw[0], str)
     if names is None:
@@ -554,7 +556,8 @@ def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None,
         fix = "set --data.label_names to all classes, in index order"
     else:
         fix = "remove rows whose class the model was not trained on"
-        if not int_labels and raw and not named:
+        indices = names == [str(i) for i in range(len(names))]  # names that are their own index: no ambiguity
+        if not int_labels and raw and not named and not indices:
             first = 1 if table.one_based else 0  # as the file writes it, not the shifted index
             raise DataError(f"row 1: label {raw[0] + first} is an integer, but the classes were learnt as names {names}, "
                             "which have no index order", where=table.source,

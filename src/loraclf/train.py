@@ -319,8 +319,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if fuse
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
         # a token budget is per micro-batch: a fused step holds gradient_accumulation_steps of them
-        max_tokens = (tc.max_tokens_per_batch * tc.gradient_accumulation_steps if fuse and tc.max_tokens_per_batch
-                      else tc.max_tokens_per_batch)
+        # (not for a checkpoint written before the choice was recorded: it cut its batches with one budget)
+        scaled = fuse and tc.max_tokens_per_batch and (loaded is None or loaded.loop.fused is not None)
+        max_tokens = tc.max_tokens_per_batch * tc.gradient_accumulation_steps if scaled else tc.max_tokens_per_batch
         use_graphs = tc.cuda_graphs if tc.cuda_graphs is not None else (
             _cuda_graphs_unsupported() is None and accumulation == 1
             and not (tc.compile and tc.compile_mode in COMPILE_MODES_WITH_GRAPHS))
