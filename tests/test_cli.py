@@ -472,6 +472,26 @@ def test_evaluate_a_run_it_cannot_write_still_reports(trained_run, capsys, monke
                                "(Read-only file system)")
 
 
+def test_evaluate_keeps_its_metrics_when_the_figure_cannot_be_drawn(trained_run, tmp_path, capsys, monkeypatch):
+    """A figure matplotlib failed to draw (too many classes, a font problem) ended evaluate in a
+    traceback after its metrics were computed, and no metrics JSON was written."""
+    import shutil
+
+    import loraclf.plots
+
+    def broken(*a, **k):
+        raise ValueError("Image size of 90000x90000 pixels is too large")
+
+    monkeypatch.setattr(loraclf.plots, "confusion_matrix", broken)
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    assert main(["evaluate", str(run), "--precision", "fp32", "--json"]) == 0
+    out = capsys.readouterr()
+    saved = json.loads(Path(json.loads(out.out)["saved_to"]).read_text())
+    assert saved["n"] == 80 and saved["plot_error"].startswith("ValueError: Image size")
+    assert "warning: confusion-matrix figure not drawn: ValueError" in out.err
+
+
 def test_empty_text_row_in_training_data(tiny_roberta, agnews_files, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nfine text,0\n  ,1\n")

@@ -365,6 +365,8 @@ def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     r = evaluate_run(args.run_dir, data, batch_size=args.batch_size, precision=args.precision,
                      from_checkpoint=args.checkpoint, max_tokens=args.max_tokens)
     _evaluation_output(args, r)
+    if r.get("plot_error"):
+        print(f"loraclf evaluate: warning: confusion-matrix figure not drawn: {r['plot_error']}", file=sys.stderr)
     if r.get("save_error"):  # the metrics are printed; a read-only run cannot keep them
         print(f"loraclf evaluate: warning: metrics not saved: {r['save_error']}", file=sys.stderr)
     return 0

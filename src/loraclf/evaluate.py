@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from . import plots
 from .config import data_config
 from .data import Examples, is_hub_name, load_eval_split
-from .errors import DataError
+from .errors import DataError, brief
 from .predict import Predictor
 from .runs import EVAL_DIR, Run, open_run, write_json
 
@@ -139,7 +139,12 @@ def write_evaluation(run: Run, result: dict[str, Any], source: str, max_samples:
     out = run.path / EVAL_DIR
     out.mkdir(exist_ok=True)
     name = evaluation_name(run, source, max_samples, checkpoint_name)
-    plots.confusion_matrix(result["confusion_matrix"], run.label_names, out / f"{name}_confusion.png",
-                           f"confusion matrix: {name} (n={result['n']})")
+    try:
+        plots.confusion_matrix(result["confusion_matrix"], run.label_names, out / f"{name}_confusion.png",
+                               f"confusion matrix: {name} (n={result['n']})")
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a figure matplotlib cannot draw must not cost the metrics
+        result["plot_error"] = f"{type(e).__name__}: {brief(e, 200)}"
     write_json(out / f"{name}.json", result)  # last: a JSON there means the evaluation was saved whole
     return out / f"{name}.json"
