@@ -130,7 +130,7 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
     share_modes(tmp)  # safetensors writes 0600
     # The same step written twice (a step checkpoint, then the epoch's at that step): the old one
     # is moved aside, not deleted, until the new one is in place; a kill in between leaves the
-    # aside copy, which _complete puts back (with keep_checkpoints 1 it is the only one).
+    # aside copy, which resume puts back (newest_readable; with keep_checkpoints 1 it is the only one).
     aside = root / f".{final.name}.old"
     if final.exists():
         shutil.rmtree(aside, ignore_errors=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import csv
+import errno
 import io
 import json
 import os
@@ -333,7 +333,8 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps({"model": cfg.model.name_or_path, "model_type": arch.model_type, "layers": arch.num_layers,
                           "num_labels": arch.num_labels, "budget": budget, "candidates": len(plans),
-                          "heads": arch.heads, "heads_left_out": left_out, "plans": [{"pick": i + 1, **p.to_dict()} for i, p in enumerate(shown)],
+                          "heads": arch.heads, "heads_left_out": left_out,
+                          "plans": [{"pick": i + 1, **p.to_dict()} for i, p in enumerate(shown)],
                           "written": written}, indent=2))
         return 0
     print(f"model   {cfg.model.name_or_path} ({arch.model_type}, {arch.num_layers} layers, {arch.num_labels} classes)")

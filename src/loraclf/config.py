@@ -39,8 +39,10 @@ def _bool_where_number(annotation: Any, value: Any) -> bool:
     """Does ``value`` hold a bool (itself, in a list, or as a dict value) where ``annotation`` wants a number?"""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if bool in args or isinstance(value, (list, dict)):
-            return any(_bool_where_number(a, value) for a in args if a is not type(None)) and bool not in args
+        if bool in args:  # a switch (bool | None) keeps its booleans
+            return False
+        if isinstance(value, (list, dict)):
+            return any(_bool_where_number(a, value) for a in args if a is not type(None))
         return isinstance(value, bool) and any(a in (int, float) for a in args)
     if origin is list and isinstance(value, list):
         return any(_bool_where_number(args[0], v) for v in value)

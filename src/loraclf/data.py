@@ -419,6 +419,11 @@ def table_texts(table: Table, columns: list[str]) -> list[str]:
     return texts
 
 
+def _index_names(names: Sequence[str]) -> bool:
+    """Names "0".."K-1" in order: an integer label and the name it writes are the same class."""
+    return list(names) == [str(i) for i in range(len(names))]
+
+
 def _raw_labels(table: Table, cfg: DataConfig, names: list[str] | None = None) -> list[int | str]:
     """Each row's label: an int (a class index, shifted to 0-based for 1-based files) or a name.
     ``names``: the classes already known. Where they are all numbers but not the indices
@@ -429,7 +434,7 @@ def _raw_labels(table: Table, cfg: DataConfig, names: list[str] | None = None) -
                         fix="set --data.label_column to an existing column")
     out: list[int | str] = []
     kinds = set()
-    by_name = bool(names) and all(_INT_RE.match(n) for n in names) and list(names) != [str(i) for i in range(len(names))]
+    by_name = bool(names) and all(_INT_RE.match(n) for n in names) and not _index_names(names)
     for i, v in enumerate(table.columns[cfg.label_column], start=1):
         if isinstance(v, bool) or v is None or (isinstance(v, float) and not v.is_integer()):
             raise DataError(f"row {i}: label {v!r} is not a class", where=table.source,
@@ -543,8 +548,8 @@ def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None,
     """Validate every row; returns the examples and the class names (decided here when None).
     ``int_labels`` False: integer labels are refused (the classes ``names`` have no index order)."""
     texts = _texts(table, cfg)
-    raw = _raw_labels(table, cfg, names or cfg.label_names)
     known = names or cfg.label_names
+    raw = _raw_labels(table, cfg, known)
     if table.label_names and known and set(known) == set(table.label_names) and raw and isinstance(raw[0], int):
         # a source that names its classes (a hub ClassLabel) with the run's names is read by name,
         # so their order in the run maps each row right; other names (label_names renaming the
@@ -556,8 +561,7 @@ def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None,
         fix = "set --data.label_names to all classes, in index order"
     else:
         fix = "remove rows whose class the model was not trained on"
-        indices = names == [str(i) for i in range(len(names))]  # names that are their own index: no ambiguity
-        if not int_labels and raw and not named and not indices:
+        if not int_labels and raw and not named and not _index_names(names):
             first = 1 if table.one_based else 0  # as the file writes it, not the shifted index
             raise DataError(f"row 1: label {raw[0] + first} is an integer, but the classes were learnt as names {names}, "
                             "which have no index order", where=table.source,

@@ -15,6 +15,11 @@ def brief(e: BaseException, limit: int | None = None) -> str:
     return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
+def first_few(names: list[str], n: int = 3) -> str:
+    """``names`` for a one-line message: the first ``n``, then how many more."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 class LoraclfError(Exception):
     """Base class: ``str(err)`` is the one-line message shown to the user."""
 

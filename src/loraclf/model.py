@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from .config import LoraSettings, ModelConfig
-from .errors import ModelError, brief
+from .errors import ModelError, brief, first_few
 from .heads import install_head, peft_trains
 from .runs import unreadable_safetensors
 
@@ -365,9 +365,8 @@ def _check_encoder(mcfg: ModelConfig, prefix: str, untrained: list[str]) -> None
     only the default head reads it (loraclf's heads read the last hidden states)."""
     encoder = [k for k in untrained if k.startswith(f"{prefix}.") and ".pooler." not in f".{k}."]
     if encoder:
-        shown = ", ".join(encoder[:3]) + (f" and {len(encoder) - 3} more" if len(encoder) > 3 else "")
-        raise ModelError(f"the checkpoint lacks {len(encoder)} encoder weight(s) ({shown}): they would be random "
-                         "and never trained", where=str(mcfg.name_or_path),
+        raise ModelError(f"the checkpoint lacks {len(encoder)} encoder weight(s) ({first_few(encoder)}): they would "
+                         "be random and never trained", where=str(mcfg.name_or_path),
                          fix="use a complete checkpoint whose config.json matches its weights (download it again)")
 
 
@@ -378,7 +377,7 @@ def _check_default_head(mcfg: ModelConfig, untrained: list[str]) -> None:
     unsaved: every load of the run would draw it anew and predict something else. ``untrained``:
     :func:`_untrained` of the checkpoint's missing weights."""
     if untrained:
-        shown = ", ".join(untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
-        raise ModelError(f"model.head default would leave weights the checkpoint lacks random and untrained ({shown}): "
+        raise ModelError(f"model.head default would leave weights the checkpoint lacks random and untrained "
+                         f"({first_few(untrained)}): "
                          "only the classifier is trained and saved", where=str(mcfg.name_or_path),
                          fix="train with model.head linear (or mean, lowrank), which replace the model's own head")

@@ -46,7 +46,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
 from .config import Config, build_config
-from .errors import BudgetError, ModelError
+from .errors import BudgetError, ModelError, first_few
 from .heads import DEFAULT_HEAD_RANK, HEADS, classifier_attr, install_head, trained_head_params
 from .model import default_head_gaps, find_blocks, is_linear, load_model_config, num_layers
 from .runs import write_text
@@ -403,8 +403,8 @@ def unusable_heads(cfg: Config, label_names: list[str], heads: tuple[str, ...]) 
     gaps = default_head_gaps(cfg.model, load_model_config(cfg.model, label_names))
     if not gaps:
         return {}
-    shown = ", ".join(gaps[:3]) + (f" and {len(gaps) - 3} more" if len(gaps) > 3 else "")
-    return {"default": f"the checkpoint lacks its weights ({shown}), which would stay random (train refuses it)"}
+    return {"default": f"the checkpoint lacks its weights ({first_few(gaps)}), which would stay random "
+                       "(train refuses it)"}
 
 
 def make_plans(cfg: Config, label_names: list[str], budget: int, heads: tuple[str, ...] = DEFAULT_HEADS,
