@@ -454,8 +454,11 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             last_group = n_batches - (n_batches % accumulation or accumulation)  # first micro-batch of the last step
             t0 = time.perf_counter()
             epoch_t0, cache_seconds_left = loop.train_time - cache_seconds_left, 0.0  # epoch 1 pays for the cache
+            # A run resumed from its last checkpoint of an epoch has no batch left in it: accelerate
+            # before 1.9 yields None from an empty loader instead of stopping, so do not iterate it
+            remaining = loader if loop.batch < n_batches else ()
             with prefix.active() if prefix is not None and train_store is not None else contextlib.nullcontext():
-                for batch in loader:
+                for batch in remaining:
                     inputs = {k: batch[k] for k in STEP_INPUTS if k in batch}
                     if step_graphs is not None:
                         pending["loss"] += step_graphs(inputs)  # zeroes the gradients first
