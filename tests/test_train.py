@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,12 @@ def test_gradient_accumulation_and_bert(tiny_bert, agnews_files, tmp_path):
     result = train(cfg)
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["optimizer_steps"] == 2  # 40 rows / 16 = 3 micro-batches -> ceil(3 / 2)
-    assert result.trainable_params == info["params"]["trainable"]
+    # against the adapter written (every trainable tensor, LoRA and head), not against the count
+    # both figures above come from
+    from safetensors.torch import load_file as load
+
+    saved = sum(t.numel() for t in load(tmp_path / "r" / "adapter" / "adapter_model.safetensors").values())
+    assert result.trainable_params == info["params"]["trainable"] == saved
 
 
 def test_over_budget_writes_nothing(tiny_roberta, agnews_files, tmp_path):
@@ -262,7 +268,8 @@ def test_usable_length_follows_the_position_table(roberta_base_arch, tiny_bert):
 
 
 @pytest.mark.parametrize("damage,expected", [
-    ("no_tokenizer", "no vocabulary beyond its 5 special tokens"),
+    # transformers 5 loads such a folder as special tokens only; transformers 4 fails to load it
+    ("no_tokenizer", "(no vocabulary beyond its 5 special tokens|has no vocabulary files) \\(tokenizer files missing"),
     ("no_weights", "no *.safetensors weights"),
     ("truncated_weights", "weights file is damaged"),
 ])
@@ -284,7 +291,7 @@ def test_broken_model_folder_fails_before_the_run_folder(tiny_roberta, agnews_fi
         w = model / "model.safetensors"
         w.write_bytes(w.read_bytes()[:100])
     out = tmp_path / "run"
-    with pytest.raises(ModelError, match=expected.replace("*", r"\*")):
+    with pytest.raises(ModelError, match=expected if damage == "no_tokenizer" else re.escape(expected)):
         train(load_config(SEED, tiny_overrides(model, agnews_files, out, **{"train.epochs": 1})))
     assert not out.exists()
 

@@ -73,18 +73,33 @@ def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=None if path else mcfg.revision,
                                                   trust_remote_code=mcfg.trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    # ImportError: transformers 4 reports a folder without vocabulary files as a missing protobuf
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         if path is not None:  # a run's own copy: the run is damaged, not the base model
             raise ModelError(f"cannot load the run's tokenizer ({brief(e, 160)})",
                              where=str(path), fix="restore the run's tokenizer folder from a copy, or train again") from None
+        folder = Path(source)
+        if folder.is_dir() and not any(_is_vocabulary_file(f.name) for f in folder.iterdir()):
+            raise _no_vocabulary(source, "has no vocabulary files", "model.name_or_path") from None
         raise _load_error("tokenizer", mcfg, e) from None
-    # A folder without tokenizer files loads as a tokenizer of special tokens only, which turns
-    # every text into <s></s> (or [UNK]s): a run would train to chance and call itself complete.
+    # A folder without tokenizer files loads (transformers 5) as a tokenizer of special tokens
+    # only, which turns every text into <s></s> (or [UNK]s): a run would train to chance and call
+    # itself complete.
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
-        raise ModelError(f"the tokenizer of '{source}' has no vocabulary beyond its {len(tokenizer)} special tokens "
-                         "(tokenizer files missing?)", where="model.name_or_path" if path is None else str(path),
-                         fix="add the model's tokenizer files (tokenizer.json, or vocab/merges files) to the folder")
+        raise _no_vocabulary(source, f"has no vocabulary beyond its {len(tokenizer)} special tokens",
+                             "model.name_or_path" if path is None else str(path))
     return tokenizer
+
+
+def _is_vocabulary_file(name: str) -> bool:
+    """A file a tokenizer takes its vocabulary from: tokenizer.json, vocab/merges files (BPE,
+    WordPiece), sentencepiece models."""
+    return name == "tokenizer.json" or name.startswith(("vocab", "merges")) or name.endswith((".model", ".tiktoken"))
+
+
+def _no_vocabulary(source: str, what: str, where: str) -> ModelError:
+    return ModelError(f"the tokenizer of '{source}' {what} (tokenizer files missing?)", where=where,
+                      fix="add the model's tokenizer files (tokenizer.json, or vocab/merges files) to the folder")
 
 
 # Architectures whose position ids start after the padding index (fairseq's convention):
