@@ -550,8 +550,10 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     async def _library(request: Request, exc: LoraclfError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
 
+    # The routes' return annotations name no class imported here: older FastAPI resolves them in the
+    # module's namespace, where the lazily imported response classes are missing
     @app.post("/predict", response_model=PredictResponse, responses=errors, summary="classify one text or several")
-    async def predict(req: PredictRequest) -> JSONResponse:
+    async def predict(req: PredictRequest) -> Any:
         texts = check_request(req, limits, len(predictor.label_names))
         # Returned as a response, the result skips FastAPI's re-validation through PredictResponse:
         # Predictor.predict already builds that shape, and under load every request's cost counts.
@@ -577,7 +579,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     page = render_page(predictor.label_names, examples or {}, info, limits)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
+    async def index() -> Any:
         return HTMLResponse(page)
 
     app.add_middleware(_RequestGuard, limits=limits, uploads=uploads)  # outermost: before any parsing
