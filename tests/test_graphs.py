@@ -138,11 +138,14 @@ def test_training_with_graphs_equals_training_without(compiled, layers, tiny_rob
     eager) trains the same adapter as the plain loop with the same padding; with train.compile
     the captured step runs the compiled layers; with a frozen prefix it starts from the cached
     hidden states, fed through a static buffer."""
-    backend = Rerun()
+    from test_train import _spy_compile
+
+    backend, compiled_blocks = Rerun(), _spy_compile(monkeypatch)
     runs = _train_modes(tiny_roberta, agnews_files, tmp_path, monkeypatch, backend, (False, True),
                         **{"train.compile": compiled, "train.epochs": 1 if compiled else 2,
                            "data.max_train_samples": 48 if compiled else 64, "lora.layers": layers,
                            "train.max_grad_norm": 0.05})  # small: clipping acts
+    assert compiled_blocks == ([("RobertaLayer", True)] * 8 if compiled else [])  # 4 blocks, in each run
     (plain, plain_info), (graphed, graphed_info) = runs[False], runs[True]
     assert graphed_info["throughput"]["frozen_prefix_layers"] == (2 if layers else 0)
     assert backend.captures > 0 and plain_info["throughput"]["cuda_graphs"] is None

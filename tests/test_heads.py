@@ -146,6 +146,16 @@ def _save_tiny(kind: str, path: Path) -> Path:
     return path
 
 
+def _as_if_trained(model):
+    """Every trainable weight random: LoRA B starts at zero, so an untrained adapter would pass a
+    save -> load comparison even if its LoRA matrices were never restored."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return model
+
+
 @pytest.mark.parametrize("kind, targets", [("distilbert", ["q_lin", "v_lin"]), ("gpt2", ["c_attn"]),
                                            ("mpnet", ["q", "v"])])
 def test_heads_on_other_architectures(tmp_path, kind, targets):
@@ -161,6 +171,7 @@ def test_heads_on_other_architectures(tmp_path, kind, targets):
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         b = budget.count(cfg, LABELS)
         assert b.trainable == n_trainable
+        _as_if_trained(model)
         if head in ("linear", "mean"):
             assert b.head_total == 32 * 4 + 4  # DistilBERT's pre_classifier is not trained for nothing
         ids, mask = _batch(1)
@@ -200,7 +211,7 @@ def test_a_default_head_the_checkpoint_lacks_is_refused(tmp_path):
         check_weights(cfg.model, mc)
     cfg = _cfg(tmp_path / "deberta", "linear", **{"lora.target_modules": ["query_proj", "value_proj"], "lora.r": 2})
     check_weights(cfg.model, mc)
-    model = build_model(cfg.model, cfg.lora, mc).eval()  # the linear head replaces pooler + classifier
+    model = _as_if_trained(build_model(cfg.model, cfg.lora, mc).eval())  # the linear head replaces pooler + classifier
     ids, mask = _batch(1)
     model.save_pretrained(tmp_path / "adapter")
     loaded = load_adapter(load_base(cfg.model, mc), tmp_path / "adapter").eval()

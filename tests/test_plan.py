@@ -135,10 +135,15 @@ def test_plan_counts_equal_built_model_on_other_architectures(tmp_path, kind, ro
     _assert_counts_match(base, _sample(plans, 6), 20_000)
 
 
-def test_dora_counts(roberta_base_arch):
+def test_dora_counts(roberta_base_arch, tmp_path):
     base = _base(roberta_base_arch, **{"lora.use_dora": True})
     _, plans = planner.make_plans(base, LABELS, 1_000_000)
     _assert_counts_match(base, plans[:2] + [p for p in plans if p.role_set == "qv"][:1], 1_000_000)
+    # DoRA adds a magnitude per output feature: on RoBERTa every role set has as many inputs as
+    # outputs, so only a model whose FFN projections widen and narrow (LLaMA's) tells them apart
+    llama = _base(_arch_dir(tmp_path, "llama"), **{"lora.use_dora": True})
+    _, plans = planner.make_plans(llama, LABELS, 20_000, min_rank=1)
+    _assert_counts_match(llama, [p for p in plans if any(s.role == "ffn_in" for s in p.sites)][:4], 20_000)
 
 
 def test_small_budgets_and_nothing_fits(roberta_base_arch):

@@ -47,14 +47,21 @@ def test_bf16_training_keeps_trainable_weights_fp32_and_learns(tiny_roberta, agn
     assert info["precision"] == "bf16" and info["status"] == "complete"
     from safetensors.torch import load_file
 
-    assert {t.dtype for t in load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors").values()} == {
-        torch.float32}
+    adapter = load_file(tmp_path / "r" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    # ... and the optimizer stepped them: every LoRA B moved from its zero start
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
-def test_precision_choice():
-    assert choose_precision("fp32", torch.device("cpu")) == "fp32"
-    assert choose_precision("bf16", torch.device("cpu")) == "bf16"  # emulated when asked explicitly
-    assert choose_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+def test_precision_choice(monkeypatch):
+    import loraclf.precision
+
+    cpu = torch.device("cpu")
+    for native, auto in ((True, "bf16"), (False, "fp32")):  # AMX / avx512_bf16, or neither
+        monkeypatch.setattr(loraclf.precision, "cpu_has_native_bf16", lambda native=native: native)
+        assert choose_precision("auto", cpu) == auto
+        assert choose_precision("fp32", cpu) == "fp32"
+        assert choose_precision("bf16", cpu) == "bf16"  # emulated when asked explicitly
 
 
 def test_auto_does_not_pick_emulated_bf16_on_a_pre_ampere_gpu(monkeypatch):

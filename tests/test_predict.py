@@ -62,9 +62,23 @@ def test_bf16_predictions_agree_with_fp32(trained_run, predictor):
     np.testing.assert_allclose(logits, predictor.logits(TEXTS), atol=0.1)
 
 
-def test_token_budget_batches_give_the_same_logits(trained_run, predictor):
+def test_token_budget_batches_give_the_same_logits(trained_run, predictor, monkeypatch):
+    import loraclf.predict
+
     budgeted = Predictor.from_run(trained_run, batch_size=64, precision="fp32", max_tokens=12)
-    np.testing.assert_allclose(budgeted.logits(TEXTS), predictor.logits(TEXTS), rtol=1e-5, atol=1e-5)
+    expected = predictor.logits(TEXTS)
+    batches, cut = [], loraclf.predict.sorted_batches
+
+    def spy(lengths, *args):
+        out = cut(lengths, *args)
+        batches.extend([lengths[i] for i in idx] for idx in out)
+        return out
+
+    monkeypatch.setattr(loraclf.predict, "sorted_batches", spy)
+    np.testing.assert_allclose(budgeted.logits(TEXTS), expected, rtol=1e-5, atol=1e-5)
+    # the budget cut the texts into several batches of at most 12 padded tokens (one row may pass it)
+    assert len(batches) > 1 and sum(map(len, batches)) == len(TEXTS)
+    assert all(len(b) * max(b) <= 12 or len(b) == 1 for b in batches)
 
 
 def test_classification_metrics_against_hand_computed():

@@ -66,15 +66,26 @@ def _run(tiny_roberta, agnews_files, out, **extra):
 
 
 def test_cached_run_equals_uncached_run_with_prefix_in_eval_mode(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
+
+    # Whether the real embeddings run in a training step (with gradients on): with the cache
+    # in use they must not, or the run only built the cache and computed the prefix anyway.
+    with_grad: list[bool] = []
+    embed = RobertaEmbeddings.forward
+    monkeypatch.setattr(RobertaEmbeddings, "forward",
+                        lambda self, *a, **k: with_grad.append(torch.is_grad_enabled()) or embed(self, *a, **k))
     # ram budget 0: the cache is memory-mapped on disk, the path large datasets take
     cached, info_c = _run(tiny_roberta, agnews_files, tmp_path / "cached", **{"train.prefix_cache_ram_mb": 0})
     assert info_c["throughput"]["frozen_prefix_layers"] == 2
+    assert with_grad and not any(with_grad)  # the cache pass and the test set ran them, no step did
     assert not list((tmp_path / "cached").glob(".prefix-cache-*"))  # the memory map is deleted
     plain, info_p = _run(tiny_roberta, agnews_files, tmp_path / "plain", **{"train.cache_frozen_prefix": False})
     assert info_p["throughput"]["frozen_prefix_layers"] == 0
     monkeypatch.setattr(FrozenPrefix, "skip", False)  # prefix in eval mode, computed every step
+    with_grad.clear()
     reference, info_r = _run(tiny_roberta, agnews_files, tmp_path / "reference")
     assert info_r["throughput"]["frozen_prefix_layers"] == 0
+    assert any(with_grad)  # the check above can fail: without the cache every step runs them
 
     assert cached.keys() == reference.keys()
     for k in cached:

@@ -6,6 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
+from loraclf import checkpoint
 from loraclf.config import load_config
 from loraclf.errors import BudgetError, RunError
 from loraclf.runs import open_run
@@ -122,17 +123,34 @@ def _without_dropout(model: Path, dest: Path) -> Path:
     return dest
 
 
-def test_compiled_training_matches_eager(tiny_roberta, agnews_files, tmp_path):
+def _spy_compile(monkeypatch) -> list[tuple[str, bool]]:
+    """(class name, dynamic) of every module compiled from now on, compiled as usual."""
+    import torch
+
+    calls, compile_ = [], torch.nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        calls.append((type(self).__name__, kwargs.get("dynamic")))
+        return compile_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
+    return calls
+
+
+def test_compiled_training_matches_eager(tiny_roberta, agnews_files, tmp_path, monkeypatch):
     import torch
 
     # compiled kernels draw dropout masks with their own generator: compare without dropout
     model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
-    weights = {}
+    weights, compiled = {}, _spy_compile(monkeypatch)
     for comp in (False, True):
         cfg = load_config(SEED, tiny_overrides(model, agnews_files, tmp_path / str(comp),
                                                **{"train.compile": comp, "train.epochs": 1, "lora.dropout": 0.0,
                                                   "data.max_train_samples": 48}))
+        compiled.clear()
         train(cfg)
+        # each of the 4 blocks compiled, with dynamic shapes (every length-grouped batch has its own)
+        assert compiled == ([("RobertaLayer", True)] * 4 if comp else [])
         weights[comp] = load_file(tmp_path / str(comp) / "adapter" / "adapter_model.safetensors")
     # the same parameter names (no "_orig_mod."), so the adapter loads like an eager run's
     assert weights[True].keys() == weights[False].keys()
@@ -165,6 +183,7 @@ def test_fused_accumulation_trains_the_same_adapter(tiny_roberta, agnews_files, 
         train(cfg)
         weights[fused] = load_file(tmp_path / str(fused) / "adapter" / "adapter_model.safetensors")
         steps[fused] = json.loads((tmp_path / str(fused) / "run.json").read_text())["optimizer_steps"]
+        assert checkpoint.load(checkpoint.latest(tmp_path / str(fused))).loop.fused is fused
     assert steps[True] == steps[False] == 6
     for k in weights[True]:
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-5, rtol=1e-4)
@@ -188,21 +207,37 @@ def test_fused_accumulation_keeps_the_token_budget_of_a_step(tiny_roberta, agnew
     assert steps[False] >= 3 and abs(steps[True] - steps[False]) <= max(1, steps[False] // 3)
 
 
-def test_padding_to_a_multiple_trains_the_same_adapter(tiny_roberta, agnews_files, tmp_path):
+def test_padding_to_a_multiple_trains_the_same_adapter(tiny_roberta, agnews_files, tmp_path, monkeypatch):
     import torch
 
     # Extra padding is masked out: without dropout, rounding batch widths up to a multiple of 16
     # must give the adapter of a run padded to each batch's longest row, and the same counts.
+    from loraclf.data import PadCollator
+
     model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
-    weights, runs_ = {}, {}
+    weights, runs_, widths = {}, {}, {}
+    collate = PadCollator.__call__
     for multiple in (None, 16):
         out = tmp_path / str(multiple)
+        seen = widths[multiple] = []  # (the collator's multiple, the batch's width)
+
+        def spy(self, items, seen=seen):
+            batch = collate(self, items)
+            seen.append((self.multiple, batch["input_ids"].shape[1]))
+            return batch
+
+        monkeypatch.setattr(PadCollator, "__call__", spy)
         train(load_config(SEED, tiny_overrides(model, agnews_files, out,
                                                **{"data.pad_to_multiple_of": multiple, "train.epochs": 1,
                                                   "lora.dropout": 0.0, "data.max_train_samples": 64})))
         weights[multiple] = load_file(out / "adapter" / "adapter_model.safetensors")
         runs_[multiple] = json.loads((out / "run.json").read_text())
     assert runs_[16]["optimizer_steps"] == runs_[None]["optimizer_steps"]
+    # the training batches really were rounded up (evaluation's are not: the option is for training),
+    # and the plain run's were not: the comparison means something
+    rounded = [w for m, w in widths[16] if m == 16]
+    assert rounded and all(w % 16 == 0 for w in rounded) and {m for m, _ in widths[None]} == {None}
+    assert any(w % 16 for _, w in widths[None])
     # real tokens are counted on the host, padding excluded
     assert runs_[16]["throughput"]["train_tokens_per_s"] * runs_[16]["throughput"]["train_seconds"] == \
         pytest.approx(runs_[None]["throughput"]["train_tokens_per_s"] * runs_[None]["throughput"]["train_seconds"])
