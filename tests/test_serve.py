@@ -416,6 +416,48 @@ def test_a_stalled_upload_is_answered_408_without_holding_others(predictor):
         assert time.monotonic() - t0 < 10
 
 
+class Slow(Spy):
+    """A Predictor stand-in that takes ``seconds`` per call."""
+
+    def __init__(self, predictor: Predictor, seconds: float):
+        super().__init__(predictor)
+        self.seconds = seconds
+
+    def predict(self, texts, top_k=1):
+        self.calls.append(len(texts))
+        time.sleep(self.seconds)
+        return self.inner.predict(texts, top_k)
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_requests_of_clients_that_left_are_not_computed(predictor, batching):
+    # uvicorn does not cancel a request whose client disconnects: every abandoned request still went
+    # through the model, and the clients still waiting waited behind them (clients that time out and
+    # retry under load multiply the work).
+    slow = Slow(predictor, 0.5)
+    app = create_app(slow, micro_batching=batching, max_batch=8)
+    with ThreadServer(app) as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            busy = threading.Thread(target=c.post, args=("/predict",), kwargs={"json": {"text": TEXTS[0]}})
+            busy.start()  # holds the model for 0.5 s while the others queue behind it
+            deadline = time.monotonic() + 10
+            while not slow.calls and time.monotonic() < deadline:
+                time.sleep(0.005)
+            for _ in range(6):  # 6 x 8 texts, then gone
+                _raw_post(port, {"texts": TEXTS[:1] * 8}).close()
+            time.sleep(0.2)  # the server sees them arrive and their clients leave
+            t0 = time.monotonic()
+            r = c.post("/predict", json={"text": TEXTS[1]})
+            waited = time.monotonic() - t0
+            busy.join()
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["label"] == predictor.predict(TEXTS[1:2])[0]["label"]
+        # only the busy request and the live one were computed; the live one did not wait 6 x 0.5 s
+        assert slow.calls == [1, 1] and waited < 1.5
+        assert httpx.get(srv.url + "/health").json()["pending_requests"] == 0
+
+
 def test_a_large_body_gets_the_json_413_not_a_reset(predictor):
     # Closing on 4 MB of unread body made the kernel reset the connection before the client read the 413.
     import http.client

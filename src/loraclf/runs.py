@@ -38,6 +38,7 @@ TOKENIZER_DIR = "tokenizer"
 CURVE_FILE = "learning_curve.png"
 EVAL_DIR = "eval"
 LOCK_FILE = ".lock"
+EXAMPLES_FILE = "examples.json"  # a few validation texts per class: the served page's example buttons
 
 
 def _umask() -> int:

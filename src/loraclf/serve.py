@@ -39,14 +39,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+# At module level, not in create_app: FastAPI resolves the routes' annotations (``request:
+# Request``, the return types) in this module's namespace. Only `loraclf serve` imports this module.
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .data import unicode_problem
 from .errors import LoraclfError, RunError
 from .predict import Predictor
-from .runs import Run, open_run
+from .runs import EXAMPLES_FILE, Run, open_run
 
-EXAMPLES_FILE = "examples.json"
 SHUTTING_DOWN = "the service is shutting down; retry on another instance"  # the 503 of a stopping service
 MAX_WAIT_MS = 10_000  # a longer wait to fill a micro-batch is a typo, and an infinite one hangs every request
 
@@ -220,6 +225,8 @@ class MicroBatcher:
     async def _next_batch(self) -> list[_Job]:
         assert self._queue is not None
         first = self._held or await self._queue.get()
+        while first.future.done():  # its client has gone while it waited
+            first = await self._queue.get()
         self._held = None
         batch, size = [first], len(first.texts)
         self._collecting = batch
@@ -237,6 +244,8 @@ class MicroBatcher:
                     job = await asyncio.wait_for(self._queue.get(), remaining)
                 except (asyncio.TimeoutError, TimeoutError):
                     break
+            if job.future.done():  # its client has gone: it takes no room in the batch
+                continue
             if size + len(job.texts) > self.max_batch:
                 self._held = job  # first in the next batch
                 break
@@ -458,6 +467,12 @@ class _RequestGuard:
             more = message.get("more_body", False)
 
 
+async def _client_gone(request: Any) -> None:
+    """Returns when the client of ``request`` (its body already read) disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _error(send: Any, status: int, message: str) -> None:
     """Answer ``{"error": message}`` with ``status`` and close the connection (its body may be unread)."""
     body = json.dumps({"error": message}).encode()
@@ -494,11 +509,6 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
                micro_batching: bool = True, max_batch: int = 64, max_wait_ms: float = 5.0) -> Any:
     """The FastAPI app serving ``predictor``; ``info`` (see :func:`run_info`) feeds ``/info``."""
     from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     limits = limits or Limits()
     info = dict(info or {})
@@ -550,14 +560,26 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     async def _library(request: Request, exc: LoraclfError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
 
-    # The routes' return annotations name no class imported here: older FastAPI resolves them in the
-    # module's namespace, where the lazily imported response classes are missing
     @app.post("/predict", response_model=PredictResponse, responses=errors, summary="classify one text or several")
-    async def predict(req: PredictRequest) -> Any:
+    async def predict(req: PredictRequest, request: Request) -> Response:
         texts = check_request(req, limits, len(predictor.label_names))
+        # uvicorn does not cancel a request whose client has gone (a timeout, a closed tab): watch
+        # for that, so that its texts leave the queue instead of delaying the clients still waiting
+        answer = asyncio.ensure_future(batcher.submit(texts, req.top_k))
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done() and gone.exception() is not None:
+                await answer  # the connection cannot be watched: answer as if it could not leave
+        finally:
+            gone.cancel()
+            if not answer.done():
+                answer.cancel()  # the client left, or this request was cancelled (a forced stop)
+        if answer.cancelled():
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         # Returned as a response, the result skips FastAPI's re-validation through PredictResponse:
         # Predictor.predict already builds that shape, and under load every request's cost counts.
-        return JSONResponse({"predictions": await batcher.submit(texts, req.top_k)})
+        return JSONResponse({"predictions": answer.result()})
 
     @app.head("/health", include_in_schema=False)  # what load balancers and uptime checks often send
     @app.get("/health", response_model=HealthResponse, summary="liveness")
@@ -579,7 +601,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     page = render_page(predictor.label_names, examples or {}, info, limits)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> Any:
+    async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
     app.add_middleware(_RequestGuard, limits=limits, uploads=uploads)  # outermost: before any parsing

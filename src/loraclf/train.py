@@ -583,7 +583,6 @@ def write_extras(run_dir: Path, splits: Splits, info: dict[str, Any], per_class:
     and report.html / report.md. A report that cannot be made is recorded in run.json
     (``report_error``), never a reason to lose a finished training."""
     from . import report
-    from .serve import EXAMPLES_FILE
 
     examples: dict[str, list[str]] = {n: [] for n in splits.label_names}
     for text, label in sorted(zip(splits.validation.texts, splits.validation.labels.tolist()),
@@ -591,7 +590,7 @@ def write_extras(run_dir: Path, splits: Splits, info: dict[str, Any], per_class:
         bucket = examples[splits.label_names[label]]
         if len(bucket) < per_class:
             bucket.append(text)
-    runs.write_json(run_dir / EXAMPLES_FILE, examples)
+    runs.write_json(run_dir / runs.EXAMPLES_FILE, examples)
     split, data = ("test", splits.test) if splits.test is not None else ("validation", splits.validation)
     try:
         report.write_report(run_dir, info=info, examples=data, split=split, source=data.source)
