@@ -190,6 +190,51 @@ def test_heads_on_other_architectures(tmp_path, kind, targets):
             assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, logits)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("head", ["linear", "lowrank"])
+def test_first_token_heads_read_the_last_real_token_of_a_causal_model(kind, head):
+    """On GPT-2 or Llama the first token has seen nothing else (it is BOS for every Llama text):
+    the linear and lowrank heads gave every text the same logits, and plan ranked linear first."""
+    from transformers import AutoModelForSequenceClassification, GPT2Config, LlamaConfig
+
+    from loraclf.heads import install_head
+
+    cfg = (GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, pad_token_id=0, num_labels=4) if kind == "gpt2"
+           else LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                            intermediate_size=64, vocab_size=100, pad_token_id=0, num_labels=4))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    install_head(model, head, cfg, 4 if head == "lowrank" else None)
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 60, 70, 0, 0]])  # the same first token; the second is padded
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[1:, :3], attention_mask=mask[1:, :3]).logits
+    assert not torch.allclose(both[0], both[1])
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-4)  # padding after the text changes nothing
+
+
+def test_mean_head_is_refused_where_the_sequence_is_pooled_between_blocks(tmp_path):
+    """Funnel shortens its sequence: mean pooling cut the mask to the pooled length, and the same
+    text gave logits 0.5 apart padded and unpadded."""
+    from transformers import FunnelConfig, FunnelModel
+
+    from loraclf.errors import ModelError
+
+    FunnelModel(FunnelConfig(vocab_size=80, block_sizes=[1, 1], d_model=32, n_head=2, d_head=16, d_inner=64,
+                             pad_token_id=1)).save_pretrained(tmp_path / "funnel")
+    cfg = _cfg(tmp_path / "funnel", "mean", **{"lora.target_modules": ["q_head"], "lora.r": 2})
+    with pytest.raises(ModelError, match="model.head mean cannot pool Funnel"):
+        build_model(cfg.model, cfg.lora, load_model_config(cfg.model, LABELS))
+    # any other model that does the same is refused at its first forward, not pooled wrongly
+    from loraclf.heads import LinearHead, _Tap
+
+    head = LinearHead(_Tap(), False, 4, 2, 0.0, "mean", 0.02)
+    with pytest.raises(ModelError, match="3 hidden states for 5 tokens"):
+        head.pool(torch.zeros(1, 3, 4), torch.ones(1, 5))
+
+
 def test_a_default_head_the_checkpoint_lacks_is_refused(tmp_path):
     """DeBERTa-v2's own head is a pooler (hidden x hidden) plus the classifier. A base checkpoint
     has neither; PEFT trains and saves only the classifier, so the pooler stayed random, frozen and

@@ -58,7 +58,7 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     head: Literal["default", "linear", "mean", "lowrank"] = Field(
         "default", description="classification head: default = the model's own; linear = one linear layer on the "
-        "first token; mean = one linear layer on the mean of non-pad tokens; lowrank = the model's own head shape "
+        "first token (the last real one on causal models: GPT-2, Llama...); mean = one linear layer on the mean of non-pad tokens; lowrank = the model's own head shape "
         "with its dense layer factorised at rank head_rank"
     )
     head_rank: int | None = Field(None, gt=0, description="rank of the factorised dense layer (head: lowrank only; "

@@ -3,9 +3,10 @@
 ``model.head``:
     default   the model's own head, untouched (roberta-base: dense 768x768 + out_proj 768xC
               = 593,668 parameters for 4 classes; BERT: a linear layer on the pooler output)
-    linear    one linear layer on the first token's final hidden state: H*C + C (3,076)
+    linear    one linear layer on the first token's final hidden state: H*C + C (3,076); on a
+              causal model (GPT-2, Llama...) the last real token's, the only one that saw the text
     mean      one linear layer on the mean of the final hidden states over non-pad tokens: H*C + C
-    lowrank   the RoBERTa-style two-layer head (first token -> dense -> tanh -> out_proj) with
+    lowrank   the RoBERTa-style two-layer head (first token, as linear -> dense -> tanh -> out_proj) with
               the HxH dense factorised as up(down(x)), rank k = ``model.head_rank``:
               H*k + k*H + H + H*C + C
 
@@ -82,11 +83,25 @@ class _TappedHead(nn.Module):
         self.per_token = per_token
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.pooling == "first":
+        """[B, T, H] hidden states, [B, T] attention mask -> [B, H]."""
+        if self.pooling == "first" and not self.per_token:
             return hidden[:, 0]
+        if mask is not None and mask.shape[1] != hidden.shape[1]:
+            # a model that pools its sequence between blocks (Funnel): the mask no longer lines up
+            raise ModelError(f"the model returns {hidden.shape[1]} hidden states for {mask.shape[1]} tokens: "
+                             "the head cannot tell its real tokens from padding", where="model.head",
+                             fix="use model.head linear or default with this model")
+        if self.pooling == "first":
+            # A causal model (the classifiers applied per token: GPT-2, Llama...): only the last
+            # real token has seen the whole text; the first is the same for every text (BOS).
+            if mask is None:
+                return hidden[:, -1]
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (mask.to(positions.dtype) * positions).argmax(dim=1)  # right or left padding alike
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         if mask is None:
             return hidden.mean(dim=1)
-        m = mask[:, : hidden.shape[1]].to(hidden.dtype).unsqueeze(-1)
+        m = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -207,6 +222,10 @@ def install_head(model: nn.Module, kind: str, config: PretrainedConfig, rank: in
     """Replace ``model``'s classifier by a ``kind`` head (nothing for ``default``). Call before PEFT."""
     if kind == "default":
         return
+    if kind == "mean" and getattr(config, "model_type", None) == "funnel":  # (see _TappedHead.pool)
+        raise ModelError("model.head mean cannot pool Funnel's hidden states: it shortens the sequence between "
+                         "blocks, so they no longer line up with the attention mask", where="model.head",
+                         fix="use model.head linear or default with this model")
     attr = classifier_attr(model)
     backbone = _backbone(model)
     old = getattr(model, attr)
