@@ -296,3 +296,64 @@ def test_plan_leaves_out_a_default_head_the_checkpoint_lacks(tiny_roberta, tmp_p
     assert main(base[:2] + [str(tiny_roberta)] + base[3:]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["heads_left_out"] == {} and "default" in doc["heads"]
+
+
+def test_plan_and_params_on_a_model_without_such_a_classifier_are_one_line(tmp_path, capsys):
+    """A config transformers has no sequence-classification model for (ViT) was a traceback."""
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "vit")
+    for cmd in ("plan", "params"):
+        assert main([cmd, "--model.name_or_path", str(tmp_path / "vit"), "--data.label_names", '["a", "b"]']) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "cannot build a sequence-classification model from the config of" in err
+
+
+def test_plan_leaves_out_heads_the_model_has_no_place_for(tmp_path, capsys):
+    """BART's classifier sits in a head of its own (no ``classifier``/``score`` attribute): the
+    replacement heads cannot be installed, and the whole plan failed with a hint for train."""
+    from transformers import BartConfig
+
+    BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64).save_pretrained(tmp_path / "bart")
+    base = ["plan", "--model.name_or_path", str(tmp_path / "bart"), "--data.label_names", json.dumps(LABELS),
+            "--budget", "20000", "--top", "0", "--json", "--min-rank", "1"]
+    assert main(base) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["heads_left_out"]) == set(planner.DEFAULT_HEADS) - {"default"}
+    assert "cannot find the classifier" in doc["heads_left_out"]["linear"]
+    assert doc["plans"] and {p["head"] for p in doc["plans"]} == {"default"}
+    assert main(base + ["--heads", "linear,mean"]) == 2
+    err = capsys.readouterr().err
+    assert "--heads linear: cannot find the classifier" in err and "fix: plan with --heads default" in err
+
+
+def test_the_same_head_named_twice_is_planned_once(tiny_roberta, capsys):
+    base = ["plan", "--model.name_or_path", str(tiny_roberta), "--data.label_names", json.dumps(LABELS),
+            "--budget", "20000", "--top", "0", "--json", "--heads", "lowrank,lowrank:16,linear,linear"]
+    assert main(base) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert list(doc["heads"]) == ["lowrank", "linear"]
+
+
+def test_a_plan_on_layer_0_written_from_a_recipe_that_insists_on_the_prefix_cache_trains(
+        tiny_roberta, agnews_files, tmp_path, capsys, monkeypatch):
+    """train.cache_frozen_prefix true in the base recipe, a plan that adapts layer 0: the written
+    file was refused by train ("no frozen prefix to cache")."""
+    monkeypatch.chdir(tmp_path)  # the written plan trains into runs/<its name>
+    base_cfg = tmp_path / "base.yaml"
+    o = tiny_overrides(tiny_roberta, agnews_files, tmp_path / "run", **{"train.epochs": 1,
+                                                                        "train.cache_frozen_prefix": True,
+                                                                        "data.max_train_samples": 32})
+    doc: dict = {}
+    for key, value in o.items():
+        section, name = key.split(".")
+        doc.setdefault(section, {})[name] = value
+    base_cfg.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--config", str(base_cfg), "--budget", "9000", "--min-rank", "2", "--write", str(out)]) == 0
+    written = yaml.safe_load(out.read_text())
+    assert 0 in (written["lora"]["layers"] or [0]) and written["train"]["cache_frozen_prefix"] is None
+    capsys.readouterr()
+    assert main(["train", "--config", str(out)]) == 0

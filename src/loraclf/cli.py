@@ -283,6 +283,18 @@ def _plan_run_dir(write: str, base_dir: str) -> str:
     return f"{out}-plan" if same else out
 
 
+def _distinct_heads(specs: Any) -> tuple[str, ...]:
+    """Each head once, in the order given: ``lowrank`` and ``lowrank:16`` are the same head."""
+    from .heads import DEFAULT_HEAD_RANK
+
+    seen: dict[str, str] = {}
+    for spec in specs:
+        kind, _, rank = spec.partition(":")
+        key = f"lowrank:{rank or DEFAULT_HEAD_RANK}" if kind == "lowrank" else spec
+        seen.setdefault(key, spec)
+    return tuple(seen.values())
+
+
 def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from . import budget as budget_mod
     from . import plan as planner
@@ -291,7 +303,7 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     cfg = load_config(args.config, overrides)
     budget = cfg.train.max_trainable_params if args.budget is None else args.budget
-    heads = tuple(dict.fromkeys(h.strip() for h in args.heads.split(",") if h.strip()))  # each once, in order
+    heads = _distinct_heads(h.strip() for h in args.heads.split(",") if h.strip())
     if args.pick is not None and not args.write:
         raise ConfigError(["--pick chooses what --write writes; give --write FILE too"], where="command line")
     pick = 1 if args.pick is None else args.pick
@@ -310,8 +322,11 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     names = cfg.data.label_names or load_splits(cfg.data, need_test=False).label_names
     left_out = planner.unusable_heads(cfg, names, heads)
     if left_out and not (heads := tuple(h for h in heads if h not in left_out)):
-        raise ConfigError([f"--heads {', '.join(left_out)}: {'; '.join(left_out.values())}"], where="command line",
-                          fix="plan with --heads linear (or mean, lowrank:K), which replace the model's own head")
+        others = [h for h in ("linear", "mean", "lowrank", "default") if h not in left_out
+                  and not planner.unusable_heads(cfg, names, (h,))]
+        raise ConfigError([f"--heads {spec}: {why}" for spec, why in left_out.items()], where="command line",
+                          fix=f"plan with --heads {','.join(others)}" if others else
+                          "this model has no head loraclf can train; choose another model")
     arch, plans = planner.make_plans(cfg, names, budget, heads, args.min_rank, args.max_rank)
     if not plans:
         raise BudgetError(f"nothing fits a budget of {budget:,} with LoRA rank >= {args.min_rank}",

@@ -220,13 +220,26 @@ def _check_targets(model: torch.nn.Module, lcfg: LoraSettings) -> None:
                          fix=f"match the end of module names, e.g. 'intermediate.dense' (linear layers: {leaf_names})")
 
 
+def skeleton(mcfg: ModelConfig, config: PretrainedConfig, head: str, head_rank: int | None) -> torch.nn.Module:
+    """The sequence-classification model of ``config`` with ``head`` installed, on the meta
+    device: the layout and parameter counts, no weights, no memory."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=mcfg.trust_remote_code)
+    # what transformers raises for a config it has no such model for (ViT), or cannot build
+    except (ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
+        raise ModelError(f"cannot build a sequence-classification model from the config of '{mcfg.name_or_path}' "
+                         f"({brief(e, 200)})", where="model.name_or_path",
+                         fix="use a text encoder that transformers' AutoModelForSequenceClassification supports") from None
+    install_head(model, head, config, head_rank)
+    return model
+
+
 def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig, meta: bool = False) -> PeftModel:
     """Base model + LoRA with only LoRA and the head trainable. ``meta``: no weights, no memory."""
     check_layers(lcfg, config)
     if meta:
-        with torch.device("meta"):
-            base = AutoModelForSequenceClassification.from_config(config, trust_remote_code=mcfg.trust_remote_code)
-            install_head(base, mcfg.head, config, mcfg.head_rank)
+        base = skeleton(mcfg, config, mcfg.head, mcfg.head_rank)
     else:
         base = load_base(mcfg, config)
     _check_targets(base, lcfg)

@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, PretrainedConfig
+from transformers import PretrainedConfig
 
 from .config import Config, build_config
 from .errors import BudgetError, ModelError, first_few
-from .heads import DEFAULT_HEAD_RANK, HEADS, classifier_attr, install_head, trained_head_params
-from .model import default_head_gaps, find_blocks, is_linear, load_model_config, num_layers
+from .heads import DEFAULT_HEAD_RANK, HEADS, classifier_attr, trained_head_params
+from .model import default_head_gaps, find_blocks, is_linear, load_model_config, num_layers, skeleton
 from .runs import write_text
 
 DEFAULT_HEADS = ("linear", "mean", f"lowrank:{DEFAULT_HEAD_RANK}", "default")
@@ -220,10 +220,7 @@ def analyze(cfg: Config, label_names: list[str], heads: tuple[str, ...] = DEFAUL
     config = load_model_config(cfg.model, label_names)
 
     def build(head: str = "default", rank: int | None = None) -> torch.nn.Module:
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-            install_head(model, head, config, rank)
-        return model
+        return skeleton(cfg.model, config, head, rank)
 
     arch = analyze_model(build(), config)
     for spec in heads:
@@ -391,20 +388,34 @@ def plan_config(base: Config, plan: Plan, budget: int, output_dir: str | None = 
     doc["model"].update(head=plan.head, head_rank=plan.head_rank)
     doc["lora"].update(plan.lora_settings(per_rank, lcfg.alpha))
     doc["train"]["max_trainable_params"] = budget
+    if doc["train"].get("cache_frozen_prefix") is True and min(plan.layers) == 0:
+        # true insists on a frozen prefix, which a plan adapting layer 0 leaves none of: train
+        # would refuse the written file. null caches where there is a prefix.
+        doc["train"]["cache_frozen_prefix"] = None
     return build_config(doc, where="plan")
 
 
 def unusable_heads(cfg: Config, label_names: list[str], heads: tuple[str, ...]) -> dict[str, str]:
-    """Heads among ``heads`` that training would refuse for this checkpoint, with why: the model's
-    own head where a local checkpoint lacks its weights (DeBERTa's pooler). Counting alone would
-    rank such a plan, and the written config would then fail in ``train``."""
-    if "default" not in heads:
-        return {}
-    gaps = default_head_gaps(cfg.model, load_model_config(cfg.model, label_names))
-    if not gaps:
-        return {}
-    return {"default": f"the checkpoint lacks its weights ({first_few(gaps)}), which would stay random "
-                       "(train refuses it)"}
+    """Heads among ``heads`` that training would refuse for this model, with why: the model's own
+    head where a local checkpoint lacks its weights (DeBERTa's pooler), a replacement head the
+    model has no place for (BART, T5, XLNet...). Counting alone would rank such a plan, and the
+    written config would then fail in ``train``."""
+    config = load_model_config(cfg.model, label_names)
+    out = {}
+    for spec in heads:
+        if spec == "default":
+            gaps = default_head_gaps(cfg.model, config)
+            if gaps:
+                out[spec] = f"the checkpoint lacks its weights ({first_few(gaps)}), which would stay random " \
+                            "(train refuses it)"
+            continue
+        try:
+            skeleton(cfg.model, config, *parse_head(spec))
+        except ModelError as e:
+            if e.where != "model.head":
+                raise  # the model itself cannot be built: no head would do
+            out[spec] = e.what
+    return out
 
 
 def make_plans(cfg: Config, label_names: list[str], budget: int, heads: tuple[str, ...] = DEFAULT_HEADS,
