@@ -498,6 +498,26 @@ def test_cli_serve_on_a_busy_port_fails_before_loading_the_model(trained_run, ca
     assert "cannot listen on 127.0.0.1" in err and "\n" not in err
 
 
+@pytest.mark.parametrize("stdout, code, line", [("/dev/full", 1, "No space left on device"), ("closed pipe", 141, "")])
+def test_cli_serve_whose_first_line_cannot_be_written_stops_quietly(trained_run, stdout, code, line):
+    """`loraclf serve RUN | true` (or into a full disk): the "serving ..." line failed inside
+    uvicorn's startup, which printed a 35-line traceback before the error."""
+    cmd = [sys.executable, "-m", "loraclf.cli", "serve", str(trained_run), "--port", "0", "--precision", "fp32"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if stdout == "/dev/full":
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    else:
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone before the first line
+        try:
+            proc = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+        finally:
+            os.close(write)
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+    assert line in proc.stderr and len(proc.stderr.strip().splitlines()) <= 1
+
+
 def _raw_post(port: int, body: dict) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     data = json.dumps(body).encode()

@@ -764,12 +764,18 @@ def run_server(app: Any, sock: socket.socket, log_level: str = "warning",
 
     class Server(uvicorn.Server):
         loop: asyncio.AbstractEventLoop | None = None
+        started_error: BaseException | None = None
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             self.loop = asyncio.get_running_loop()
             await super().startup(sockets=sockets)
             if self.started and on_started is not None:
-                on_started()
+                try:
+                    on_started()
+                except Exception as e:  # noqa: BLE001 - e.g. its line into a closed pipe or a full disk
+                    # raised here, it would end in uvicorn's lifespan traceback; stop cleanly and
+                    # give it to the caller once the server is down
+                    self.started_error, self.should_exit = e, True
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
@@ -802,4 +808,6 @@ def run_server(app: Any, sock: socket.socket, log_level: str = "warning",
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if server.started_error is not None:
+        raise server.started_error
     return server.force_exit
