@@ -77,6 +77,7 @@ def test_health_and_info(client, trained_run):
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["micro_batching"] is True
     assert r.json()["pending_requests"] == 0
     assert client.head("/health").status_code == 200  # what load balancers and uptime checks send
+    assert client.head("/").status_code == client.head("/info").status_code == 200  # they were 405
     info = client.get("/info").json()
     run = json.loads((trained_run / "run.json").read_text())
     assert info["labels"] == run["label_names"]
@@ -470,6 +471,19 @@ def test_a_large_body_gets_the_json_413_not_a_reset(predictor):
         r = conn.getresponse()
         assert r.status == 413 and "larger than the limit of 20,000 bytes" in json.loads(r.read())["error"]
         conn.close()
+
+
+def test_a_client_that_expects_100_continue_gets_the_413_before_uploading(predictor):
+    # the server answered "100 Continue", read up to 16 MB of the refused body, then said 413
+    app = create_app(predictor, limits=Limits(max_body_bytes=20_000))
+    with ThreadServer(app) as srv:
+        sock = socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])), timeout=30)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 12000000\r\nExpect: 100-continue\r\n\r\n")
+        t0 = time.monotonic()
+        status, body = _raw_answer(sock)  # (the first status line: a 100 would come first)
+        assert status == 413 and "larger than the limit of 20,000 bytes" in body["error"]
+        assert time.monotonic() - t0 < 1.5  # not after waiting for a body that was never sent
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -420,9 +420,13 @@ class _RequestGuard:
         if self.uploads.closing:
             await _error(send, 503, SHUTTING_DOWN)
             return None
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._drain(receive, more=True)
+            # A client that sent "Expect: 100-continue" waits for leave to upload: none of the body
+            # is on its way, so answer now (reading would have the server invite the upload first)
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await self._drain(receive, more=True)
             await _error(send, 413, too_large)
             return None
         task = asyncio.current_task()
@@ -587,6 +591,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
         return {"status": "closing" if batcher.closing else "ok", "pending_requests": batcher.pending,
                 "micro_batching": batcher.enabled}
 
+    @app.head("/info", include_in_schema=False)
     @app.get("/info", response_model=InfoResponse, summary="the model behind the service")
     async def get_info() -> dict[str, Any]:
         return {"labels": list(predictor.label_names), "base_model": info.get("base_model"),
@@ -600,6 +605,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
 
     page = render_page(predictor.label_names, examples or {}, info, limits)
 
+    @app.head("/", include_in_schema=False)  # uptime checks often send HEAD /
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
