@@ -347,12 +347,12 @@ def test_micro_batch_wait_must_be_finite(predictor, wait):
 class ThreadServer:
     """uvicorn in a thread on 127.0.0.1 and a free port."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         import uvicorn
 
         self.sock = listen("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -457,6 +457,38 @@ def test_requests_of_clients_that_left_are_not_computed(predictor, batching):
         # only the busy request and the live one were computed; the live one did not wait 6 x 0.5 s
         assert slow.calls == [1, 1] and waited < 1.5
         assert httpx.get(srv.url + "/health").json()["pending_requests"] == 0
+
+
+def test_connections_without_a_whole_request_head_are_closed(predictor):
+    # uvicorn has no deadline on request heads: connections that sent nothing, or half a head,
+    # stayed open for ever, and a few hundred of them used up the file descriptors.
+    from loraclf.serve import http_protocol
+
+    app = create_app(predictor)
+    with ThreadServer(app, http=http_protocol(1.0), timeout_keep_alive=30) as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        half = socket.create_connection(("127.0.0.1", port), timeout=10)
+        half.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Le")
+        kept = socket.create_connection(("127.0.0.1", port), timeout=10)  # a keep-alive client, then half a head
+        body = json.dumps({"text": TEXTS[0]}).encode()
+        kept.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        first = b""
+        while b"\r\n\r\n" not in first or len(first.partition(b"\r\n\r\n")[2]) < int(
+                first.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
+            first += kept.recv(65536)  # the whole answer: it may come in several segments
+        assert first.startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /hea")
+        t0 = time.monotonic()
+        for sock in (idle, half, kept):
+            assert sock.recv(65536) == b""  # closed by the server (a recv timeout would raise)
+            sock.close()
+        assert time.monotonic() - t0 < 5
+        with httpx.Client(base_url=srv.url, timeout=30) as c:  # and the service still answers
+            r = c.post("/predict", json={"text": TEXTS[0]})
+            time.sleep(1.5)  # a keep-alive connection idle past the deadline between requests
+            assert r.status_code == 200 and c.post("/predict", json={"text": TEXTS[1]}).status_code == 200
 
 
 def test_a_large_body_gets_the_json_413_not_a_reset(predictor):

@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-text-chars", type=int, default=10_000, help="longest text, in characters")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body")
     sv.add_argument("--body-timeout", type=int, default=30,
-                    help="seconds a request body may take to arrive (408 beyond: a stalled client is dropped)")
+                    help="seconds a request's headers, then its body, may take to arrive (a stalled client is "
+                         "dropped; 408 for a body)")
     sv.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")

@@ -754,6 +754,45 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
                        fix="choose another --port (or --port 0 for a free one) or --host") from None
 
 
+def http_protocol(head_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline on request heads: a connection whose request line
+    and headers are not complete ``head_timeout_s`` after it opened, or after its previous
+    response, is closed. uvicorn times out neither (its keep-alive timer stops at the first byte),
+    so clients that connect and send nothing, or half a head, held their connections for ever, and
+    a few hundred of them used up the file descriptors: the service stopped answering anyone."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(head_timeout_s, self._head_overdue)
+
+        def _head_overdue(self) -> None:
+            # h11 leaves IDLE once a whole head has arrived; a request in progress is not touched
+            # (its body has the 408 of _RequestGuard, its answer takes what the model takes)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeadDeadline
+
+
 def run_server(app: Any, sock: socket.socket, log_level: str = "warning",
                on_started: Callable[[], None] | None = None,
                on_stopping: Callable[[bool], None] | None = None) -> bool:
@@ -780,8 +819,11 @@ def run_server(app: Any, sock: socket.socket, log_level: str = "warning",
                     on_started()
                 except Exception as e:  # noqa: BLE001 - e.g. its line into a closed pipe or a full disk
                     # raised here, it would end in uvicorn's lifespan traceback; stop cleanly and
-                    # give it to the caller once the server is down
-                    self.started_error, self.should_exit = e, True
+                    # give it to the caller once the server is down. Asked for on the next loop
+                    # turn: uvicorn before 0.30 skips its shutdown (and the app's) when should_exit
+                    # is already set as startup returns
+                    self.started_error = e
+                    self.loop.call_soon(setattr, self, "should_exit", True)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
@@ -803,7 +845,8 @@ def run_server(app: Any, sock: socket.socket, log_level: str = "warning",
             if self.force_exit:  # uvicorn skips the app's shutdown then, and its cancelled lifespan logs a traceback
                 await self.lifespan.shutdown()
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30, access_log=False)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30, access_log=False,
+                            http=http_protocol(app.state.limits.body_timeout_s))
     server = Server(config)
     # uvicorn handles SIGINT/SIGTERM (graceful shutdown), then re-raises the signal to the handler
     # it found. Finding this one, a stop asked for by a signal returns here as a normal end.
