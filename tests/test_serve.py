@@ -125,6 +125,7 @@ def test_predict_one_and_many_match_predictor(client, predictor):
     ({"texts": ["ok", "\udcff x"]}, 422, "text 2 is not valid Unicode"),
     ({"text": 5}, 422, "text"),
     ({"texts": "not a list"}, 422, "texts"),
+    ({"texts": ["a", 5]}, 422, "text 2: Input should be a valid string"),  # was "texts.1" (from 0)
     ({"txt": "typo"}, 422, 'unknown field "txt"'),
 ])
 def test_bad_requests_are_clear_json_4xx(client, body, status, needle):

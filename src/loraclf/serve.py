@@ -326,7 +326,10 @@ def check_request(req: PredictRequest, limits: Limits, n_labels: int | None = No
 def _validation_message(errors: list[dict[str, Any]]) -> str:
     parts = []
     for e in errors[:5]:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        path = [p for p in e.get("loc", ()) if p != "body"]
+        loc = ".".join(str(p) for p in path)
+        if len(path) == 2 and path[0] == "texts" and isinstance(path[1], int):
+            loc = f"text {path[1] + 1}"  # numbered from 1, as check_request numbers them
         if e.get("type") == "json_invalid":
             parts.append("the body is not valid JSON")
         elif e.get("type") in ("model_attributes_type", "dict_type") and loc == "":
