@@ -139,7 +139,9 @@ def check_layers(lcfg: LoraSettings, config: PretrainedConfig) -> None:
                          fix=f"choose layer indices below {n}")
 
 
-def peft_config(lcfg: LoraSettings) -> LoraConfig:
+def peft_config(lcfg: LoraSettings, layers_pattern: str | None = None) -> LoraConfig:
+    """PEFT's LoraConfig for ``lcfg``. ``layers_pattern``: the name of the ModuleList of blocks
+    (``layer``, ``layers``, ``h``), which tells PEFT where the layer index of a module name is."""
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,  # marks the classifier as trained (modules_to_save) and saved with the adapter
         r=lcfg.r,
@@ -147,6 +149,7 @@ def peft_config(lcfg: LoraSettings) -> LoraConfig:
         lora_dropout=lcfg.dropout,
         target_modules=list(lcfg.target_modules),
         layers_to_transform=list(lcfg.layers) if lcfg.layers is not None else None,
+        layers_pattern=layers_pattern if lcfg.layers is not None else None,
         use_rslora=lcfg.use_rslora,
         use_dora=lcfg.use_dora,
         rank_pattern=dict(lcfg.rank_pattern or {}),
@@ -246,7 +249,7 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
     try:
         # LoRA matrices on the meta device too: counting an oversized rank must not allocate it
         with _no_peft_deprecation(), torch.device("meta") if meta else contextlib.nullcontext():
-            return get_peft_model(base, peft_config(lcfg))
+            return get_peft_model(base, peft_config(lcfg, _layers_pattern(base, config, lcfg)))
     except (ValueError, TypeError) as e:  # PEFT's NoMatchingPeftModuleError and its other refusals of a LoraConfig
         if "no modules were targeted" in str(e).lower():
             layers = "every layer" if lcfg.layers is None else f"lora.layers {list(lcfg.layers)}"
@@ -257,6 +260,19 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
                                  "may share one block across its layers, as ALBERT does)") from None
         raise ModelError(f"PEFT refused the LoRA settings ({brief(e, 200)})", where="lora",
                          fix="check lora.* against PEFT's LoraConfig") from None
+
+
+def _layers_pattern(model: torch.nn.Module, config: PretrainedConfig, lcfg: LoraSettings) -> str | None:
+    """The block list's own name, for lora.layers: without it PEFT before 0.18 takes the *last*
+    number in a module's name as its layer, so on a model with numbered parts inside its blocks
+    ("layers.1.mlp.experts.0.gate_proj", T5's "block.1.layer.0...") lora.layers chose experts or
+    sub-layers instead of layers."""
+    if lcfg.layers is None:
+        return None
+    try:
+        return find_blocks(model, num_layers(config)).rsplit(".", 1)[-1]
+    except ModelError:
+        return None  # no single block list found: PEFT's own rule
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
