@@ -357,3 +357,27 @@ def test_a_plan_on_layer_0_written_from_a_recipe_that_insists_on_the_prefix_cach
     assert 0 in (written["lora"]["layers"] or [0]) and written["train"]["cache_frozen_prefix"] is None
     capsys.readouterr()
     assert main(["train", "--config", str(out)]) == 0
+
+
+def test_plan_counts_agree_on_a_mixture_of_experts_model(tmp_path):
+    """PEFT (0.18+, transformers 5) turns gate/up/down_proj targets of a DeepSeek-V2-style MoE into
+    LoRA on the fused expert weights: the table showed 19,868 for a model of 49,820 (52 of 59
+    plans wrong) and the top pick could not be written. Such sites are now left out, saying why."""
+    from transformers import DeepseekV2Config
+
+    DeepseekV2Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                     intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                     num_experts_per_tok=2, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=24,
+                     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=100,
+                     pad_token_id=0).save_pretrained(tmp_path / "moe")
+    base = _base(tmp_path / "moe")
+    arch, plans = planner.make_plans(base, LABELS, 20_000, min_rank=1)
+    assert plans
+    _assert_counts_match(base, plans, 20_000)  # every plan, not a sample: most were wrong
+    assert all("fused" in why or "PEFT cannot adapt" in why for why in arch.left_out.values())
+    assert not {s.path for s in arch.sites} & set(arch.left_out)
+
+
+def test_nothing_is_left_out_where_peft_adapts_every_linear_layer(roberta_base_arch):
+    arch = planner.analyze(_base(roberta_base_arch), LABELS)
+    assert arch.left_out == {} and len(arch.sites) == 6

@@ -349,7 +349,7 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps({"model": cfg.model.name_or_path, "model_type": arch.model_type, "layers": arch.num_layers,
                           "num_labels": arch.num_labels, "budget": budget, "candidates": len(plans),
-                          "heads": arch.heads, "heads_left_out": left_out,
+                          "heads": arch.heads, "heads_left_out": left_out, "modules_left_out": arch.left_out,
                           "plans": [{"pick": i + 1, **p.to_dict()} for i, p in enumerate(shown)],
                           "written": written}, indent=2))
         return 0
@@ -358,7 +358,10 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     print("heads   " + ", ".join(f"{k} {v:,}" for k, v in arch.heads.items()))
     for spec, why in left_out.items():
         print(f"        {spec} left out: {why}")
-    print("modules " + ", ".join(f"{planner.ROLE_NAMES[s.role]}={s.path}" for s in arch.sites) + "\n")
+    print("modules " + ", ".join(f"{planner.ROLE_NAMES[s.role]}={s.path}" for s in arch.sites))
+    for path, why in arch.left_out.items():
+        print(f"        {path} left out: {why}")
+    print()
     print(f"{'#':>3}  {'trainable':>11}  {'budget':>6}  {'head':<11} {'modules':<7} {'layers':<22} {'rank':<15}"
           f" {'sites':>5}")
     for i, p in enumerate(shown, 1):

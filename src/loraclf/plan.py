@@ -98,6 +98,7 @@ class Architecture:
     sites: list[Site]
     num_labels: int
     heads: dict[str, int] = field(default_factory=dict)  # 'linear' / 'lowrank:16' -> parameters
+    left_out: dict[str, str] = field(default_factory=dict)  # site path -> why it is not planned
 
 
 @dataclass
@@ -226,7 +227,37 @@ def analyze(cfg: Config, label_names: list[str], heads: tuple[str, ...] = DEFAUL
     for spec in heads:
         # Each head counted on a model built with it, by PEFT's own rule for what it trains.
         arch.heads[spec] = trained_head_params(build(*parse_head(spec)))
+    _keep_sites_peft_adapts_as_counted(cfg, label_names, arch)
     return arch
+
+
+def _keep_sites_peft_adapts_as_counted(cfg: Config, label_names: list[str], arch: Architecture) -> None:
+    """Leave out the sites PEFT does not adapt as the Linear layers they are: PEFT 0.18+ turns a
+    gate_proj/up_proj/down_proj target of a mixture-of-experts model (DeepSeek, Qwen-MoE, OLMoE...)
+    into LoRA on the fused expert weights, a count the planner's (in + out) x r does not give.
+    Each site is built once by PEFT on the meta device at r=1 (tens of ms each)."""
+    from .budget import count
+    from .errors import LoraclfError
+
+    kept = []
+    for site in arch.sites:
+        doc = cfg.to_dict()
+        doc["lora"].update(r=1, alpha=1, target_modules=[site.target], exclude_modules=list(site.collisions) or None,
+                           layers=None, rank_pattern=None, alpha_pattern=None, use_dora=False)
+        doc["model"].update(head="default", head_rank=None)  # the LoRA count does not depend on it
+        try:
+            got = count(build_config(doc, where="plan"), label_names).lora_total
+        except LoraclfError as e:
+            arch.left_out[site.path] = f"PEFT cannot adapt it ({e.what})"
+            continue
+        want = arch.num_layers * (site.in_features + site.out_features)
+        if got != want:
+            arch.left_out[site.path] = (f"PEFT adapts it otherwise than as a {site.in_features}x{site.out_features} "
+                                        f"linear layer ({got:,} parameters at r=1 over {arch.num_layers} layers, "
+                                        f"not {want:,}: fused experts?)")
+            continue
+        kept.append(site)
+    arch.sites = kept
 
 
 def parse_head(spec: str) -> tuple[str, int | None]:
