@@ -331,7 +331,7 @@ def test_plan_leaves_out_heads_the_model_has_no_place_for(tmp_path, capsys):
 
 def test_the_same_head_named_twice_is_planned_once(tiny_roberta, capsys):
     base = ["plan", "--model.name_or_path", str(tiny_roberta), "--data.label_names", json.dumps(LABELS),
-            "--budget", "20000", "--top", "0", "--json", "--heads", "lowrank,lowrank:16,linear,linear"]
+            "--budget", "20000", "--top", "0", "--json", "--heads", "lowrank,lowrank:16,linear,lowrank:016,linear"]
     assert main(base) == 0
     doc = json.loads(capsys.readouterr().out)
     assert list(doc["heads"]) == ["lowrank", "linear"]

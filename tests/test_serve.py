@@ -250,6 +250,25 @@ def test_a_request_larger_than_max_batch_is_a_batch_of_its_own(predictor):
     assert len(TEXTS) in spy.calls and all(c <= 4 or c == len(TEXTS) for c in spy.calls)
 
 
+def test_requests_already_abandoned_take_no_room_in_a_micro_batch(predictor):
+    spy = Spy(predictor)
+
+    async def go():
+        b = MicroBatcher(spy, max_batch=8, max_wait_ms=200)
+        b.start()
+        first = asyncio.ensure_future(b.submit(TEXTS[:1]))
+        gone = asyncio.ensure_future(b.submit(TEXTS[:1] * 7))  # with the first, fills the batch...
+        last = asyncio.ensure_future(b.submit(TEXTS[1:2]))
+        await asyncio.sleep(0)
+        gone.cancel()  # ... but its client has left
+        out = await asyncio.gather(first, last)
+        await b.stop()
+        return out
+
+    out = asyncio.run(go())
+    assert [len(o) for o in out] == [1, 1] and spy.calls == [2]  # one batch of the two live texts
+
+
 def test_stop_drains_the_queue_then_refuses(predictor):
     async def go():
         b = MicroBatcher(predictor, max_batch=2, max_wait_ms=1)
@@ -436,9 +455,17 @@ def test_requests_of_clients_that_left_are_not_computed(predictor, batching):
     # uvicorn does not cancel a request whose client disconnects: every abandoned request still went
     # through the model, and the clients still waiting waited behind them (clients that time out and
     # retry under load multiply the work).
+    import logging
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
     slow = Slow(predictor, 0.5)
     app = create_app(slow, micro_batching=batching, max_batch=8)
-    with ThreadServer(app) as srv:
+    with contextlib.ExitStack() as stack, ThreadServer(app) as srv:
+        # after uvicorn's logging set-up (which drops handlers); its loggers do not reach the root
+        logging.getLogger("uvicorn.error").addHandler(handler)
+        stack.callback(logging.getLogger("uvicorn.error").removeHandler, handler)
         port = int(srv.url.rsplit(":", 1)[1])
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             busy = threading.Thread(target=c.post, args=("/predict",), kwargs={"json": {"text": TEXTS[0]}})
@@ -458,6 +485,8 @@ def test_requests_of_clients_that_left_are_not_computed(predictor, batching):
         # only the busy request and the live one were computed; the live one did not wait 6 x 0.5 s
         assert slow.calls == [1, 1] and waited < 1.5
         assert httpx.get(srv.url + "/health").json()["pending_requests"] == 0
+    # ... and quietly: each abandoned request was answered by a 500 with a traceback in the log
+    assert not errors, [r.getMessage() for r in errors]
 
 
 def test_connections_without_a_whole_request_head_are_closed(predictor):
@@ -585,12 +614,12 @@ def _raw_status(sock: socket.socket) -> int:
 
 
 @contextlib.contextmanager
-def _cli_server(run: Path, max_wait_ms: int):
+def _cli_server(run: Path, max_wait_ms: int, *extra: str):
     """`loraclf serve RUN` in a subprocess on a free port: (process, base url, port). A long
     collection window keeps requests waiting, so a signal arrives with work in flight."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "loraclf.cli", "serve", str(run), "--port", "0",
-                             "--precision", "fp32", "--max-wait-ms", str(max_wait_ms), "--max-batch", "1000"],
+                             "--precision", "fp32", "--max-wait-ms", str(max_wait_ms), "--max-batch", "1000", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -608,6 +637,18 @@ def _wait_pending(c: httpx.Client, n: int) -> None:
     while c.get("/health").json()["pending_requests"] < n:
         assert time.monotonic() < deadline, "requests never reached the queue"
         time.sleep(0.02)
+
+
+def test_cli_serve_closes_connections_that_send_no_request(trained_run):
+    # the head deadline is the served protocol's, not only the test server's
+    with _cli_server(trained_run, 5, "--body-timeout", "1") as (proc, url, port):
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        t0 = time.monotonic()
+        assert idle.recv(1) == b"" and time.monotonic() - t0 < 5  # closed, not held until our timeout
+        idle.close()
+        assert httpx.post(url + "/predict", json={"text": TEXTS[0]}, timeout=30).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 def test_cli_serve_answers_then_drains_on_sigterm(trained_run):

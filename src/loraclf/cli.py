@@ -291,7 +291,7 @@ def _distinct_heads(specs: Any) -> tuple[str, ...]:
     seen: dict[str, str] = {}
     for spec in specs:
         kind, _, rank = spec.partition(":")
-        key = f"lowrank:{rank or DEFAULT_HEAD_RANK}" if kind == "lowrank" else spec
+        key = f"lowrank:{int(rank) if rank.isdigit() else rank or DEFAULT_HEAD_RANK}" if kind == "lowrank" else spec
         seen.setdefault(key, spec)
     return tuple(seen.values())
 

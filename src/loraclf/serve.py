@@ -7,6 +7,7 @@ module only moves requests to it and answers back:
 * ``GET /health``    liveness and queue depth
 * ``GET /info``      labels, base model, trainable parameters, the run's metrics, limits
 * ``GET /``          the page: type a text, see the class and one bar per class
+  (``HEAD`` too on these three, for load balancers and uptime checks)
 * ``GET /openapi.json`` and ``/docs``: the schema FastAPI derives from the models below
 
 Concurrent requests are micro-batched: each request puts its texts on an asyncio queue; one
@@ -364,7 +365,8 @@ class _RequestGuard:
     * A body over ``limits.max_body_bytes`` is answered 413: the declared Content-Length is
       checked first and the bytes actually received second, so a chunked upload cannot slip
       past. A bounded part of the rest is read and dropped first; closing on unread bytes makes
-      the kernel reset the connection, and the client sees the reset instead of the answer.
+      the kernel reset the connection, and the client sees the reset instead of the answer (not
+      for a client waiting for "100 Continue": it has sent no body).
     * A body not complete within ``limits.body_timeout_s`` is answered 408.
     * A request cancelled by the server (shutdown of an upload, a forced stop) ends with a JSON
       503 when nothing was sent yet, not with a traceback in the log and a text/plain 500.
@@ -582,7 +584,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
             gone.cancel()
             if not answer.done():
                 answer.cancel()  # the client left, or this request was cancelled (a forced stop)
-        if answer.cancelled():
+        if not answer.done() or answer.cancelled():  # (a cancelled task is done only on its next turn)
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         # Returned as a response, the result skips FastAPI's re-validation through PredictResponse:
         # Predictor.predict already builds that shape, and under load every request's cost counts.
