@@ -362,23 +362,34 @@ def _pretrained(mcfg: ModelConfig, config: PretrainedConfig, meta: bool = False)
 _MODELING_LOGGER = logging.getLogger("transformers.modeling_utils")
 
 
+# What transformers says of every load of a classifier: the LOAD REPORT (5.x), "Some weights ...
+# were not initialized ... newly initialized" and "... were not used when initializing" (4.x)
+_LOAD_REPORTS = ("LOAD REPORT", "were not initialized from the model checkpoint", "were not used when initializing")
+
+
 @contextlib.contextmanager
 def _held_load_report() -> Iterator[None]:
-    """Hold back transformers' LOAD REPORT, which calls the classification head MISSING and
+    """Hold back transformers' load report, which calls the classification head missing and
     "newly initialized" on every load: the head is new when training starts and comes from the
     adapter when a run is loaded, so the report would tell a Python user their trained classifier
-    is random. Weights missing anywhere else are an error (:func:`_check_encoder`), not a report."""
+    is random. Weights missing anywhere else are an error (:func:`_check_encoder`), not a report.
+    The "Loading weights" progress bar (5.x) is off too: a load is seconds, and a library's
+    output is its caller's (the CLI turns all of transformers' bars off)."""
+    from transformers.utils import logging as hf_logging
 
     class Hold(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return "LOAD REPORT" not in record.getMessage()
+            return not any(s in record.getMessage() for s in _LOAD_REPORTS)
 
-    hold = Hold()
+    hold, bars = Hold(), hf_logging.is_progress_bar_enabled()
     _MODELING_LOGGER.addFilter(hold)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         _MODELING_LOGGER.removeFilter(hold)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
