@@ -8,6 +8,26 @@ from loraclf.model import build_model, load_adapter, load_base, load_model_confi
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
+def test_a_tokenizer_class_this_transformers_lacks_loads_from_its_tokenizer_json(tiny_roberta, tmp_path):
+    """transformers 5 saves a generic fast tokenizer as class "TokenizersBackend", unknown to
+    4.x: a run trained on 5.x could not be evaluated, predicted or served on 4.x ("cannot load
+    the run's tokenizer ... restore it from a copy")."""
+    import json
+    import shutil
+
+    moved = tmp_path / "model"
+    shutil.copytree(tiny_roberta, moved)
+    conf = json.loads((moved / "tokenizer_config.json").read_text())
+    conf["tokenizer_class"] = "TokenizerOfTheFuture"
+    (moved / "tokenizer_config.json").write_text(json.dumps(conf))
+    text = ["the match goal coach <pad> shares"]
+    want = load_tokenizer(load_config(None, {"model.name_or_path": str(tiny_roberta)}).model)
+    for mcfg, path in ((load_config(None, {"model.name_or_path": str(moved)}).model, None),  # a base model
+                       (load_config(None, {"model.name_or_path": str(tiny_roberta)}).model, str(moved))):  # a run's
+        tok = load_tokenizer(mcfg, path)
+        assert tok(text)["input_ids"] == want(text)["input_ids"] and tok.pad_token_id == want.pad_token_id
+
+
 def _model(path, **kw):
     cfg = load_config(None, {"model.name_or_path": str(path), "lora.r": 4, "lora.dropout": 0.0, **kw})
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from safetensors import SafetensorError
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig,
+                          PreTrainedTokenizerFast)
 
 from .config import LoraSettings, ModelConfig
 from .errors import ModelError, brief, first_few
@@ -70,9 +71,17 @@ def load_model_config(mcfg: ModelConfig, label_names: list[str]) -> PretrainedCo
 def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
     """The model's tokenizer (``path``: a run's saved copy instead)."""
     source = path or resolve_name(mcfg.name_or_path)
+    revision = None if path else mcfg.revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=None if path else mcfg.revision,
-                                                  trust_remote_code=mcfg.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=mcfg.trust_remote_code)
+        except ValueError as e:
+            if "does not exist or is not currently imported" not in str(e):
+                raise
+            # A tokenizer class this transformers lacks: transformers 5 saves a generic fast
+            # tokenizer as "TokenizersBackend", which 4.x does not know. Its tokenizer.json is all
+            # a fast tokenizer needs, so a run trained on 5.x still loads on 4.x.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(source, revision=revision)
     # ImportError: transformers 4 reports a folder without vocabulary files as a missing protobuf
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         if path is not None:  # a run's own copy: the run is damaged, not the base model
