@@ -284,18 +284,6 @@ def _plan_run_dir(write: str, base_dir: str) -> str:
     return f"{out}-plan" if same else out
 
 
-def _distinct_heads(specs: Any) -> tuple[str, ...]:
-    """Each head once, in the order given: ``lowrank`` and ``lowrank:16`` are the same head."""
-    from .heads import DEFAULT_HEAD_RANK
-
-    seen: dict[str, str] = {}
-    for spec in specs:
-        kind, _, rank = spec.partition(":")
-        key = f"lowrank:{int(rank) if rank.isdigit() else rank or DEFAULT_HEAD_RANK}" if kind == "lowrank" else spec
-        seen.setdefault(key, spec)
-    return tuple(seen.values())
-
-
 def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from . import budget as budget_mod
     from . import plan as planner
@@ -304,7 +292,7 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     cfg = load_config(args.config, overrides)
     budget = cfg.train.max_trainable_params if args.budget is None else args.budget
-    heads = _distinct_heads(h.strip() for h in args.heads.split(",") if h.strip())
+    heads = planner.distinct_heads(h.strip() for h in args.heads.split(",") if h.strip())
     if args.pick is not None and not args.write:
         raise ConfigError(["--pick chooses what --write writes; give --write FILE too"], where="command line")
     pick = 1 if args.pick is None else args.pick

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from transformers import PretrainedConfig
@@ -48,7 +48,7 @@ from transformers import PretrainedConfig
 from .config import Config, build_config
 from .errors import BudgetError, ModelError, first_few
 from .heads import DEFAULT_HEAD_RANK, HEADS, classifier_attr, trained_head_params
-from .model import default_head_gaps, find_blocks, is_linear, load_model_config, num_layers, skeleton
+from .model import build_model, default_head_gaps, find_blocks, is_linear, load_model_config, num_layers, skeleton
 from .runs import write_text
 
 DEFAULT_HEADS = ("linear", "mean", f"lowrank:{DEFAULT_HEAD_RANK}", "default")
@@ -227,27 +227,27 @@ def analyze(cfg: Config, label_names: list[str], heads: tuple[str, ...] = DEFAUL
     for spec in heads:
         # Each head counted on a model built with it, by PEFT's own rule for what it trains.
         arch.heads[spec] = trained_head_params(build(*parse_head(spec)))
-    _keep_sites_peft_adapts_as_counted(cfg, label_names, arch)
+    _keep_sites_peft_adapts_as_counted(cfg, config, arch)
     return arch
 
 
-def _keep_sites_peft_adapts_as_counted(cfg: Config, label_names: list[str], arch: Architecture) -> None:
+def _keep_sites_peft_adapts_as_counted(cfg: Config, config: PretrainedConfig, arch: Architecture) -> None:
     """Leave out the sites PEFT does not adapt as the Linear layers they are: PEFT 0.18+ turns a
     gate_proj/up_proj/down_proj target of a mixture-of-experts model (DeepSeek, Qwen-MoE, OLMoE...)
     into LoRA on the fused expert weights, a count the planner's (in + out) x r does not give.
     Each site is built once by PEFT on the meta device at r=1 (40 ms each on roberta-base, ~250 ms
     on a 70B-shaped Llama)."""
-    from .budget import count
+    from .budget import breakdown
     from .errors import LoraclfError
 
+    mcfg = cfg.model.model_copy(update={"head": "default", "head_rank": None})  # the LoRA count does not depend on it
     kept = []
     for site in arch.sites:
-        doc = cfg.to_dict()
-        doc["lora"].update(r=1, alpha=1, target_modules=[site.target], exclude_modules=list(site.collisions) or None,
-                           layers=None, rank_pattern=None, alpha_pattern=None, use_dora=False)
-        doc["model"].update(head="default", head_rank=None)  # the LoRA count does not depend on it
+        lcfg = cfg.lora.model_copy(update={"r": 1, "alpha": 1, "target_modules": [site.target],
+                                           "exclude_modules": list(site.collisions) or None, "layers": None,
+                                           "rank_pattern": None, "alpha_pattern": None, "use_dora": False})
         try:
-            got = count(build_config(doc, where="plan"), label_names).lora_total
+            got = breakdown(build_model(mcfg, lcfg, config, meta=True)).lora_total
         except LoraclfError as e:
             arch.left_out[site.path] = f"PEFT cannot adapt it ({e.what})"
             continue
@@ -259,6 +259,20 @@ def _keep_sites_peft_adapts_as_counted(cfg: Config, label_names: list[str], arch
             continue
         kept.append(site)
     arch.sites = kept
+
+
+def distinct_heads(specs: Iterable[str]) -> tuple[str, ...]:
+    """Each head once, in the order given, by what :func:`parse_head` reads (``lowrank``,
+    ``lowrank:16`` and ``lowrank:016`` are one head); a spec it refuses is kept, to be refused
+    where heads are used."""
+    seen: dict[Any, str] = {}
+    for spec in specs:
+        try:
+            key: Any = parse_head(spec)
+        except ModelError:
+            key = spec
+        seen.setdefault(key, spec)
+    return tuple(seen.values())
 
 
 def parse_head(spec: str) -> tuple[str, int | None]:
