@@ -8,10 +8,7 @@ from loraclf.model import build_model, load_adapter, load_base, load_model_confi
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
-def test_a_tokenizer_class_this_transformers_lacks_loads_from_its_tokenizer_json(tiny_roberta, tmp_path):
-    """transformers 5 saves a generic fast tokenizer as class "TokenizersBackend", unknown to
-    4.x: a run trained on 5.x could not be evaluated, predicted or served on 4.x ("cannot load
-    the run's tokenizer ... restore it from a copy")."""
+def _unknown_tokenizer_class(tiny_roberta, tmp_path):
     import json
     import shutil
 
@@ -20,12 +17,42 @@ def test_a_tokenizer_class_this_transformers_lacks_loads_from_its_tokenizer_json
     conf = json.loads((moved / "tokenizer_config.json").read_text())
     conf["tokenizer_class"] = "TokenizerOfTheFuture"
     (moved / "tokenizer_config.json").write_text(json.dumps(conf))
+    return moved
+
+
+def test_a_tokenizer_class_this_transformers_lacks_loads_from_its_tokenizer_json(tiny_roberta, tmp_path):
+    """transformers 5 saves a generic fast tokenizer as class "TokenizersBackend", unknown to
+    4.x: a run trained on 5.x could not be evaluated, predicted or served on 4.x ("cannot load
+    the run's tokenizer ... restore it from a copy"). Quietly: 4.x warned in three lines that the
+    class differs, on every load."""
+    import logging
+
+    moved = _unknown_tokenizer_class(tiny_roberta, tmp_path)
+    said = []
+    listen = logging.Handler(logging.WARNING)
+    listen.emit = said.append  # transformers' loggers do not propagate to pytest's capture
+    logging.getLogger("transformers").addHandler(listen)
     text = ["the match goal coach <pad> shares"]
     want = load_tokenizer(load_config(None, {"model.name_or_path": str(tiny_roberta)}).model)
     for mcfg, path in ((load_config(None, {"model.name_or_path": str(moved)}).model, None),  # a base model
                        (load_config(None, {"model.name_or_path": str(tiny_roberta)}).model, str(moved))):  # a run's
         tok = load_tokenizer(mcfg, path)
         assert tok(text)["input_ids"] == want(text)["input_ids"] and tok.pad_token_id == want.pad_token_id
+    logging.getLogger("transformers").removeHandler(listen)
+    assert [r.getMessage() for r in said] == []
+
+
+def test_a_tokenizer_class_this_transformers_lacks_without_tokenizer_json_is_named(tiny_roberta, tmp_path):
+    """Without tokenizer.json there is nothing to fall back on: the error names the class, not
+    whatever the fallback tripped over (4.x: a missing protobuf; 5.x: "couldn't instantiate the
+    backend")."""
+    from transformers import PreTrainedTokenizerFast
+
+    moved = _unknown_tokenizer_class(tiny_roberta, tmp_path)
+    PreTrainedTokenizerFast(tokenizer_file=str(moved / "tokenizer.json")).backend_tokenizer.model.save(str(moved))
+    (moved / "tokenizer.json").unlink()  # vocab.json + merges.txt remain
+    with pytest.raises(ModelError, match="TokenizerOfTheFuture.*not in transformers.*no tokenizer.json"):
+        load_tokenizer(load_config(None, {"model.name_or_path": str(moved)}).model)
 
 
 def _model(path, **kw):
@@ -224,3 +251,29 @@ def test_loading_hides_the_load_report_and_refuses_missing_encoder_weights(tiny_
         transformers.logging.set_verbosity(verbosity)
         if not bars:
             transformers.logging.disable_progress_bar()
+
+
+@pytest.mark.parametrize("arch, targets, want", [
+    # XLM keeps a layer's attention and feed-forward in two parallel lists: both are layers
+    ("xlm", ["q_lin", "lin1"], {"transformer.attentions.1.q_lin", "transformer.ffns.1.lin1"}),
+    # numbered sub-layers inside each block: PEFT before 0.18 read 'layer.0' / 'layer.1' as the layer
+    # numbered sub-layers inside each block: PEFT before 0.18 read 'layer.0' / 'layer.1' as the layer
+    ("t5", ["q", "wi"], {"transformer.encoder.block.1.layer.0.SelfAttention.q",
+                         "transformer.encoder.block.1.layer.1.DenseReluDense.wi",
+                         "transformer.decoder.block.1.layer.0.SelfAttention.q",
+                         "transformer.decoder.block.1.layer.1.EncDecAttention.q",
+                         "transformer.decoder.block.1.layer.2.DenseReluDense.wi"}),
+])
+def test_lora_layers_adapts_exactly_the_chosen_layers(arch, targets, want, tmp_path):
+    from transformers import T5Config, XLMConfig
+
+    if arch == "xlm":
+        XLMConfig(vocab_size=50, emb_dim=32, n_layers=2, n_heads=2, pad_token_id=2).save_pretrained(tmp_path)
+    else:
+        T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
+                 pad_token_id=0).save_pretrained(tmp_path)
+    cfg = load_config(None, {"model.name_or_path": str(tmp_path), "lora.target_modules": targets,
+                             "lora.layers": [1]})
+    model = build_model(cfg.model, cfg.lora, load_model_config(cfg.model, NAMES), meta=True)
+    adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == want

@@ -80,10 +80,24 @@ def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
                 raise
             # A tokenizer class this transformers lacks: transformers 5 saves a generic fast
             # tokenizer as "TokenizersBackend", which 4.x does not know. Its tokenizer.json is all
-            # a fast tokenizer needs, so a run trained on 5.x still loads on 4.x.
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(source, revision=revision)
+            # a fast tokenizer needs, so a run trained on 5.x still loads on 4.x. Without one the
+            # class is the problem to report, not what the fallback trips over.
+            try:
+                with _quiet("transformers.tokenization_utils_base"):  # "... is not the same type" (4.x)
+                    tokenizer = PreTrainedTokenizerFast.from_pretrained(source, revision=revision)
+            except (OSError, ValueError, KeyError, TypeError, ImportError):
+                raise e from None
     # ImportError: transformers 4 reports a folder without vocabulary files as a missing protobuf
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        unknown = _unknown_tokenizer_class(Path(source))
+        if unknown:
+            import transformers
+
+            raise ModelError(f"tokenizer class '{unknown}' (tokenizer_config.json) is not in transformers "
+                             f"{transformers.__version__}, and there is no tokenizer.json to load instead",
+                             where=str(path) if path else "model.name_or_path",
+                             fix="install the transformers release that saved it, or add the model's tokenizer.json "
+                                 "to the folder") from None
         if path is not None:  # a run's own copy: the run is damaged, not the base model
             raise ModelError(f"cannot load the run's tokenizer ({brief(e, 160)})",
                              where=str(path), fix="restore the run's tokenizer folder from a copy, or train again") from None
@@ -98,6 +112,24 @@ def load_tokenizer(mcfg: ModelConfig, path: str | None = None) -> Any:
         raise _no_vocabulary(source, f"has no vocabulary beyond its {len(tokenizer)} special tokens",
                              "model.name_or_path" if path is None else str(path))
     return tokenizer
+
+
+def _unknown_tokenizer_class(folder: Path) -> str | None:
+    """The tokenizer class a local ``folder`` names that this transformers lacks, when there is no
+    tokenizer.json to fall back on (transformers 4 reports it as a missing protobuf, 5 as a
+    backend it "couldn't instantiate")."""
+    import json
+
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    try:
+        conf = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = conf.get("tokenizer_class") if isinstance(conf, dict) and "auto_map" not in conf else None
+    if not isinstance(name, str) or (folder / "tokenizer.json").is_file() or tokenizer_class_from_name(name):
+        return None
+    return name
 
 
 def _is_vocabulary_file(name: str) -> bool:
@@ -148,9 +180,9 @@ def check_layers(lcfg: LoraSettings, config: PretrainedConfig) -> None:
                          fix=f"choose layer indices below {n}")
 
 
-def peft_config(lcfg: LoraSettings, layers_pattern: str | None = None) -> LoraConfig:
-    """PEFT's LoraConfig for ``lcfg``. ``layers_pattern``: the name of the ModuleList of blocks
-    (``layer``, ``layers``, ``h``), which tells PEFT where the layer index of a module name is."""
+def peft_config(lcfg: LoraSettings, layers_pattern: list[str] | None = None) -> LoraConfig:
+    """PEFT's LoraConfig for ``lcfg``. ``layers_pattern``: the names of the ModuleLists of blocks
+    (``layer``, ``layers``, ``h``), which tell PEFT where the layer index of a module name is."""
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,  # marks the classifier as trained (modules_to_save) and saved with the adapter
         r=lcfg.r,
@@ -174,14 +206,26 @@ def is_linear(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
-def find_blocks(model: torch.nn.Module, n: int) -> str:
-    """Dotted name of the ModuleList holding the ``n`` repeated layers (``...encoder.layer``)."""
+def find_block_lists(model: torch.nn.Module, n: int) -> list[str]:
+    """Dotted names of the ModuleLists of ``n`` repeated layers, outermost first: one for most
+    models (``roberta.encoder.layer``), one per stack for encoder-decoders, two for XLM, which
+    keeps each layer's attention and feed-forward in parallel lists (``attentions``, ``ffns``).
+    A list inside a found one (``n`` experts of an MoE layer) is not a list of layers."""
+    found: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n and n > 0:
-            if any(is_linear(m) for m in module[0].modules()):
-                return name
-    raise ModelError(f"cannot find the {n} repeated blocks of a '{type(model).__name__}'",
-                     where="model.name_or_path", fix="set lora.* by hand and check it with loraclf params")
+            if any(is_linear(m) for m in module[0].modules()) and not any(name.startswith(f + ".") for f in found):
+                found.append(name)
+    return found
+
+
+def find_blocks(model: torch.nn.Module, n: int) -> str:
+    """Dotted name of the (first) ModuleList holding the ``n`` repeated layers (``...encoder.layer``)."""
+    found = find_block_lists(model, n)
+    if not found:
+        raise ModelError(f"cannot find the {n} repeated blocks of a '{type(model).__name__}'",
+                         where="model.name_or_path", fix="set lora.* by hand and check it with loraclf params")
+    return found[0]
 
 
 def compile_in_place(model: torch.nn.Module, mode: str = "default") -> None:
@@ -271,17 +315,16 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
                          fix="check lora.* against PEFT's LoraConfig") from None
 
 
-def _layers_pattern(model: torch.nn.Module, config: PretrainedConfig, lcfg: LoraSettings) -> str | None:
-    """The block list's own name, for lora.layers: without it PEFT before 0.18 takes the *last*
+def _layers_pattern(model: torch.nn.Module, config: PretrainedConfig, lcfg: LoraSettings) -> list[str] | None:
+    """The block lists' own names, for lora.layers: without them PEFT before 0.18 takes the *last*
     number in a module's name as its layer, so on a model with numbered parts inside its blocks
     ("layers.1.mlp.experts.0.gate_proj", T5's "block.1.layer.0...") lora.layers chose experts or
-    sub-layers instead of layers."""
+    sub-layers instead of layers. Every list, not the first: XLM's feed-forward layers live in
+    ``ffns``, beside ``attentions``."""
     if lcfg.layers is None:
         return None
-    try:
-        return find_blocks(model, num_layers(config)).rsplit(".", 1)[-1]
-    except ModelError:
-        return None  # no single block list found: PEFT's own rule
+    names = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in find_block_lists(model, num_layers(config))))
+    return names or None  # no block list found: PEFT's own rule
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -399,6 +442,18 @@ def _held_load_report() -> Iterator[None]:
         _MODELING_LOGGER.removeFilter(hold)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """``logger`` says nothing below ERROR inside the block."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @contextlib.contextmanager
