@@ -10,7 +10,7 @@ from conftest import make_rows, write_agnews_csv
 from loraclf.config import DataConfig
 from loraclf.data import (AG_NEWS_LABELS, LengthGroupedBatchSampler, PadCollator, detect_format, is_lines_file,
                           load_eval_split, load_splits, read_lines, read_table, sorted_batches, split_lines,
-                          to_examples, tokenize, tokenize_cached)
+                          table_texts, to_examples, tokenize, tokenize_cached)
 import loraclf.data as data_mod
 from loraclf.errors import DataError
 
@@ -438,3 +438,37 @@ def test_a_source_that_names_its_classes_is_read_by_name():
     # other names rename the classes by index (data.label_names on a hub dataset), as documented
     ex, names = to_examples(hub, DataConfig(label_names=["w", "s", "b", "t"]))
     assert names == ["w", "s", "b", "t"] and ex.labels.tolist() == [0, 1, 2, 3]
+
+
+def test_rows_ending_in_a_bare_carriage_return_are_read(tmp_path):
+    """Old-Mac line ends (Excel's "CSV (Macintosh)"): a traceback in detect_format, and with
+    --data.format csv a "check quoting" error for a file without quotes."""
+    for name, fmt in (("mac.csv", "auto"), ("mac2.csv", "csv"), ("mac.tsv", "auto")):
+        sep = "\t" if name.endswith(".tsv") else ","
+        p = _write(tmp_path, name, f"text{sep}label\rthe match goal{sep}a\rbank shares{sep}b\r")
+        ex, _ = to_examples(read_table(p, "train", _cfg(format=fmt)), _cfg(format=fmt))
+        assert ex.texts == ["the match goal", "bank shares"]
+    p = _write(tmp_path, "mac_agnews.csv", '"3","Wall St.","shares up"\r"2","Cup","goal"\r')
+    ex, _ = to_examples(read_table(p, "train", _cfg()), _cfg(label_names=AG_NEWS_LABELS))
+    assert ex.texts == ["Wall St. shares up", "Cup goal"] and list(ex.labels) == [2, 1]
+
+
+@pytest.mark.parametrize("name", ["cr.tsv", "cr.csv"])
+def test_a_carriage_return_inside_a_text_is_one_clear_line(tmp_path, name):
+    sep = "\t" if name.endswith(".tsv") else ","
+    p = _write(tmp_path, name, f'text{sep}label\nthe "match" goal{sep}a\nbank shares\rmore{sep}b\n')
+    with pytest.raises(DataError, match=r"row 2 has 1 fields.*carriage return") as e:
+        load_splits(_cfg(train=p))
+    assert "\n" not in str(e.value)
+
+
+def test_a_blank_line_in_a_table_of_one_column_is_an_empty_text_not_skipped(tmp_path):
+    """Texts to predict from a one-column CSV: a skipped blank line shifted every later
+    prediction against its input row (predictions carry no row number)."""
+    p = _write(tmp_path, "one.csv", "text\nthe match goal\n\nbank shares\n\n\n")
+    with pytest.raises(DataError, match="row 2: empty text"):
+        table_texts(read_table(p, "input", _cfg()), ["text"])
+    p = _write(tmp_path, "ok.csv", "\ntext\nthe match goal\nbank shares\n\n")  # blank lines around are no rows
+    assert table_texts(read_table(p, "input", _cfg()), ["text"]) == ["the match goal", "bank shares"]
+    p = _write(tmp_path, "two.csv", "text,label\na,x\n\nb,y\n")  # several columns: a blank line is no row
+    assert table_texts(read_table(p, "train", _cfg()), ["text"]) == ["a", "b"]

@@ -7,6 +7,7 @@ reported in seconds with its row number, not an hour into a run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -144,7 +145,10 @@ def detect_format(path: Path, fix: str | None = None) -> str:
                 line = f.readline().decode("utf-8-sig")
         except (UnicodeDecodeError, OSError, gzip.BadGzipFile, EOFError, zlib.error):
             return "csv"  # the real reader reports the problem with its location
-        first = next(csv.reader([line]), [])
+        try:  # newline="": a file whose lines end in a bare CR (old Mac style) is one readline()
+            first = next(csv.reader(io.StringIO(line, newline="")), [])
+        except csv.Error:
+            return "csv"
         return "agnews" if len(first) == 3 and _INT_RE.match(first[0] or "") else "csv"
     raise DataError(
         f"cannot tell the format of '{path.name}'",
@@ -165,7 +169,9 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
         raise DataError("file contains NUL bytes", where=str(path), fix="remove the NUL bytes; the file may be binary")
     # Long texts are checked against data.max_text_chars with a row number, not csv's own limit.
     csv.field_size_limit(2**31 - 1)
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
+    # newline="" as the csv module asks: rows end at \n, \r\n or a bare \r, and a quoted text
+    # keeps its line breaks as they are
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[list[str]] = []
     try:
         for row in reader:
@@ -173,13 +179,23 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
     except csv.Error as e:
         # Many TSV files (GLUE's among them) do not quote at all, so a text may start with '"':
         # read such a file as it is when every line then has the same number of fields.
-        unquoted = ([r for r in csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE) if r]
-                    if fmt == "tsv" else [])
+        unquoted = []
+        if fmt == "tsv":
+            with contextlib.suppress(csv.Error):
+                unquoted = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t",
+                                                  quoting=csv.QUOTE_NONE) if r]
         if not unquoted or len({len(r) for r in unquoted}) != 1:
             raise DataError(f"malformed {fmt.upper()} near line {reader.line_num} ({e})", where=str(path),
                             fix="check quoting: every opened quote must close") from None
         rows = unquoted
-    rows = [r for r in rows if r]  # blank lines carry no data
+    while rows and not rows[-1]:
+        rows.pop()
+    # A blank line carries no row of a table of several columns. In a table of one column (texts
+    # to predict) it is an empty text, refused with its row number like any other: skipping it
+    # would shift every later prediction against its input row.
+    if not (rows and len(rows[0]) == 1 and fmt != "agnews"):
+        rows = [r for r in rows if r]
+    rows = [r or [""] for r in rows]
     if fmt == "agnews":
         header = ["label", "title", "description"]
         body_start = 0
@@ -203,6 +219,8 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
     for i, r in enumerate(body, start=1):
         if len(r) != width:
             hint = " (is the delimiter right? TSV files need a .tsv name or --data.format tsv)" if width == 1 or len(r) == 1 else ""
+            if "\r" in text.replace("\r\n", ""):
+                hint = " (a carriage return (\\r) inside an unquoted text ends its row)"
             raise DataError(f"row {i} has {len(r)} fields, the header has {width}{hint}", where=str(path),
                             fix="make every row have the same number of fields")
     columns = {h: [r[j] for r in body] for j, h in enumerate(header)}
