@@ -232,6 +232,75 @@ def test_predict_input_dash_is_stdin(trained_run, capsys, monkeypatch):
     assert _predicted_texts(capsys) == ["bank profit"]
 
 
+def test_predict_a_lone_dash_text_is_stdin(trained_run, capsys, monkeypatch):
+    """``predict RUN -`` classified the string "-" and left stdin unread, exit 0."""
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"bank profit\n"), encoding="utf-8"))
+    assert main(["predict", str(trained_run), "-"]) == 0
+    assert _predicted_texts(capsys) == ["bank profit"]
+    assert main(["predict", str(trained_run), "--", "-"]) == 0  # the text "-", asked for plainly
+    assert _predicted_texts(capsys) == ["-"]
+
+
+def test_predict_paths_with_a_tilde_are_the_home_folder_s(trained_run, tmp_path, capsys, monkeypatch):
+    """``--input=~/in.jsonl`` (the shell leaves ~ alone after '=') was read from the home folder
+    but compared unexpanded with ``--output in.jsonl`` there: the predictions replaced the texts."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text('{"text": "bank shares"}\n')
+    (tmp_path / "in.txt").write_text("goal\n")
+    run = str(trained_run)
+    assert main(["predict", run, "--input=~/in.jsonl", "--output", "in.jsonl"]) == 2
+    assert "is the --input file" in _error_line(capsys)
+    assert (tmp_path / "in.jsonl").read_text() == '{"text": "bank shares"}\n'
+    # .txt input and --output: "file not found" and "folder ~ does not exist" before
+    assert main(["predict", run, "--input=~/in.txt", "--output=~/out.jsonl"]) == 0
+    assert json.loads((tmp_path / "out.jsonl").read_text())["text"] == "goal"
+
+
+def test_predict_reads_texts_from_a_named_pipe(trained_run, tmp_path, capsys):
+    """``--input <(...)`` or a fifo: "file not found" before (it is no regular file)."""
+    import threading
+
+    fifo = tmp_path / "texts"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("goal\nbank\n"), daemon=True)
+    writer.start()
+    assert main(["predict", str(trained_run), "--input", str(fifo)]) == 0
+    writer.join(10)
+    assert _predicted_texts(capsys) == ["goal", "bank"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["predict", "RUN", "goal", "--output", ""], "--output is empty"),
+    (["predict", "RUN", "--input", ""], "--input is empty"),  # read stdin instead
+    (["evaluate", "RUN", "--data.test", ""], "--data.test: no file named (the value is empty)"),  # ". : is a directory"
+])
+def test_empty_path_values_are_named_as_empty(argv, expected, trained_run, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("goal\n"))
+    assert main([str(trained_run) if a == "RUN" else a for a in argv]) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_predict_to_a_stdout_that_cannot_show_every_character(trained_run):
+    """A cp1252 pipe (Windows' default when stdout is redirected): a UnicodeEncodeError traceback
+    before. JSON Lines stay exact through \\u escapes; CSV and tables get backslash escapes."""
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    text = "great match \U0001F600 caf\u00e9"
+    for fmt in ("jsonl", "csv"):
+        p = subprocess.run([sys.executable, "-m", "loraclf.cli", "predict", str(trained_run), text, "--format", fmt],
+                           capture_output=True, env=env, timeout=120)
+        assert p.returncode == 0, p.stderr.decode()
+        out = p.stdout.decode("cp1252")
+        if fmt == "jsonl":
+            assert json.loads(out)["text"] == text
+        else:
+            assert "great match \\U0001f600 caf\u00e9" in out
+
+
 def test_predict_refuses_texts_and_input_together(trained_run, tmp_path, capsys):
     # "--input in.txt out.jsonl" (a forgotten --output) classified the string "out.jsonl", exit 0
     (tmp_path / "in.txt").write_text("goal\nbank\n")

@@ -70,6 +70,23 @@ EVALUATE_DATA_KEYS = ("data.test", "data.max_eval_samples", "data.format", "data
                       "data.max_text_chars")
 
 
+def _path(value: str) -> str:
+    """A path option's value with ``~`` expanded: the shell leaves ``--output=~/x`` alone, and a
+    path compared or written as ``~/x`` is another file than the one read as the home's ``x``
+    (the --output = --input guard let a prediction replace its input)."""
+    return value if value == "-" else os.path.expanduser(value)
+
+
+def _unicode(encoding: str | None) -> bool:
+    """Whether ``encoding`` can write every character (a Windows console or cp1252 pipe cannot)."""
+    import codecs
+
+    try:
+        return codecs.lookup(encoding or "utf-8").name.startswith("utf")
+    except LookupError:
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraclf", description="LoRA text classifiers under a trainable-parameter budget.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a classifier; writes a run directory", epilog=_keys_epilog(),
                        formatter_class=fmt)
-    t.add_argument("--config", help="YAML recipe (e.g. configs/agnews-seed.yaml)")
+    t.add_argument("--config", type=_path, help="YAML recipe (e.g. configs/agnews-seed.yaml)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
+    t.add_argument("--resume", type=_path, metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
 
     c = sub.add_parser("params", help="count trainable parameters of a config (no weights loaded)",
                        epilog=_keys_epilog(), formatter_class=fmt)
-    c.add_argument("--config", help="YAML recipe")
+    c.add_argument("--config", type=_path, help="YAML recipe")
     c.add_argument("--json", action="store_true", help="machine-readable output")
 
     pl = sub.add_parser(
@@ -94,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "use, then simplicity. --write turns one into a YAML config for loraclf train.",
         epilog="base config keys may be overridden with --section.key value (e.g. --model.name_or_path)",
         formatter_class=fmt)
-    pl.add_argument("--config", help="base YAML recipe: its model, data and train sections are kept")
+    pl.add_argument("--config", type=_path, help="base YAML recipe: its model, data and train sections are kept")
     pl.add_argument("--budget", type=int, help="trainable-parameter budget [default: train.max_trainable_params]")
     pl.add_argument("--top", type=int, default=10, help="show the best N (0 = all) [default: 10]")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
-    pl.add_argument("--write", metavar="FILE", help="write the chosen configuration as a YAML config")
+    pl.add_argument("--write", type=_path, metavar="FILE", help="write the chosen configuration as a YAML config")
     pl.add_argument("--pick", type=int, help="which one --write writes, by rank in the table [default: 1]")
     pl.add_argument("--overwrite", action="store_true", help="let --write replace an existing file")
     pl.add_argument("--heads", default="linear,mean,lowrank:16,default",
@@ -108,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="metrics of a run on its test split or any --data.test",
                        epilog="data keys accepted: " + ", ".join(f"--{k}" for k in EVALUATE_DATA_KEYS))
-    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("run_dir", metavar="RUN_DIR", type=_path)
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
@@ -118,15 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use an unfinished run's newest checkpoint (its best epoch so far)")
 
     pr = sub.add_parser("predict", help="classify texts with a run")
-    pr.add_argument("run_dir", metavar="RUN_DIR")
+    pr.add_argument("run_dir", metavar="RUN_DIR", type=_path)
     pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (else --input, else stdin)")
-    pr.add_argument("--input", help="file (- for stdin): one text per line (.txt, .txt.gz), or CSV/TSV/JSONL/Parquet "
+    pr.add_argument("--input", type=_path, help="file (- for stdin): one text per line (.txt, .txt.gz), or CSV/TSV/JSONL/Parquet "
                                     "(optionally .gz) with a text column")
     # one column per flag (repeat it for more): a list-taking flag swallowed a RUN_DIR written after it
     pr.add_argument("--text-column", action="append", default=None, metavar="COLUMN",
                     help="column holding the text in CSV/TSV/JSONL/Parquet input; repeat for several, joined with a "
                          "space as in training (default: the run's data.text_columns)")
-    pr.add_argument("--output", help="write here instead of stdout")
+    pr.add_argument("--output", type=_path, help="write here instead of stdout")
     pr.add_argument("--format", choices=["jsonl", "csv"], default=None,
                     help="output format (default: csv for an --output named .csv, else jsonl)")
     pr.add_argument("--top-k", type=int, default=1)
@@ -141,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="POST /predict, GET /health, GET /info, the page at /, the schema at "
                                     "/openapi.json. Ctrl-C or SIGTERM: finish open requests, then stop (exit 0); "
                                     "Ctrl-C again: stop now, answering waiting requests 503 (exit 130).")
-    sv.add_argument("run_dir", metavar="RUN_DIR")
+    sv.add_argument("run_dir", metavar="RUN_DIR", type=_path)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     sv.add_argument("--no-micro-batching", action="store_true", help="answer requests one at a time")
@@ -158,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
 
     rp = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and report.md")
-    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.add_argument("run_dir", metavar="RUN_DIR", type=_path)
     rp.add_argument("--max-examples", type=int, default=2000,
                     help="rows of the test (else validation) split used for the per-class table and mistakes")
     rp.add_argument("--top-mistakes", type=int, default=10, help="how many confident mistakes to list")
@@ -406,6 +423,9 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
                           where="command line", fix="give one of them (to write a file, use --output FILE)")
     from .data import decode_lines, is_lines_file, read_lines, split_lines
 
+    if args.input is not None and not args.input.strip():  # "" would have read stdin instead
+        raise ConfigError(["--input is empty"], where="command line", fix="give --input a file name, or - for stdin")
+
     tables = args.input and args.input != "-" and not (Path(args.input).is_dir() or is_lines_file(Path(args.input)))
     if args.text_column and not tables:
         # it was ignored in silence, as if the texts had been read from that column
@@ -466,6 +486,8 @@ def _check_output(path: str | None, flag: str) -> None:
     """Fail before any work, not after it, when an output file cannot be written."""
     if path is None:
         return
+    if not path.strip():
+        raise ConfigError([f"{flag} is empty"], where="command line", fix=f"give {flag} a file name")
     p = Path(path)
     parent = p.parent  # Path("o.jsonl").parent is Path(".")
     if p.is_dir():
@@ -513,8 +535,10 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     results = predictor.predict(texts, top_k=args.top_k)
     buf = io.StringIO()
     if args.format == "jsonl":
+        # \u escapes where stdout cannot carry every character: still the same JSON, losslessly
+        ascii_only = not args.output and not _unicode(getattr(sys.stdout, "encoding", None))
         for r in results:
-            buf.write(json.dumps(r, ensure_ascii=False) + "\n")
+            buf.write(json.dumps(r, ensure_ascii=ascii_only) + "\n")
     else:
         # --top-k > 1 adds the k best classes in order (the p_ columns have every class's probability)
         k = len(results[0]["top_k"]) if args.top_k > 1 else 0
@@ -675,6 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, extra = parser.parse_known_args(rest)
         command = args.command
         if args.command == "predict":
+            if args.texts == ["-"] and args.input is None:  # "-": stdin, as for every Unix filter
+                args.texts, args.input = [], "-"
             # argparse binds TEXT... before later options; texts after them arrive here.
             args.texts += [a for a in extra if not a.startswith("-")] + after_dashes
             extra = [a for a in extra if a.startswith("-")]
@@ -683,6 +709,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if args.command == "predict" else "")
             parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
         _quiet_libraries()
+        if isinstance(sys.stdout, io.TextIOWrapper) and not _unicode(sys.stdout.encoding):
+            # a text or class name the console's code page lacks: an escape, not a traceback
+            sys.stdout.reconfigure(errors="backslashreplace")
         with _sigterm_interrupts():
             return COMMANDS[args.command](args, overrides)
     except LoraclfError as e:

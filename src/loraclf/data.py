@@ -329,7 +329,7 @@ def read_lines(path: Path, flag: str) -> list[str]:
     option that named it, for error messages."""
     if path.is_dir():
         raise DataError("is a directory, not a file of texts", where=str(path), fix=f"give a file to {flag}")
-    if not path.is_file():
+    if not path.exists():  # a named pipe or <(process substitution) is no regular file, and fine
         raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}")
     try:
         return decode_lines(_read_bytes(path), str(path))
@@ -370,6 +370,8 @@ def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None,
     if is_hub_name(source):
         return _read_hub(source, role, cfg)
     flag = flag or f"--data.{role}"
+    if not source.strip():  # Path("") is the working directory
+        raise DataError("no file named (the value is empty)", where=flag, fix=f"give {flag} a file")
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}")
