@@ -254,6 +254,16 @@ def test_ag_news_rows_fixture_is_balanced():
     assert all(labels.count(c) == 20 for c in range(4))
 
 
+def test_parquet_with_duplicate_column_names(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"]), pa.array([1])], names=["text", "text", "label"])
+    pq.write_table(t, tmp_path / "dup.parquet")
+    with pytest.raises(DataError, match=r"duplicate column name\(s\) \['text'\]"):
+        read_table(str(tmp_path / "dup.parquet"), "train", _cfg())
+
+
 def test_parquet_with_wrong_types(tmp_path):
     pd.DataFrame({"text": [1.5, 2.5], "label": ["a", "b"]}).to_parquet(tmp_path / "w.parquet")
     with pytest.raises(DataError, match="row 1: column 'text' holds float"):

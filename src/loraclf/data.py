@@ -278,11 +278,19 @@ def _records_to_columns(records: list[dict[str, Any]], path: Path) -> dict[str, 
 def _read_parquet(path: Path) -> dict[str, list[Any]]:
     import pyarrow.parquet as pq
 
+    source = io.BytesIO(_read_bytes(path)) if _is_gzip(path) else path
     try:
-        table = pq.read_table(io.BytesIO(_read_bytes(path)) if _is_gzip(path) else path)
+        table = pq.read_table(source)
     except (gzip.BadGzipFile, EOFError, PermissionError):
         raise  # the caller's messages
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        dupes: list[str] = []
+        with contextlib.suppress(Exception):  # pyarrow's "Multiple matches for FieldRef" says it obscurely
+            names = pq.read_schema(source).names
+            dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DataError(f"duplicate column name(s) {dupes}", where=str(path),
+                            fix="give every column a unique name") from None
         raise DataError(f"cannot read Parquet ({brief(e)})", where=str(path),
                         fix="check the file is a complete Parquet file") from None
     if table.num_rows == 0:
