@@ -173,3 +173,34 @@ def test_yaml_merge_keys_are_not_duplicate_keys(tmp_path):
     f = tmp_path / "merge.yaml"
     f.write_text("lora:\n  rank_pattern: &rp {query: 16}\n  alpha_pattern: {<<: *rp, value: 8}\n")
     assert load_config(f).lora.alpha_pattern == {"query": 16, "value": 8}
+
+
+def test_a_check_across_keys_the_file_fails_alone_is_the_file_s(tmp_path):
+    """``head: linear`` + ``head_rank: 8`` in the file, with ``--model.name_or_path`` (the README's
+    offline recipe) on the command line, was blamed on the command line."""
+    f = tmp_path / "hr.yaml"
+    f.write_text("model:\n  head: linear\n  head_rank: 8\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f, {"model.name_or_path": "somewhere"})
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: model: head_rank applies only") and "command line" not in msg, msg
+    f.write_text("model:\n  head: lowrank\n  head_rank: 8\n")  # the override makes the combination
+    with pytest.raises(ConfigError, match=r"^command line: --model: head_rank applies only"):
+        load_config(f, {"model.head": "linear"})
+
+
+def test_a_list_as_a_yaml_key_is_one_line(tmp_path):
+    f = tmp_path / "k.yaml"
+    for text in ("{[a]: 1}\n", "lora:\n  ? [a, b]\n  : 1\n"):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match="unhashable key"):  # a TypeError traceback before
+            load_config(f)
+
+
+def test_an_output_dir_under_the_home_folder(tmp_path, monkeypatch):
+    """``output_dir: ~/runs/x`` made a folder named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  output_dir: ~/runs/x\n")
+    assert load_config(f).train.output_dir == str(tmp_path / "runs" / "x")
+    assert load_config(None, {"train.output_dir": "~/y"}).train.output_dir == str(tmp_path / "y")

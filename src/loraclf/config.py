@@ -8,6 +8,7 @@ their location, which is what a user fixing a YAML file wants.
 from __future__ import annotations
 
 import json
+import os
 import re
 import types
 import typing
@@ -169,6 +170,13 @@ class TrainConfig(_Section):
 
     output_dir: str = Field("runs/loraclf", description="run directory")
     overwrite: bool = Field(False, description="replace an existing run directory")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, value: str) -> str:
+        # "~/runs/x" from YAML or "--train.output_dir=~/x" (the shell leaves it) made a folder
+        # named "~" here, while the data paths beside it were read from the home folder
+        return os.path.expanduser(value)
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(16, gt=0, description="examples per micro-batch")
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -282,7 +290,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # "<<: *anchor": merged keys may be overridden, that is what merging is for
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
+            if not isinstance(key, typing.Hashable):
+                continue  # a list as a key: SafeLoader's own "found unhashable key" error follows
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping",
                                                         key_node.start_mark)
             seen.add(key)
@@ -308,18 +318,21 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _format_errors(err: ValidationError, prefix: str = "", from_cli: frozenset[str] = frozenset()) -> list[tuple[str, bool]]:
+def _format_errors(err: ValidationError, prefix: str = "", from_cli: frozenset[str] = frozenset(),
+                   in_file: frozenset[tuple[str, str]] = frozenset()) -> list[tuple[str, bool]]:
     """(problem, whether its key came from the command line) for each error; ``prefix``: the
-    section of a model validated on its own (evaluate's ``data``)."""
+    section of a model validated on its own (evaluate's ``data``); ``in_file``: (section, message)
+    of the checks across keys that the file fails without any override."""
     problems = []
     for e in err.errors():
         parts = [prefix, *(str(x) for x in e["loc"])] if prefix else [str(x) for x in e["loc"]]
         loc = ".".join(parts)
         # an error of a whole section (a check across its keys) is the command line's when an
-        # override touched that section: the override made the combination
+        # override touched that section and made the combination (not when the file alone has it)
         # an element of a list (data.label_names.0) is the command line's when the list was
         cli = (loc in from_cli or any(loc.startswith(k + ".") for k in from_cli)
-               or (len(parts) == 1 and any(k.startswith(loc + ".") for k in from_cli)))
+               or (len(parts) == 1 and (loc, e["msg"]) not in in_file
+                   and any(k.startswith(loc + ".") for k in from_cli)))
         name = f"--{loc}" if cli else loc
         if e["type"] == "extra_forbidden":
             section = parts[0]
@@ -365,7 +378,15 @@ def build_config(doc: dict[str, Any], overrides: dict[str, Any] | None = None, w
     try:
         cfg = Config.model_validate(merged)
     except ValidationError as e:
-        problems.extend(_format_errors(e, from_cli=frozenset(applied)))
+        in_file: frozenset[tuple[str, str]] = frozenset()
+        if applied and any(len(x["loc"]) == 1 for x in e.errors()):
+            try:
+                Config.model_validate(doc)
+            except ValidationError as alone:
+                in_file = frozenset((".".join(map(str, x["loc"])), x["msg"]) for x in alone.errors() if len(x["loc"]) == 1)
+            except Exception:  # noqa: BLE001 - the file alone may not even be a document: no such errors
+                pass
+        problems.extend(_format_errors(e, from_cli=frozenset(applied), in_file=in_file))
     _raise_problems(problems, where)
     return cfg
 
