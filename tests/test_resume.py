@@ -441,6 +441,78 @@ def test_a_checkpoint_from_before_the_fuse_record_resumes_with_its_own_batches(t
     (steps[1] / "state.json").write_text(json.dumps(state))
     shutil.rmtree(run / "adapter")
     info = json.loads((run / "run.json").read_text())
+    del info["recipe"]  # nor did the recipe record: this run's config.yaml was edited above
     (run / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
     resume(run)
     assert _final(run) == _final(ref)
+
+
+def _edit_config(run: Path, section: str, **values) -> None:
+    import yaml
+
+    conf = yaml.safe_load((run / "config.yaml").read_text())
+    conf[section].update(values)
+    (run / "config.yaml").write_text(yaml.safe_dump(conf))
+
+
+def test_resume_refuses_a_config_edited_since_the_run_started(reference, tiny_roberta, agnews_files, tmp_path):
+    """Resume rebuilt the run from config.yaml as it is now: with other target modules it dropped
+    the trained ones, started the new ones from scratch with their optimizer state, and called
+    the run complete; another seed, row limit or epoch count silently changed the run."""
+    run = tmp_path / "run"
+    cb = StopAt(7)
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), cb, cb.stop)
+    original = (run / "config.yaml").read_text()
+    for section, values, named in (("lora", {"target_modules": ["query", "key"]}, 'lora.target_modules ["query", '
+                                    '"value"] -> ["query", "key"]'),
+                                   ("train", {"seed": 7, "epochs": 5}, "train.epochs 3 -> 5, train.seed 42 -> 7"),
+                                   ("data", {"max_train_samples": 150}, "data.max_train_samples 72 -> 150"),
+                                   ("lora", {"r": 8}, "lora.r 4 -> 8")):
+        _edit_config(run, section, **values)
+        with pytest.raises(RunError, match="differs from the recipe the run started with") as e:
+            resume(run)
+        assert named in str(e.value)
+        (run / "config.yaml").write_text(original)
+    import shutil  # where the base model is may change: a moved model folder is the same model
+
+    moved = shutil.copytree(tiny_roberta, tmp_path / "moved-model")
+    _edit_config(run, "model", name_or_path=str(moved))
+    resume(run)
+    assert _final(run) == reference
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tiny_roberta, agnews_files, tmp_path):
+    """A run from before the recipe record, its config.yaml edited: the checkpoint was loaded with
+    strict=False, so LoRA on other modules loaded nothing (or a rank change was a traceback)."""
+    run = tmp_path / "run"
+    cb = StopAt(3)
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), cb, cb.stop)
+    info = json.loads((run / "run.json").read_text())
+    del info["recipe"]
+    (run / "run.json").write_text(json.dumps(info))
+    original = (run / "config.yaml").read_text()
+    for section, values, named in (("lora", {"target_modules": ["query", "key"]}, "lora_A.default.weight"),
+                                   ("lora", {"r": 8}, "shapes differ, checkpoint vs model")):
+        _edit_config(run, section, **values)
+        with pytest.raises(RunError, match="the checkpoint does not fit the model config.yaml describes") as e:
+            resume(run)
+        assert named in str(e.value)
+        (run / "config.yaml").write_text(original)
+
+
+def test_resume_keeps_the_precision_the_run_trained_in(reference, tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    """precision auto was resolved again on resume: a run moved to a device whose auto differs
+    (GPU -> CPU, or a CPU without bf16) went on in another precision, and run.json named only it."""
+    import loraclf.precision as prec
+
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: False)  # auto = fp32 here, as the reference ran
+    run = tmp_path / "run"
+    cb = StopAt(7)
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, {**_overrides(tiny_roberta, agnews_files, run), "train.precision": "auto"}), cb, cb.stop)
+    assert json.loads((checkpoint.latest(run) / "state.json").read_text())["loop"]["precision"] == "fp32"
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)  # a device where auto means bf16
+    resume(run)
+    assert _final(run) == reference and json.loads((run / "run.json").read_text())["precision"] == "fp32"

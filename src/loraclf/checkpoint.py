@@ -55,6 +55,8 @@ class LoopState:
     # how the run grouped its micro-batches (train.fuse_accumulation resolved); a resumed run keeps
     # it, even on another device whose default differs, or ``batch`` would count other batches
     fused: bool | None = None
+    # the precision it trained in (train.precision resolved), kept for the same reason
+    precision: str | None = None
 
 
 def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
