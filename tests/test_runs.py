@@ -121,3 +121,30 @@ def test_a_refused_lock_leaves_no_run_that_claims_to_be_running(tiny_roberta, ag
         train(load_config(Path(__file__).parents[1] / "configs" / "agnews-seed.yaml",
                           tiny_overrides(tiny_roberta, agnews_files, run)))
     assert not (run / runs.RUN_FILE).exists()
+
+
+@pytest.mark.parametrize("kept", ["model", "data"])
+def test_overwrite_never_deletes_the_base_model_or_data_kept_inside_the_old_run(kept, tiny_roberta, agnews_files,
+                                                                                tmp_path):
+    """--train.overwrite deleted the old run with the base model (or data file) the new run was
+    about to read inside it; training then failed, leaving a run marked failed."""
+    import shutil
+
+    from conftest import tiny_overrides
+    from loraclf.config import load_config
+    from loraclf.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runs.RUN_FILE).write_text('{"status": "complete"}')
+    model = shutil.copytree(tiny_roberta, run / "mymodel") if kept == "model" else tiny_roberta
+    data = dict(agnews_files)
+    if kept == "data":
+        data["train"] = shutil.copy(agnews_files["train"], run / "mydata.csv.gz")
+    seed = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
+    cfg = load_config(seed, {**tiny_overrides(model, data, run), "train.overwrite": True})
+    with pytest.raises(RunError, match=f"holds {run / ('mymodel' if kept == 'model' else 'mydata.csv.gz')}, which "
+                                       "this run reads"):
+        train(cfg)
+    assert (run / runs.RUN_FILE).read_text() == '{"status": "complete"}'
+    assert (run / "mymodel" / "config.json").is_file() if kept == "model" else (run / "mydata.csv.gz").is_file()

@@ -24,7 +24,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 from .config import Config, build_config
 from .errors import ConfigError, RunError
@@ -220,9 +220,10 @@ def environment() -> dict[str, str]:
             "platform": platform.platform()}
 
 
-def prepare_dir(path: Path, overwrite: bool) -> None:
+def prepare_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
     """Create an empty run directory; refuse to clobber one unless asked to, and even then replace
-    only an earlier loraclf run: ``overwrite`` must never delete a folder of the user's own files."""
+    only an earlier loraclf run: ``overwrite`` must never delete a folder of the user's own files,
+    nor ``inputs`` (the base model and data files the new run reads) kept inside the old run."""
     if path.exists() and not path.is_dir():
         raise RunError("exists and is not a directory", where=str(path), fix="choose another --train.output_dir")
     # A finished run's lock file is left behind (deleting it would race a process taking it); alone,
@@ -241,6 +242,10 @@ def prepare_dir(path: Path, overwrite: bool) -> None:
         if is_training(path):
             raise RunError("run is being trained by another process; --train.overwrite will not delete it",
                            where=str(path), fix="choose another --train.output_dir, or wait for that training to end")
+        inside = [str(p) for p in inputs if target == p.resolve() or target in p.resolve().parents]
+        if inside:
+            raise RunError(f"holds {inside[0]}, which this run reads; --train.overwrite will not delete it",
+                           where=str(path), fix="move it out of the old run first, or choose another --train.output_dir")
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -257,6 +257,14 @@ def _recipe_changes(now: dict[str, Any], then: dict[str, Any]) -> list[str]:
     return changes
 
 
+def _local_inputs(cfg: Config) -> list[Path]:
+    """The local base model folder and data files a run reads (hub names are none)."""
+    paths = [Path(cfg.model.name_or_path).expanduser()]
+    paths += [Path(s).expanduser() for s in (cfg.data.train, cfg.data.validation, cfg.data.test)
+              if s is not None and not is_hub_name(s)]
+    return [p for p in paths if p.exists()]
+
+
 def _undo_new_run(run_dir: Path) -> None:
     """What :func:`_new_run` wrote, removed after it failed (a full disk): no run.json left saying
     "running" for a run that never started, and the folder can be trained into again as it is."""
@@ -271,7 +279,7 @@ def train(cfg: Config, callback: Callback | None = None, stop: threading.Event |
     checkpoint at the next optimizer step and raises :class:`Interrupted`."""
     t_start = time.perf_counter()
     splits, tokenizer, model_config, counts = prepare(cfg)
-    runs.prepare_dir(Path(cfg.train.output_dir), cfg.train.overwrite)
+    runs.prepare_dir(Path(cfg.train.output_dir), cfg.train.overwrite, inputs=_local_inputs(cfg))
     # Locked before run.json exists: a refused lock leaves no run that claims to be "running".
     with runs.training_lock(Path(cfg.train.output_dir)):
         try:
