@@ -345,6 +345,49 @@ def test_a_full_disk_during_a_checkpoint_is_an_oserror_and_leaves_no_half_checkp
         checkpoint.save(tmp_path, checkpoint.LoopState(step=1), dict(model.named_parameters()), None, opt, sched, keep=2)
     assert e.value.errno == errno.ENOSPC and "step-00000001" in e.value.filename
     assert not list((tmp_path / "checkpoints").iterdir())
+    # the disk full at state.json, after the tensors: the half checkpoint stayed (.step-N.tmp)
+    monkeypatch.undo()
+    real_open = open
+
+    def full_at_state(path, *args, **kwargs):
+        if str(path).endswith("state.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_at_state)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(tmp_path, checkpoint.LoopState(step=1), dict(model.named_parameters()), None, opt, sched, keep=2)
+    monkeypatch.undo()
+    assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_run_stopped_by_a_full_disk_reports_the_disk_not_run_json(tiny_roberta, agnews_files, tmp_path,
+                                                                      monkeypatch):
+    """The run.json write marking the run failed failed too, and its error replaced the first:
+    the CLI blamed run.json."""
+    import errno
+
+    import loraclf.runs as runs_mod
+
+    run = tmp_path / "run"
+    real = runs_mod.write_json
+    calls = []
+
+    def full_after_start(path, obj):
+        if Path(path).name == "run.json":
+            calls.append(path)
+        if len(calls) > 1:  # the first run.json starts the run; the disk is full from then on
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, obj)
+
+    def full_checkpoint(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints" / "step-00000001"))
+
+    monkeypatch.setattr(runs_mod, "write_json", full_after_start)
+    monkeypatch.setattr(checkpoint, "save", full_checkpoint)
+    with pytest.raises(OSError) as e:
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)))
+    assert "checkpoints" in e.value.filename
 
 
 @pytest.mark.parametrize("missing", ["best", "optimizer"])

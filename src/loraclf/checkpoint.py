@@ -121,14 +121,14 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
             save_file(opt_tensors, tmp / "optimizer.safetensors")
             rng_tensors, rng_meta = _rng_state()
             save_file(rng_tensors, tmp / "rng.safetensors")
+        state = {"loop": asdict(loop), "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+        with open(tmp / _DONE, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give back what the half checkpoint took
         raise
-    state = {"loop": asdict(loop), "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
-    with open(tmp / _DONE, "w", encoding="utf-8") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
     share_modes(tmp)  # safetensors writes 0600
     # The same step written twice (a step checkpoint, then the epoch's at that step): the old one
     # is moved aside, not deleted, until the new one is in place; a kill in between leaves the

@@ -621,7 +621,10 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
         info.update(status="interrupted" if interrupted else "failed", error=str(e) or type(e).__name__,
                     wall_time_s=wall_before + time.perf_counter() - t_start)
-        runs.write_json(run_dir / runs.RUN_FILE, info)
+        try:
+            runs.write_json(run_dir / runs.RUN_FILE, info)
+        except OSError:
+            pass  # the disk that stopped the run refuses this too: the error to report is the first
         raise
     finally:
         for store in locals().get("stores") or []:
