@@ -131,6 +131,27 @@ def test_params_table_and_over_budget_exit(tiny_roberta, capsys):
     assert "OVER BUDGET" in capsys.readouterr().out
 
 
+def test_params_refuses_a_default_head_the_checkpoint_lacks_as_train_does(tiny_bert, tmp_path, capsys):
+    """params counted 1,156 trainable and exited 0 for a config train refuses (BERT saved without
+    its pooler: the default head's pooler would stay random); plan already left it out."""
+    import shutil
+
+    import torch
+    from transformers import BertModel
+
+    bare = tmp_path / "bert-no-pooler"
+    shutil.copytree(tiny_bert, bare)
+    for f in bare.glob("*.safetensors"):
+        f.unlink()
+    torch.manual_seed(0)
+    BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).save_pretrained(bare)
+    capsys.readouterr()
+    base = ["params", "--config", SEED, "--model.name_or_path", str(bare), "--lora.layers", "null"]
+    assert main(base) == 2
+    assert "model.head default would leave weights the checkpoint lacks random" in _error_line(capsys)
+    assert main(base + ["--model.head", "linear"]) == 0
+
+
 def test_console_script_runs_in_a_subprocess(tiny_roberta):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-m", "loraclf.cli", "params", "--config", SEED, "--model.name_or_path",

@@ -74,6 +74,17 @@ def test_sample_limits(agnews_files):
     assert (len(s.train), len(s.validation), len(s.test)) == (50, 10, 10)
 
 
+def test_a_sample_limit_that_leaves_one_class_is_refused(agnews_files):
+    """--data.max_train_samples 1 trained a 'classifier' on one row of one class, exit 0."""
+    with pytest.raises(DataError, match=r"the 1 training row\(s\) left after --data.max_train_samples hold only one "
+                                        r"class .*raise --data.max_train_samples"):
+        load_splits(_cfg(train=str(agnews_files["train"]), max_train_samples=1))
+
+
+def test_label_names_written_as_yaml_numbers_are_names():
+    assert _cfg(label_names=[1, 2, 3, 4, 5]).label_names == ["1", "2", "3", "4", "5"]
+
+
 def test_eval_split_rejects_unseen_label(tmp_path):
     p = tmp_path / "e.csv"
     p.write_text("text,label\nok,a\nbad,zzz\n")

@@ -266,10 +266,12 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 def cmd_params(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from . import budget
     from .data import load_splits
+    from .model import check_default_head, load_model_config
 
     cfg = load_config(args.config, overrides)
     names = cfg.data.label_names or load_splits(cfg.data, need_test=False).label_names
     b = budget.count(cfg, names)
+    check_default_head(cfg.model, load_model_config(cfg.model, names))
     if args.json:
         within = b.trainable <= cfg.train.max_trainable_params
         print(json.dumps({**b.to_dict(), "budget": cfg.train.max_trainable_params, "within_budget": within}, indent=2))

@@ -150,6 +150,14 @@ class DataConfig(_Section):
             raise ValueError(f"validation_size {size} is neither a fraction (below 1) nor a whole number of rows")
         return size
 
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _numbers_as_names(cls, names: Any) -> Any:
+        # star ratings written as YAML numbers ([1, 2, 3, 4, 5]): five "valid string" errors before
+        if isinstance(names, list):
+            return [str(n) if isinstance(n, int) and not isinstance(n, bool) else n for n in names]
+        return names
+
     @field_validator("label_names")
     @classmethod
     def _names_unique(cls, names: list[str] | None) -> list[str] | None:

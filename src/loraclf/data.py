@@ -638,6 +638,12 @@ def load_splits(cfg: DataConfig, label_names: list[str] | None = None, need_test
         train = train.subset(perm)
     if cfg.max_train_samples is not None:
         train = train.subset(np.arange(min(cfg.max_train_samples, len(train))))
+    if label_names is None and len(np.unique(train.labels)) < 2:  # what the limit (or carving) left
+        cut = "--data.max_train_samples" if cfg.max_train_samples is not None else "the validation split"
+        raise DataError(f"the {len(train)} training row(s) left after {cut} hold only one class "
+                        f"({names[int(train.labels[0])]!r}): a classifier needs at least two", where=train_table.source,
+                        fix="raise --data.max_train_samples" if cfg.max_train_samples is not None
+                        else "lower --data.validation_size, or give more rows")
     validation = limit(validation, cfg.max_eval_samples, cfg.split_seed)
 
     test = None

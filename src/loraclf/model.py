@@ -401,6 +401,14 @@ def default_head_gaps(mcfg: ModelConfig, config: PretrainedConfig) -> list[str]:
         return []
 
 
+def check_default_head(mcfg: ModelConfig, config: PretrainedConfig) -> None:
+    """Train's refusal of ``model.head: default`` where a local checkpoint lacks head weights
+    beyond the classifier, for the commands that only count (``params``): they must not pass a
+    config that train refuses. Nothing to say without local weights."""
+    if mcfg.head == "default":
+        _check_default_head(mcfg, default_head_gaps(mcfg, config))
+
+
 def _pretrained(mcfg: ModelConfig, config: PretrainedConfig, meta: bool = False) -> torch.nn.Module:
     """The checkpoint loaded (``meta``: matched only, no tensors), refused where it lacks weights
     that nothing would train."""
