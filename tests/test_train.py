@@ -33,6 +33,8 @@ def test_run_directory_is_complete_and_honest(trained_run):
         r["epoch"] for r in evals if r["split"] == "validation" and r["accuracy"] == best["accuracy"])
     assert info["metrics"]["validation"]["accuracy"] == best["accuracy"]
     assert info["metrics"]["test"]["accuracy"] == evals[-1]["accuracy"]
+    assert evals[-1]["step"] == best["step"]  # the weights evaluated: the best epoch's (it said the last step)
+    assert best["step"] < evals[-2]["step"]  # (so this run tells the two apart)
     # the tiny model learns the synthetic task: far above chance (0.25)
     assert info["metrics"]["test"]["accuracy"] > 0.4
     run = open_run(trained_run)

@@ -588,7 +588,10 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         if splits.test is not None:
             test_ids = tokenize_cached(splits.test.texts, tokenizer, max_length, cache_dir)
             test = _evaluate(model, test_ids, splits.test.labels, splits.label_names, cfg, accelerator, precision)
-            metrics.add({"event": "eval", "split": "test", "epoch": loop.best_epoch, "step": loop.step,
+            # the step of the weights evaluated: the best epoch's, not the run's last
+            best_step = next((r["step"] for r in metrics.records if r.get("split") == "validation"
+                              and r.get("epoch") == loop.best_epoch), loop.step)
+            metrics.add({"event": "eval", "split": "test", "epoch": loop.best_epoch, "step": best_step,
                          **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "n")}})
             cb.on_eval(metrics.records[-1])
 
