@@ -142,6 +142,27 @@ def test_unreadable_data_still_gives_a_report(trained_run, tmp_path):
     assert not (run / report.CONFUSION_FILE).exists()  # no stale plot beside "not computed"
 
 
+def test_report_on_a_test_file_changed_since_training_is_refused(trained_run, tmp_path):
+    """The report set training's test accuracy beside per-class numbers recomputed on the file as
+    it is now (29.17 % beside 25.00 %, exit 0): it now says the data differs, as resume does."""
+    from conftest import make_rows, write_agnews_csv
+
+    run = _copy(trained_run, tmp_path / "run")
+    test = yaml.safe_load((run / "config.yaml").read_text())["data"]["test"]
+    moved = Path(shutil.copy(test, tmp_path / f"moved-{Path(test).name}"))  # the same content elsewhere: fine
+    _edit_config(run, test=str(moved))
+    assert report.write_report(run).problem is None
+    write_agnews_csv(moved, make_rows(40, seed=77))
+    from loraclf.errors import DataError
+
+    with pytest.raises(DataError, match="the test data differs from the data the run was trained and tested on"):
+        report.write_report(run)  # by hand: the report with the numbers is kept
+    for f in (report.HTML_FILE, report.MD_FILE):
+        (run / f).unlink()
+    assert "the test data differs" in report.write_report(run).problem
+    assert "Not computed" in (run / report.MD_FILE).read_text()
+
+
 def test_report_cli_keeps_a_full_report_when_the_analysis_is_missing(trained_run, tmp_path, capsys):
     """`loraclf report` replaced a full report with one saying "Not computed" (and exited 0 in silence)."""
     run = _copy(trained_run, tmp_path / "run")

@@ -203,7 +203,7 @@ def test_resume_refuses_changed_data(tiny_roberta, agnews_files, tmp_path):
 
 
 def test_same_data_is_compared_by_content_not_path():
-    from loraclf.train import _same_data
+    from loraclf.data import same_data as _same_data
 
     then = {"train": {"path": "/old/train.csv", "sha256": "ab", "bytes": 3}, "validation": {"carved_from": "train"}}
     assert _same_data({**then, "train": {**then["train"], "path": "/new/train.csv"}}, then)  # moved or copied

@@ -103,6 +103,16 @@ def file_fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "sha256": h.hexdigest(), "bytes": path.stat().st_size}
 
 
+def same_data(now: Any, then: Any) -> bool:
+    """Fingerprints compared by content: a data file copied or moved elsewhere is the same data."""
+    def content(fp: Any) -> Any:
+        if isinstance(fp, dict):
+            return {k: content(v) for k, v in fp.items() if k != "path"}
+        return fp
+
+    return content(json.loads(json.dumps(now))) == content(then)
+
+
 def _is_gzip(path: Path) -> bool:
     return path.suffix.lower() == ".gz"
 

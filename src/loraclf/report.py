@@ -27,8 +27,8 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from . import plots
-from .data import Examples, limit, load_eval_split, load_splits
-from .errors import LoraclfError
+from .data import Examples, limit, load_eval_split, load_splits, same_data
+from .errors import DataError, LoraclfError
 from .evaluate import classification_metrics
 from .predict import Predictor, softmax
 from .runs import CONFIG_FILE, CURVE_FILE, METRICS_FILE, Run, open_run, write_text
@@ -69,10 +69,24 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 def eval_examples(run: Run) -> tuple[str, str, Examples]:
     """(split, source, examples): the configured test split, else validation carved as in training."""
     d = run.cfg.data
+    then = run.info.get("data") or {}
     if d.test is not None:
-        return "test", d.test, load_eval_split(d, d.test, run.label_names, int_labels=run.info.get("int_labels", True))
+        examples = load_eval_split(d, d.test, run.label_names, int_labels=run.info.get("int_labels", True))
+        _unchanged({"test": examples.fingerprint}, then, ("test",), d.test)  # type: ignore[attr-defined]
+        return "test", d.test, examples
     splits = load_splits(d, run.label_names, need_test=False)
+    _unchanged(splits.fingerprints, then, ("train", "validation"), d.validation or d.train)
     return "validation", d.validation or f"{d.train} (carved, seed {d.split_seed})", splits.validation
+
+
+def _unchanged(now: dict[str, Any], then: dict[str, Any], roles: tuple[str, ...], where: str) -> None:
+    """The report sets training's metrics beside an analysis computed now: on a data file that
+    changed since, the two would disagree without saying why."""
+    changed = [r for r in roles if r in then and not same_data(now.get(r), then[r])]
+    if changed:
+        raise DataError(f"the {' and '.join(changed)} data differs from the data the run was trained and tested on "
+                        "(fingerprints in run.json)", where=where,
+                        fix="restore the file, or measure other data with: loraclf evaluate RUN_DIR --data.test FILE")
 
 
 def analyse(predictor: Predictor, examples: Examples, split: str, source: str, max_examples: int | None = 2000,

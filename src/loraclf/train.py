@@ -26,7 +26,7 @@ from transformers import get_scheduler
 from . import budget, checkpoint, plots, runs
 from .config import COMPILE_MODES_WITH_GRAPHS, Config, TrainConfig, save_config
 from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, cache_root,
-                   is_hub_name, load_splits, tokenize_cached)
+                   is_hub_name, load_splits, same_data, tokenize_cached)
 from .errors import ConfigError, LoraclfError, RunError, TrainingError, first_few
 from .evaluate import classification_metrics
 from .graphs import PAD_MULTIPLE, StepGraphs
@@ -301,16 +301,6 @@ def resume(run_dir: str | Path, callback: Callback | None = None, stop: threadin
         return _resume(run, callback, stop, t_start)
 
 
-def _same_data(now: Any, then: Any) -> bool:
-    """Fingerprints compared by content: a data file copied or moved elsewhere is the same data."""
-    def content(fp: Any) -> Any:
-        if isinstance(fp, dict):
-            return {k: content(v) for k, v in fp.items() if k != "path"}
-        return fp
-
-    return content(json.loads(json.dumps(now))) == content(then)
-
-
 def _resume(run: runs.Run, callback: Callback | None, stop: threading.Event | None, t_start: float) -> TrainResult:
     ckpt, damaged = checkpoint.newest_readable(run.path)
     if ckpt is None:
@@ -326,7 +316,7 @@ def _resume(run: runs.Run, callback: Callback | None, stop: threading.Event | No
                        where=str(run.path), fix=f"restore those keys in {runs.CONFIG_FILE} (only where the base model "
                        "and data files are may change), or train a new run with the new recipe")
     splits, tokenizer, model_config, counts = prepare(run.cfg, run.label_names)
-    if not _same_data(splits.fingerprints, run.info.get("data")):
+    if not same_data(splits.fingerprints, run.info.get("data")):
         raise RunError("the data differs from the data the run started with (fingerprints do not match)",
                        where=str(run.path), fix="restore the original data files, or train a new run")
     info = {k: v for k, v in run.info.items() if k != "error"}
