@@ -202,6 +202,31 @@ def test_resume_refuses_changed_data(tiny_roberta, agnews_files, tmp_path):
         resume(run)
 
 
+def test_a_data_file_moved_during_a_pause_is_found_by_editing_config_yaml(reference, tiny_roberta, agnews_files,
+                                                                            tmp_path):
+    """The fix said to check --data.train, which resume refuses; the path in config.yaml is where
+    a moved data file is told, and its content is still checked."""
+    import shutil
+
+    data = {"train": tmp_path / "train.csv.gz", "test": agnews_files["test"]}
+    shutil.copy(agnews_files["train"], data["train"])
+    run = tmp_path / "run"
+    cb = StopAt(3)
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, data, run)), cb, cb.stop)
+    moved = shutil.move(data["train"], tmp_path / "elsewhere.csv.gz")
+    with pytest.raises(Exception, match=rf"file not found — fix: restore the file there, or set its new path in "
+                                        rf"{run / 'config.yaml'}"):
+        resume(run)
+    _edit_config(run, "data", train=str(moved))
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "versions": {**info["versions"], "peft": "0.17.0"}}))
+    resume(run)
+    assert _final(run) == reference
+    info = json.loads((run / "run.json").read_text())  # the session under other releases is recorded
+    assert info["versions"]["peft"] == "0.17.0" and info["resumed_with_versions"][0]["peft"] != "0.17.0"
+
+
 def test_same_data_is_compared_by_content_not_path():
     from loraclf.data import same_data as _same_data
 

@@ -27,7 +27,7 @@ from . import budget, checkpoint, plots, runs
 from .config import COMPILE_MODES_WITH_GRAPHS, Config, TrainConfig, save_config
 from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, cache_root,
                    is_hub_name, load_splits, same_data, tokenize_cached)
-from .errors import ConfigError, LoraclfError, RunError, TrainingError, first_few
+from .errors import ConfigError, DataError, LoraclfError, RunError, TrainingError, first_few
 from .evaluate import classification_metrics
 from .graphs import PAD_MULTIPLE, StepGraphs
 from .model import (build_model, check_weights, compile_in_place, load_model_config, load_tokenizer, resolve_name,
@@ -315,12 +315,23 @@ def _resume(run: runs.Run, callback: Callback | None, stop: threading.Event | No
         raise RunError(f"{runs.CONFIG_FILE} differs from the recipe the run started with: {first_few(changes)}",
                        where=str(run.path), fix=f"restore those keys in {runs.CONFIG_FILE} (only where the base model "
                        "and data files are may change), or train a new run with the new recipe")
-    splits, tokenizer, model_config, counts = prepare(run.cfg, run.label_names)
+    try:
+        splits, tokenizer, model_config, counts = prepare(run.cfg, run.label_names)
+    except DataError as e:
+        if e.what == "file not found":  # the fix named --data.train, which resume refuses
+            e.fix = (f"restore the file there, or set its new path in {run.path / runs.CONFIG_FILE} "
+                     "(the content is checked against the run's fingerprint)")
+            e.args = (e.message,)
+        raise
     if not same_data(splits.fingerprints, run.info.get("data")):
         raise RunError("the data differs from the data the run started with (fingerprints do not match)",
                        where=str(run.path), fix="restore the original data files, or train a new run")
     info = {k: v for k, v in run.info.items() if k != "error"}
     info["status"] = "running"
+    env = runs.environment()
+    if env != info.get("versions") and env not in info.get("resumed_with_versions", []):
+        # resumed under other releases (or on another platform): the record of what trained the run says so
+        info["resumed_with_versions"] = [*info.get("resumed_with_versions", []), env]
     if damaged:  # resumed from an older checkpoint; run.json says so (the steps after it are redone)
         info["resumed_past_damaged"] = [p.name for p in damaged]
     runs.write_json(run.path / runs.RUN_FILE, info)
