@@ -204,3 +204,26 @@ def test_an_output_dir_under_the_home_folder(tmp_path, monkeypatch):
     f.write_text("train:\n  output_dir: ~/runs/x\n")
     assert load_config(f).train.output_dir == str(tmp_path / "runs" / "x")
     assert load_config(None, {"train.output_dir": "~/y"}).train.output_dir == str(tmp_path / "y")
+
+
+def test_config_paths_that_are_no_regular_file(tmp_path):
+    """A directory and /dev/null were both "config file not found"; --config <(...) (a pipe) too."""
+    import os
+    import threading
+
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        load_config(tmp_path)
+    assert load_config("/dev/null").lora.r == load_config(None).lora.r  # empty: every default
+    fifo = tmp_path / "cfg"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("lora:\n  r: 5\n"), daemon=True)
+    writer.start()
+    assert load_config(fifo).lora.r == 5
+    writer.join(10)
+
+
+def test_a_config_that_is_not_utf8_says_so(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lora:\n  r: 5\n", encoding="utf-16")  # what some Windows editors save
+    with pytest.raises(ConfigError, match=r"not UTF-8 text .*save the file as UTF-8"):
+        load_config(f)

@@ -143,6 +143,8 @@ def test_unreachable_hub_model_is_one_clear_line():
         load_model_config(cfg.model, NAMES)
     msg = str(e.value)
     assert "not reachable on the Hugging Face Hub" in msg and "--model.name_or_path" in msg and "\n" not in msg
+    # offline on purpose (the tests are): setting HF_HUB_OFFLINE=1 is no advice, unsetting it is
+    assert "unset HF_HUB_OFFLINE" in msg and "set HF_HUB_OFFLINE=1" not in msg
 
 
 def test_adapter_without_safetensors_is_refused(tiny_roberta, tmp_path):

@@ -709,7 +709,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:
             hint = (f" (a text starting with '-' goes after '--': loraclf predict RUN_DIR -- {extra[0]})"
                     if args.command == "predict" else "")
-            parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+            # the subcommand's usage, not "loraclf [-h] COMMAND ...": the options it names are the ones to check
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}{hint}")
         _quiet_libraries()
         if isinstance(sys.stdout, io.TextIOWrapper) and not _unicode(sys.stdout.encoding):
             # a text or class name the console's code page lacks: an escape, not a traceback

@@ -309,11 +309,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"config file not found"], where=str(p), fix="check the path given to --config")
+    if p.is_dir():
+        raise ConfigError(["is a directory, not a config file"], where=str(p), fix="give --config a YAML file")
+    if not p.exists():  # a pipe (--config <(...)) or /dev/null is no regular file, and readable
+        raise ConfigError(["config file not found"], where=str(p), fix="check the path given to --config")
     try:
         doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text (byte {e.start:,})"], where=str(p), fix="save the file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError([f"cannot read ({e.strerror or e})"], where=str(p), fix="make the file readable") from None
+    except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f"{p}:{mark.line + 1}" if mark else str(p)
         problem = getattr(e, "problem", None) or brief(e)

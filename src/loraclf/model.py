@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -24,10 +25,13 @@ from .errors import ModelError, brief, first_few
 from .heads import install_head, peft_trains
 from .runs import unreadable_safetensors
 
-_OFFLINE_FIX = (
-    "pass --model.name_or_path a local model directory, or connect to the Hugging Face Hub "
-    "(set HF_HUB_OFFLINE=1 to fail fast when offline)"
-)
+def _offline_fix() -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        # it was the reason, not a cure: the model is in no local cache
+        return ("pass --model.name_or_path a local model directory, or unset HF_HUB_OFFLINE and connect to the "
+                "Hugging Face Hub to download it")
+    return ("pass --model.name_or_path a local model directory, or connect to the Hugging Face Hub "
+            "(set HF_HUB_OFFLINE=1 to fail fast when offline)")
 
 
 def resolve_name(name_or_path: str) -> str:
@@ -50,7 +54,7 @@ def _load_error(what: str, mcfg: ModelConfig, e: Exception) -> ModelError:
                           fix="check the path; a run records its base model's absolute path, so for a run whose base "
                               "model moved, restore it there or set model.name_or_path in the run's config.yaml")
     return ModelError(f"cannot load {what} '{mcfg.name_or_path}': not a local directory and not reachable on the "
-                      f"Hugging Face Hub ({msg[:160]})", where="model.name_or_path", fix=_OFFLINE_FIX)
+                      f"Hugging Face Hub ({msg[:160]})", where="model.name_or_path", fix=_offline_fix())
 
 
 def load_model_config(mcfg: ModelConfig, label_names: list[str]) -> PretrainedConfig:
