@@ -189,7 +189,8 @@ ERRORS = [
     (["train", "--resume", ""], "command line: --resume is empty"),
     (["train", "--config", SEED, "--data.validation_size", "2.5"], "neither a fraction (below 1) nor a whole number"),
     # an element of a list typed on the command line too
-    (["train", "--config", SEED, "--data.label_names", "[0,1]"], "command line: --data.label_names.0: Input should be"),
+    (["train", "--config", SEED, "--lora.target_modules", "[query,5]"],
+     "command line: --lora.target_modules.1: Input should be"),
     # a misspelt key typed on the command line is blamed on the command line, not the YAML file
     (["train", "--config", SEED, "--train.epochz", "3"], "command line: unknown key '--train.epochz'"),
 ]
