@@ -220,11 +220,11 @@ def test_a_data_file_moved_during_a_pause_is_found_by_editing_config_yaml(refere
         resume(run)
     _edit_config(run, "data", train=str(moved))
     info = json.loads((run / "run.json").read_text())
-    (run / "run.json").write_text(json.dumps({**info, "versions": {**info["versions"], "peft": "0.17.0"}}))
+    (run / "run.json").write_text(json.dumps({**info, "versions": {**info["versions"], "peft": "0.0.1"}}))
     resume(run)
     assert _final(run) == reference
     info = json.loads((run / "run.json").read_text())  # the session under other releases is recorded
-    assert info["versions"]["peft"] == "0.17.0" and info["resumed_with_versions"][0]["peft"] != "0.17.0"
+    assert info["versions"]["peft"] == "0.0.1" and info["resumed_with_versions"][0]["peft"] != "0.0.1"
 
 
 def test_same_data_is_compared_by_content_not_path():
