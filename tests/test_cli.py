@@ -527,8 +527,11 @@ def test_evaluate_reads_another_test_file_by_its_own_format_and_takes_the_text_l
 
     run = shutil.copytree(trained_run, tmp_path / "run")
     conf = yaml.safe_load((run / "config.yaml").read_text())
-    conf["data"]["format"] = "agnews"  # what its own (headerless) files are
+    conf["data"]["format"] = "agnews"  # what its own (headerless) files are: a run trained so
     (run / "config.yaml").write_text(yaml.safe_dump(conf))
+    info = json.loads((run / "run.json").read_text())
+    info["recipe"]["data"]["format"] = "agnews"
+    (run / "run.json").write_text(json.dumps(info))
     names = ["World", "Sports", "Business", "Sci/Tech"]
     texts = ["war minister treaty", "goal striker " * 20, "bank profit shares", "chip robot space"]
     pd.DataFrame({"text": texts, "label": names}).to_parquet(tmp_path / "t.parquet")

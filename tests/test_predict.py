@@ -175,3 +175,59 @@ def test_damaged_files_are_one_clear_error(trained_run, tmp_path):
     with pytest.raises(RunError, match="checkpoint file is damaged") as e:
         checkpoint.load(damaged)
     assert f"delete {damaged}" in str(e.value)
+
+
+def test_texts_are_stripped_as_in_training(predictor):
+    """Arguments, .txt lines, stdin and the API were tokenized as given: around a text, spaces are
+    tokens of their own to a byte-level BPE tokenizer, ones the model never saw (training strips)."""
+    plain, padded = predictor.predict(["Shares bank profit", "  Shares bank profit \t"])
+    assert padded["probabilities"] == pytest.approx(plain["probabilities"], abs=1e-6)
+    assert padded["text"] == "  Shares bank profit \t"  # the output still names the text as given
+
+
+def test_evaluate_reproduces_the_run_s_metrics_by_default_with_the_loss(trained_run, tmp_path):
+    """evaluate ran in bf16 by default on CPUs with AMX, not reproducing run.json (trained in
+    fp32), and reported no loss."""
+    import shutil
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    info = json.loads((run / "run.json").read_text())
+    r = evaluate_run(run)
+    assert r["precision"] == info["precision"] == "fp32"
+    assert r["accuracy"] == info["metrics"]["test"]["accuracy"]
+    assert r["loss"] == pytest.approx(info["metrics"]["test"]["loss"], abs=1e-5)
+    # other precision or other columns: their own files, saying how; the run's own evaluation stays
+    other = evaluate_run(run, precision="bf16")
+    assert other["saved_to"].endswith("eval/test.csv.bf16.json")
+    title = evaluate_run(run, {"text_columns": ["title"]})
+    assert title["read_as"] == {"text_columns": ["title"]}
+    assert title["saved_to"].endswith("eval/test.csv.text_columns-title.json")
+    assert json.loads((run / "eval" / "test.csv.json").read_text())["accuracy"] == r["accuracy"]
+
+
+def test_a_config_edited_after_training_is_refused_not_loaded_into_another_model(trained_run, tmp_path):
+    """head linear -> mean loaded the linear head's weights into a mean-pooling head (exit 0,
+    other probabilities); lora.r or a lowrank head were tracebacks. Resume refused the same edit."""
+    import shutil
+
+    import yaml
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    conf = yaml.safe_load((run / "config.yaml").read_text())
+    conf["lora"]["r"] += 2
+    (run / "config.yaml").write_text(yaml.safe_dump(conf))
+    with pytest.raises(RunError, match=r"config.yaml differs from the recipe the run was trained with: lora.r"):
+        Predictor.from_run(run)
+
+
+def test_checkpoint_without_its_best_weights_is_refused(trained_run, tmp_path):
+    """--checkpoint on a checkpoint whose best.safetensors was lost (a partial copy) evaluated the
+    current weights, naming the checkpoint as if its best weights had been used."""
+    import shutil
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    (newest / "best.safetensors").unlink()
+    with pytest.raises(RunError, match=rf"the newest checkpoint \({newest.name}\) is damaged or lacks a file"):
+        Predictor.from_run(run, from_checkpoint=True)

@@ -15,7 +15,7 @@ import pytest
 from conftest import make_rows, tiny_overrides, write_agnews_csv
 from loraclf import checkpoint
 from loraclf.config import load_config
-from loraclf.errors import RunError
+from loraclf.errors import ModelError, RunError
 from loraclf.train import Interrupted, resume, train
 
 SEED = Path(__file__).parents[1] / "configs" / "agnews-seed.yaml"
@@ -538,7 +538,7 @@ def test_resume_refuses_a_config_edited_since_the_run_started(reference, tiny_ro
                                    ("data", {"max_train_samples": 150}, "data.max_train_samples 72 -> 150"),
                                    ("lora", {"r": 8}, "lora.r 4 -> 8")):
         _edit_config(run, section, **values)
-        with pytest.raises(RunError, match="differs from the recipe the run started with") as e:
+        with pytest.raises(RunError, match="differs from the recipe the run was trained with") as e:
             resume(run)
         assert named in str(e.value)
         (run / "config.yaml").write_text(original)
@@ -564,7 +564,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tiny_roberta, agnew
     for section, values, named in (("lora", {"target_modules": ["query", "key"]}, "lora_A.default.weight"),
                                    ("lora", {"r": 8}, "shapes differ, checkpoint vs model")):
         _edit_config(run, section, **values)
-        with pytest.raises(RunError, match="the checkpoint does not fit the model config.yaml describes") as e:
+        with pytest.raises(ModelError, match="the checkpoint does not fit the model config.yaml describes") as e:
             resume(run)
         assert named in str(e.value)
         (run / "config.yaml").write_text(original)

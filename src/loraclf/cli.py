@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", metavar="RUN_DIR", type=_path)
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="default: the precision the run trained in, whose metrics run.json holds")
     e.add_argument("--max-tokens", type=int, default=None,
                     help="also cap each batch at this many padded tokens (rows x longest row)")
     e.add_argument("--checkpoint", action="store_true",
@@ -405,7 +406,7 @@ def _evaluation_output(args: argparse.Namespace, r: dict[str, Any]) -> None:
         return
     names = list(r["per_class"])
     print(f"{r['split']} split: {r['source']} (n={r['n']}, {r['precision']})")
-    print(f"accuracy  {r['accuracy']:.4f}\nmacro-F1  {r['macro_f1']:.4f}\n")
+    print(f"accuracy  {r['accuracy']:.4f}\nmacro-F1  {r['macro_f1']:.4f}\nloss      {r['loss']:.4f}\n")
     w = max(len(n) for n in names + ["class"])
     print(f"{'class':<{w}}  precision  recall      f1  support")
     for n, m in r["per_class"].items():

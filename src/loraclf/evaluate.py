@@ -44,15 +44,25 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, label_names: 
     }
 
 
+def logits_metrics(logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict[str, Any]:
+    """:func:`classification_metrics` of float32 logits [N, C] plus ``loss``, their mean cross-entropy
+    with ``labels`` [N] (what training records for its splits)."""
+    import torch
+
+    out = classification_metrics(labels, logits.argmax(-1), label_names)
+    out["loss"] = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    return out
+
+
 def evaluate_examples(predictor: Predictor, examples: Examples) -> dict[str, Any]:
-    logits = predictor.logits(examples.texts)
-    return classification_metrics(examples.labels, logits.argmax(-1), predictor.label_names)
+    return logits_metrics(predictor.logits(examples.texts), examples.labels, predictor.label_names)
 
 
 def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = None, batch_size: int = 64,
-                 precision: str = "auto", write: bool = True, from_checkpoint: bool = False,
+                 precision: str | None = None, write: bool = True, from_checkpoint: bool = False,
                  max_tokens: int | None = None) -> dict[str, Any]:
     """Evaluate a finished run on its configured test split, or on ``data_overrides['test']``.
+    ``precision``: None = the one the run trained (and recorded its metrics) in.
 
     Returns the metrics plus ``split`` and ``source``; with ``write``, saves
     RUN_DIR/eval/<name>.json and <name>_confusion.png (see :func:`evaluation_name`) and adds
@@ -75,21 +85,30 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     named = None if "test" in (data_overrides or {}) else "data.test in the run's config.yaml, or pass --data.test PATH"
     examples = load_eval_split(data_cfg, data_cfg.test, run.label_names, flag=named,
                                int_labels=run.info.get("int_labels", True))
-    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, from_checkpoint=from_checkpoint,
-                                   max_tokens=max_tokens)
+    trained_in = run.info.get("precision")
+    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision or trained_in or "auto",
+                                   from_checkpoint=from_checkpoint, max_tokens=max_tokens)
     result = evaluate_examples(predictor, examples)
     # the checkpoint the predictor loaded (a training still running may have written a newer one since)
     ckpt = predictor.checkpoint
     result.update(split="test", source=data_cfg.test, precision=predictor.precision,
                   weights=str(ckpt) if ckpt is not None else "adapter")
+    # how the rows were read, where not as the run reads them: recorded, and kept apart in eval/
+    read_as = {k: v for k, v in (data_overrides or {}).items() if k in _READING_KEYS
+               and getattr(data_cfg, k) != getattr(run.cfg.data, k)}
+    if read_as:
+        result["read_as"] = read_as
     if (where := source_path(data_cfg.test)) is not None:
         result["source_path"] = where
     if write:
         # a limit at or above the file's rows took them all: the evaluation is the full one
         subset = len(examples) if examples.sampled_from is not None else None
+        variant = [f"{k}-{'+'.join(v) if isinstance(v, list) else v}" for k, v in read_as.items()]
+        if trained_in is not None and predictor.precision != trained_in:
+            variant.append(predictor.precision)  # an fp32 and a bf16 evaluation do not replace each other
         try:
             result["saved_to"] = str(write_evaluation(run, result, data_cfg.test, subset,
-                                                      ckpt.name if ckpt is not None else None))
+                                                      ckpt.name if ckpt is not None else None, variant))
         except OSError as e:
             result.update(saved_to=None, save_error=f"cannot write {run.path / EVAL_DIR} ({e.strerror or e})")
     return result
@@ -101,11 +120,17 @@ def source_path(source: str) -> str | None:
     return None if is_hub_name(source) else str(Path(source).expanduser().resolve())
 
 
-def evaluation_name(run: Run, source: str, max_samples: int | None = None, checkpoint_name: str | None = None) -> str:
+# data options that change how an evaluation file's rows are read (its other options do not)
+_READING_KEYS = ("text_columns", "label_column", "format", "max_text_chars")
+
+
+def evaluation_name(run: Run, source: str, max_samples: int | None = None, checkpoint_name: str | None = None,
+                    variant: list[str] | None = None) -> str:
     """The file stem of an evaluation in RUN_DIR/eval/: the data file's name (``test.csv``) or the
     hub dataset's name and split (``ag_news.test``), plus ``.n<N>`` for a ``max_eval_samples``
-    subset, so a subset never replaces a full evaluation, and ``.step-<N>`` for an evaluation of
-    an unfinished run's checkpoint, which must not pass for the finished run's. A different file
+    subset, so a subset never replaces a full evaluation, ``.step-<N>`` for an evaluation of
+    an unfinished run's checkpoint, which must not pass for the finished run's, and ``variant``
+    (``.text_columns-title``, ``.bf16``: rows read or computed otherwise than the run's). A different file
     with the same name gets a short hash of its path, so evaluating ``a/test.csv`` and then
     ``b/test.csv`` keeps both."""
     where = source_path(source)
@@ -119,6 +144,8 @@ def evaluation_name(run: Run, source: str, max_samples: int | None = None, check
         name += f".n{max_samples}"
     if checkpoint_name is not None:
         name += f".{checkpoint_name}"
+    for part in variant or []:
+        name += "." + (re.sub(r"[^A-Za-z0-9_.+-]+", "_", part) or "_")
     if where is not None and _evaluated_elsewhere(run.path / EVAL_DIR / f"{name}.json", where):
         name += "." + hashlib.sha256(where.encode()).hexdigest()[:8]
     return name
@@ -135,10 +162,10 @@ def _evaluated_elsewhere(existing: Path, where: str) -> bool:
 
 
 def write_evaluation(run: Run, result: dict[str, Any], source: str, max_samples: int | None = None,
-                     checkpoint_name: str | None = None) -> Path:
+                     checkpoint_name: str | None = None, variant: list[str] | None = None) -> Path:
     out = run.path / EVAL_DIR
     out.mkdir(exist_ok=True)
-    name = evaluation_name(run, source, max_samples, checkpoint_name)
+    name = evaluation_name(run, source, max_samples, checkpoint_name, variant)
     try:
         plots.confusion_matrix(result["confusion_matrix"], run.label_names, out / f"{name}_confusion.png",
                                f"confusion matrix: {name} (n={result['n']})")

@@ -331,6 +331,25 @@ def _layers_pattern(model: torch.nn.Module, config: PretrainedConfig, lcfg: Lora
     return names or None  # no block list found: PEFT's own rule
 
 
+def load_trained(model: torch.nn.Module, trained: dict[str, torch.Tensor], where: str | Path) -> None:
+    """A checkpoint's trained tensors into ``model``, which must train exactly those (names and
+    shapes): with ``strict=False`` alone (the frozen weights are not in it) LoRA on other modules
+    loaded nothing and went on from initial values, another rank was a RuntimeError traceback."""
+    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    problem = None
+    if set(want) != set(trained):
+        problem = f"it holds {first_few(sorted(set(trained) - set(want))) or 'nothing more'}, the model trains " \
+                  f"{first_few(sorted(set(want) - set(trained))) or 'nothing more'}"
+    else:
+        shapes = [f"{n} {list(t.shape)} vs {list(want[n].shape)}" for n, t in trained.items() if t.shape != want[n].shape]
+        if shapes:  # another rank or head size
+            problem = f"shapes differ, checkpoint vs model: {first_few(shapes, 2)}"
+    if problem:
+        raise ModelError(f"the checkpoint does not fit the model config.yaml describes ({problem})", where=str(where),
+                         fix="restore config.yaml as the run was trained, or train a new run")
+    model.load_state_dict(trained, strict=False)  # the frozen weights are not in it
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable tensors (LoRA + head): what the best epoch keeps."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -17,7 +17,8 @@ from . import checkpoint
 from .data import PadCollator, sorted_batches, tokenize, unicode_problem
 from .errors import ConfigError, DataError, RunError
 from .graphs import PAD_MULTIPLE, StepGraphs
-from .model import build_model, load_adapter, load_base, load_model_config, load_tokenizer, usable_length
+from .model import (build_model, load_adapter, load_base, load_model_config, load_tokenizer, load_trained,
+                    usable_length)
 from .precision import autocast, choose_precision
 from .runs import Run, open_run
 
@@ -146,7 +147,9 @@ class Predictor:
             problem = unicode_problem(t)
             if problem:
                 raise DataError(f"text {i + 1} {problem}", where="input", fix="give the input as valid UTF-8 text")
-        return tokenize(texts, self.tokenizer, self.max_length)
+        # stripped as training's texts were (data.table_texts): a leading space is a token of its
+        # own to a byte-level BPE tokenizer, one the model never saw
+        return tokenize([t.strip() for t in texts], self.tokenizer, self.max_length)
 
     def logits(self, texts: Sequence[str] | str) -> np.ndarray:
         """Float32 [N, C]; a single string is one text (N = 1), as in transformers' pipelines."""
@@ -186,7 +189,11 @@ def _model_from_checkpoint(run: Run, config: Any) -> tuple[torch.nn.Module, Path
     path = checkpoint.latest(run.path)
     if path is None:
         raise RunError("run has no checkpoint", where=str(run.path), fix="use a run that trained at least one step")
+    if not checkpoint.readable(path):  # without best.safetensors the current weights passed for the best
+        raise RunError(f"the newest checkpoint ({path.name}) is damaged or lacks a file", where=str(run.path),
+                       fix=f"resume the run (loraclf train --resume {run.path} goes back to an older checkpoint), "
+                           "or train it again")
     loaded = checkpoint.load(path)
     model = build_model(run.cfg.model, run.cfg.lora, config)
-    model.load_state_dict(loaded.best if loaded.best is not None else loaded.trainable, strict=False)
+    load_trained(model, loaded.best if loaded.best is not None else loaded.trainable, path)
     return model, path

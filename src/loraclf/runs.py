@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
 from .config import Config, build_config
-from .errors import ConfigError, RunError
+from .errors import ConfigError, RunError, first_few
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -272,6 +272,33 @@ class Run:
         return self.path / TOKENIZER_DIR
 
 
+# Keys a run's config.yaml may change in after training: where things are (a base model or data
+# file that moved; the data fingerprints check the files' content), not what was trained
+_RELOCATABLE = {"model": ("name_or_path",), "train": ("output_dir", "overwrite"), "data": ("train", "validation", "test")}
+
+
+def recipe(cfg: Config) -> dict[str, Any]:
+    """What a run trains, as recorded in run.json: its config less :data:`_RELOCATABLE`."""
+    doc = cfg.to_dict()
+    for section, keys in _RELOCATABLE.items():
+        for key in keys:
+            doc[section].pop(key, None)
+    return doc
+
+
+def recipe_changes(cfg: Config, then: dict[str, Any]) -> list[str]:
+    """``section.key old -> new`` for every recorded key whose value ``cfg`` changed. Keys a later
+    loraclf added are not in ``then``: their defaults are no change of the run's."""
+    now = json.loads(json.dumps(recipe(cfg)))
+    changes = []
+    for section, keys in sorted(then.items()):
+        for key, old in sorted((keys or {}).items()):
+            new = (now.get(section) or {}).get(key)
+            if new != old:
+                changes.append(f"{section}.{key} {json.dumps(old)} -> {json.dumps(new)}")
+    return changes
+
+
 def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
     path = Path(path)
     if not path.is_dir():
@@ -301,6 +328,14 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
         raise RunError(f"run is missing {Path(e.filename).name}", where=str(path), fix="train the run again") from None
     except (ConfigError, ValueError) as e:
         raise RunError(f"run files are corrupted ({e})", where=str(path), fix="train the run again") from None
+    then = info.get("recipe")  # runs trained before it was recorded: loading the weights checks their shapes
+    changes = recipe_changes(cfg, then) if isinstance(then, dict) else []
+    if changes:
+        # config.yaml edited since training: a resumed run would go on with other modules, rows or
+        # schedule; a finished one would load its weights into another model (another head, rank)
+        raise RunError(f"{CONFIG_FILE} differs from the recipe the run was trained with: {first_few(changes)}",
+                       where=str(path), fix=f"restore those keys in {CONFIG_FILE} (only where the base model and "
+                       "data files are may change), or train a new run with the new recipe")
     for needed in ("adapter_config.json", "adapter_model.safetensors") if info.get("status") == "complete" else ():
         if not (path / ADAPTER_DIR / needed).is_file():
             raise RunError(f"run is missing {ADAPTER_DIR}/{needed}", where=str(path), fix="train the run again")

@@ -27,11 +27,11 @@ from . import budget, checkpoint, plots, runs
 from .config import COMPILE_MODES_WITH_GRAPHS, Config, TrainConfig, save_config
 from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, cache_root,
                    is_hub_name, load_splits, same_data, tokenize_cached)
-from .errors import ConfigError, DataError, LoraclfError, RunError, TrainingError, first_few
-from .evaluate import classification_metrics
+from .errors import ConfigError, DataError, LoraclfError, RunError, TrainingError
+from .evaluate import logits_metrics
 from .graphs import PAD_MULTIPLE, StepGraphs
 from .model import (build_model, check_weights, compile_in_place, load_model_config, load_tokenizer, resolve_name,
-                    trainable_state_dict, usable_length)
+                    load_trained, trainable_state_dict, usable_length)
 from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .predict import logits_for
 from .prefix import FrozenPrefix, PrefixCollator, PrefixStore
@@ -100,10 +100,7 @@ def _evaluate(model, ids, labels, names, cfg: Config, accelerator: Accelerator, 
     model = accelerator.unwrap_model(model)
     logits = logits_for(model, ids, cfg_pad_id(model), cfg.train.eval_batch_size, accelerator.device, precision,
                         prefix)
-    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
-    out = classification_metrics(labels, logits.argmax(-1), names)
-    out["loss"] = loss
-    return out
+    return logits_metrics(logits, labels, names)
 
 
 def training_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -224,37 +221,12 @@ def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdo
                  "test": len(splits.test) if splits.test is not None else 0},
         "params": counts.to_dict(),
         "versions": runs.environment(),
-        "recipe": _recipe(resolved),
+        "recipe": runs.recipe(resolved),
     }
     runs.write_json(run_dir / runs.RUN_FILE, info)
     with runs.write_errors_as_oserror(run_dir / runs.TOKENIZER_DIR):
         tokenizer.save_pretrained(run_dir / runs.TOKENIZER_DIR)
     return resolved, info
-
-
-# Keys a resumed run may differ in: where things are (a base model or data file that moved; the
-# data fingerprints check the files' content), not what is trained
-_RELOCATABLE = {"model": ("name_or_path",), "train": ("output_dir", "overwrite"), "data": ("train", "validation", "test")}
-
-
-def _recipe(cfg: Config) -> dict[str, Any]:
-    """What a run trains, as recorded in run.json: its config less :data:`_RELOCATABLE`."""
-    doc = cfg.to_dict()
-    for section, keys in _RELOCATABLE.items():
-        for key in keys:
-            doc[section].pop(key, None)
-    return doc
-
-
-def _recipe_changes(now: dict[str, Any], then: dict[str, Any]) -> list[str]:
-    """``section.key old -> new`` for every key whose value differs."""
-    changes = []
-    for section in sorted(set(now) | set(then)):
-        a, b = then.get(section) or {}, now.get(section) or {}
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                changes.append(f"{section}.{key} {json.dumps(a.get(key))} -> {json.dumps(b.get(key))}")
-    return changes
 
 
 def _local_inputs(cfg: Config) -> list[Path]:
@@ -307,14 +279,6 @@ def _resume(run: runs.Run, callback: Callback | None, stop: threading.Event | No
         raise RunError("run has no readable checkpoint to resume from" + (
                        f" ({len(damaged)} damaged, renamed damaged-step-*)" if damaged else ""), where=str(run.path),
                        fix="train it again (add --train.overwrite true to reuse the directory)")
-    then = run.info.get("recipe")  # runs started before it was recorded: the checkpoint load below checks
-    changes = _recipe_changes(_recipe(run.cfg), then) if isinstance(then, dict) else []
-    if changes:
-        # config.yaml edited since the run started: resuming would continue other weights, rows or
-        # schedule from this checkpoint (LoRA on other modules got the old ones' optimizer state)
-        raise RunError(f"{runs.CONFIG_FILE} differs from the recipe the run started with: {first_few(changes)}",
-                       where=str(run.path), fix=f"restore those keys in {runs.CONFIG_FILE} (only where the base model "
-                       "and data files are may change), or train a new run with the new recipe")
     try:
         splits, tokenizer, model_config, counts = prepare(run.cfg, run.label_names)
     except DataError as e:
@@ -450,7 +414,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         loop, best_state = checkpoint.LoopState(fused=fuse, precision=precision), None
         group_scale = 1.0
         if loaded is not None:
-            _load_trained(unwrapped, loaded.trainable, run_dir)
+            load_trained(unwrapped, loaded.trainable, run_dir)
             checkpoint.restore(loaded, optimizer, scheduler)
             loop, best_state = loaded.loop, loaded.best
             loop.fused, loop.precision = fuse, precision
@@ -633,25 +597,6 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     finally:
         for store in locals().get("stores") or []:
             store.close()  # a memory-mapped cache is deleted with its folder
-
-
-def _load_trained(model: torch.nn.Module, trained: dict[str, torch.Tensor], run_dir: Path) -> None:
-    """A checkpoint's trained tensors into ``model``, which must train exactly those: with
-    ``strict=False`` alone (the frozen weights are not in it) LoRA on other modules loaded nothing
-    and went on from initial values."""
-    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    problem = None
-    if set(want) != set(trained):
-        problem = f"it holds {first_few(sorted(set(trained) - set(want))) or 'nothing more'}, the model trains " \
-                  f"{first_few(sorted(set(want) - set(trained))) or 'nothing more'}"
-    else:
-        shapes = [f"{n} {list(t.shape)} vs {list(want[n].shape)}" for n, t in trained.items() if t.shape != want[n].shape]
-        if shapes:  # another rank or head size
-            problem = f"shapes differ, checkpoint vs model: {first_few(shapes, 2)}"
-    if problem:
-        raise RunError(f"the checkpoint does not fit the model {runs.CONFIG_FILE} describes ({problem})",
-                       where=str(run_dir), fix=f"restore {runs.CONFIG_FILE} as the run started, or train a new run")
-    model.load_state_dict(trained, strict=False)  # the frozen weights are not in it
 
 
 def write_extras(run_dir: Path, splits: Splits, info: dict[str, Any], per_class: int = 3) -> None:
