@@ -112,6 +112,19 @@ def build_bert(path: Path) -> Path:
     return path
 
 
+def bert_without_pooler(tiny_bert: Path, dest: Path) -> Path:
+    """``tiny_bert`` saved without its pooler (add_pooling_layer=False): a checkpoint that lacks
+    part of the model's own classification head (what DeBERTa's base checkpoints do)."""
+    from transformers import BertModel
+
+    shutil.copytree(tiny_bert, dest)
+    for f in dest.glob("*.safetensors"):
+        f.unlink()
+    torch.manual_seed(0)
+    BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).save_pretrained(dest)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def roberta_base_arch(tmp_path_factory) -> Path:
     """roberta-base's architecture (no weights): 12 layers, hidden 768, 12 heads, FFN 3072,

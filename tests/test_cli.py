@@ -134,17 +134,9 @@ def test_params_table_and_over_budget_exit(tiny_roberta, capsys):
 def test_params_refuses_a_default_head_the_checkpoint_lacks_as_train_does(tiny_bert, tmp_path, capsys):
     """params counted 1,156 trainable and exited 0 for a config train refuses (BERT saved without
     its pooler: the default head's pooler would stay random); plan already left it out."""
-    import shutil
+    from conftest import bert_without_pooler
 
-    import torch
-    from transformers import BertModel
-
-    bare = tmp_path / "bert-no-pooler"
-    shutil.copytree(tiny_bert, bare)
-    for f in bare.glob("*.safetensors"):
-        f.unlink()
-    torch.manual_seed(0)
-    BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).save_pretrained(bare)
+    bare = bert_without_pooler(tiny_bert, tmp_path / "bert-no-pooler")
     capsys.readouterr()
     base = ["params", "--config", SEED, "--model.name_or_path", str(bare), "--lora.layers", "null"]
     assert main(base) == 2

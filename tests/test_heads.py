@@ -351,18 +351,10 @@ def test_a_missing_pooler_matters_only_to_the_default_head(tiny_bert, tmp_path):
     """BERT's pooler feeds only its own head; loraclf's heads read the last hidden states. A
     checkpoint saved without it (add_pooling_layer=False) trains with those heads, and is refused
     with the default head, not as a damaged encoder."""
-    import shutil
-
-    from transformers import BertModel
-
+    from conftest import bert_without_pooler
     from loraclf.errors import ModelError
 
-    bare = tmp_path / "bert-no-pooler"
-    shutil.copytree(tiny_bert, bare)
-    for f in bare.glob("*.safetensors"):
-        f.unlink()
-    torch.manual_seed(0)
-    BertModel.from_pretrained(tiny_bert, add_pooling_layer=False).save_pretrained(bare)
+    bare = bert_without_pooler(tiny_bert, tmp_path / "bert-no-pooler")
     cfg = _cfg(bare, "linear")
     mc = load_model_config(cfg.model, LABELS)
     load_base(cfg.model, mc)

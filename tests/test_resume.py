@@ -523,6 +523,18 @@ def _edit_config(run: Path, section: str, **values) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(conf))
 
 
+def _assert_edits_refused(run: Path, error: type, match: str, edits) -> None:
+    """Each (section, {key: value}, text) edit of config.yaml makes resume raise ``error`` matching
+    ``match`` and naming ``text``; config.yaml is restored after each."""
+    original = (run / "config.yaml").read_text()
+    for section, values, named in edits:
+        _edit_config(run, section, **values)
+        with pytest.raises(error, match=match) as e:
+            resume(run)
+        assert named in str(e.value)
+        (run / "config.yaml").write_text(original)
+
+
 def test_resume_refuses_a_config_edited_since_the_run_started(reference, tiny_roberta, agnews_files, tmp_path):
     """Resume rebuilt the run from config.yaml as it is now: with other target modules it dropped
     the trained ones, started the new ones from scratch with their optimizer state, and called
@@ -531,17 +543,11 @@ def test_resume_refuses_a_config_edited_since_the_run_started(reference, tiny_ro
     cb = StopAt(7)
     with pytest.raises(Interrupted):
         train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), cb, cb.stop)
-    original = (run / "config.yaml").read_text()
-    for section, values, named in (("lora", {"target_modules": ["query", "key"]}, 'lora.target_modules ["query", '
-                                    '"value"] -> ["query", "key"]'),
-                                   ("train", {"seed": 7, "epochs": 5}, "train.epochs 3 -> 5, train.seed 42 -> 7"),
-                                   ("data", {"max_train_samples": 150}, "data.max_train_samples 72 -> 150"),
-                                   ("lora", {"r": 8}, "lora.r 4 -> 8")):
-        _edit_config(run, section, **values)
-        with pytest.raises(RunError, match="differs from the recipe the run was trained with") as e:
-            resume(run)
-        assert named in str(e.value)
-        (run / "config.yaml").write_text(original)
+    _assert_edits_refused(run, RunError, "differs from the recipe the run was trained with", (
+        ("lora", {"target_modules": ["query", "key"]}, 'lora.target_modules ["query", "value"] -> ["query", "key"]'),
+        ("train", {"seed": 7, "epochs": 5}, "train.epochs 3 -> 5, train.seed 42 -> 7"),
+        ("data", {"max_train_samples": 150}, "data.max_train_samples 72 -> 150"),
+        ("lora", {"r": 8}, "lora.r 4 -> 8")))
     import shutil  # where the base model is may change: a moved model folder is the same model
 
     moved = shutil.copytree(tiny_roberta, tmp_path / "moved-model")
@@ -560,14 +566,9 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tiny_roberta, agnew
     info = json.loads((run / "run.json").read_text())
     del info["recipe"]
     (run / "run.json").write_text(json.dumps(info))
-    original = (run / "config.yaml").read_text()
-    for section, values, named in (("lora", {"target_modules": ["query", "key"]}, "lora_A.default.weight"),
-                                   ("lora", {"r": 8}, "shapes differ, checkpoint vs model")):
-        _edit_config(run, section, **values)
-        with pytest.raises(ModelError, match="the checkpoint does not fit the model config.yaml describes") as e:
-            resume(run)
-        assert named in str(e.value)
-        (run / "config.yaml").write_text(original)
+    _assert_edits_refused(run, ModelError, "the checkpoint does not fit the model config.yaml describes", (
+        ("lora", {"target_modules": ["query", "key"]}, "lora_A.default.weight"),
+        ("lora", {"r": 8}, "shapes differ, checkpoint vs model")))
 
 
 def test_resume_keeps_the_precision_the_run_trained_in(reference, tiny_roberta, agnews_files, tmp_path, monkeypatch):
