@@ -109,6 +109,7 @@ class ErrorResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     pending_requests: int = Field(description="requests waiting for an answer")
+    receiving_requests: int = Field(description="requests still receiving their body (answered 503 on shutdown)")
     micro_batching: bool
 
 
@@ -594,7 +595,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     @app.get("/health", response_model=HealthResponse, summary="liveness")
     async def health() -> dict[str, Any]:
         return {"status": "closing" if batcher.closing else "ok", "pending_requests": batcher.pending,
-                "micro_batching": batcher.enabled}
+                "receiving_requests": len(uploads.tasks), "micro_batching": batcher.enabled}
 
     @app.head("/info", include_in_schema=False)
     @app.get("/info", response_model=InfoResponse, summary="the model behind the service")
