@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PretrainedConfig
 
 from .config import Config
 from .errors import BudgetError
@@ -98,9 +99,10 @@ def breakdown(model: torch.nn.Module) -> Breakdown:
     return Breakdown(total, trainable, lora, head)
 
 
-def count(cfg: Config, label_names: list[str]) -> Breakdown:
-    """Exact counts for ``cfg`` with ``len(label_names)`` classes, on the meta device."""
-    config = load_model_config(cfg.model, label_names)
+def count(cfg: Config, label_names: list[str], config: PretrainedConfig | None = None) -> Breakdown:
+    """Exact counts for ``cfg`` with ``len(label_names)`` classes, on the meta device.
+    ``config``: the architecture config, when the caller has loaded it already."""
+    config = config or load_model_config(cfg.model, label_names)
     model = build_model(cfg.model, cfg.lora, config, meta=True)
     return breakdown(model)
 

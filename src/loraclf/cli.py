@@ -271,8 +271,9 @@ def cmd_params(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     cfg = load_config(args.config, overrides)
     names = cfg.data.label_names or load_splits(cfg.data, need_test=False).label_names
-    b = budget.count(cfg, names)
-    check_default_head(cfg.model, load_model_config(cfg.model, names))
+    config = load_model_config(cfg.model, names)
+    b = budget.count(cfg, names, config)
+    check_default_head(cfg.model, config)  # what train would refuse, though the count is right
     if args.json:
         within = b.trainable <= cfg.train.max_trainable_params
         print(json.dumps({**b.to_dict(), "budget": cfg.train.max_trainable_params, "within_budget": within}, indent=2))

@@ -178,13 +178,6 @@ class TrainConfig(_Section):
 
     output_dir: str = Field("runs/loraclf", description="run directory")
     overwrite: bool = Field(False, description="replace an existing run directory")
-
-    @field_validator("output_dir")
-    @classmethod
-    def _home(cls, value: str) -> str:
-        # "~/runs/x" from YAML or "--train.output_dir=~/x" (the shell leaves it) made a folder
-        # named "~" here, while the data paths beside it were read from the home folder
-        return os.path.expanduser(value)
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(16, gt=0, description="examples per micro-batch")
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -238,6 +231,12 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after this many epochs without a better validation accuracy; null = off")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, value: str) -> str:
+        # "~/runs/x" from YAML or "--train.output_dir=~/x" (the shell leaves it) made a folder
+        # named "~" here, while the data paths beside it were read from the home folder
+        return os.path.expanduser(value)
 
     @model_validator(mode="after")
     def _graphs_compatible(self) -> TrainConfig:

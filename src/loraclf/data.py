@@ -203,9 +203,8 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
     # A blank line carries no row of a table of several columns. In a table of one column (texts
     # to predict) it is an empty text, refused with its row number like any other: skipping it
     # would shift every later prediction against its input row.
-    if not (rows and len(rows[0]) == 1 and fmt != "agnews"):
-        rows = [r for r in rows if r]
-    rows = [r or [""] for r in rows]
+    one_column = bool(rows) and len(rows[0]) == 1 and fmt != "agnews"
+    rows = [r or [""] for r in rows] if one_column else [r for r in rows if r]
     if fmt == "agnews":
         header = ["label", "title", "description"]
         body_start = 0

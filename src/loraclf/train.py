@@ -204,10 +204,8 @@ def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdo
     # and --resume work from any directory, and after the run folder moves.
     resolved = cfg.model_copy(deep=True)
     resolved.model.name_or_path = resolve_name(cfg.model.name_or_path)
-    for role in ("train", "validation", "test"):
-        source = getattr(cfg.data, role)
-        if source is not None and not is_hub_name(source):
-            setattr(resolved.data, role, str(Path(source).expanduser().resolve()))
+    for role, path in _local_data(cfg).items():
+        setattr(resolved.data, role, str(path.resolve()))
     save_config(resolved, run_dir / runs.CONFIG_FILE)
     runs.write_json(run_dir / runs.LABELS_FILE, splits.label_names)
     info: dict[str, Any] = {
@@ -229,11 +227,15 @@ def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdo
     return resolved, info
 
 
+def _local_data(cfg: Config) -> dict[str, Path]:
+    """The run's local data files by role (train, validation, test); hub datasets are none."""
+    sources = {role: getattr(cfg.data, role) for role in ("train", "validation", "test")}
+    return {role: Path(s).expanduser() for role, s in sources.items() if s is not None and not is_hub_name(s)}
+
+
 def _local_inputs(cfg: Config) -> list[Path]:
     """The local base model folder and data files a run reads (hub names are none)."""
-    paths = [Path(cfg.model.name_or_path).expanduser()]
-    paths += [Path(s).expanduser() for s in (cfg.data.train, cfg.data.validation, cfg.data.test)
-              if s is not None and not is_hub_name(s)]
+    paths = [Path(cfg.model.name_or_path).expanduser(), *_local_data(cfg).values()]
     return [p for p in paths if p.exists()]
 
 
