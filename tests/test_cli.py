@@ -290,13 +290,20 @@ def test_predict_reads_texts_from_a_named_pipe(trained_run, tmp_path, capsys):
     (["predict", "RUN", "goal", "--output", ""], "--output is empty"),
     (["predict", "RUN", "--input", ""], "--input is empty"),  # read stdin instead
     (["evaluate", "RUN", "--data.test", ""], "--data.test: no file named (the value is empty)"),  # ". : is a directory"
+    # "$RUN" with RUN unset: the working directory, taken for the run when it is one
+    (["evaluate", ""], "command line: RUN_DIR is empty — fix: give RUN_DIR the run directory"),
+    (["report", " "], "command line: RUN_DIR is empty"),
+    (["train", "--config", ""], "command line: --config is empty — fix: give --config a file name"),
+    (["plan", "--write", ""], "command line: --write is empty"),
 ])
 def test_empty_path_values_are_named_as_empty(argv, expected, trained_run, capsys, monkeypatch):
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("goal\n"))
+    monkeypatch.chdir(trained_run)  # where "" would name the run: still refused
     assert main([str(trained_run) if a == "RUN" else a for a in argv]) == 2
     assert expected in _error_line(capsys)
+    assert not (trained_run / "eval").exists()
 
 
 def test_predict_to_a_stdout_that_cannot_show_every_character(trained_run):

@@ -77,6 +77,18 @@ def _path(value: str) -> str:
     return value if value == "-" else os.path.expanduser(value)
 
 
+def _refuse_empty_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """An empty path ("$RUN" with RUN unset) means Path("."), so a run directory would be the working
+    directory, --resume would start a new run, --input would read stdin: one check for every path option."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is _path and isinstance(value, str) and not value.strip():
+            name = action.option_strings[0] if action.option_strings else action.metavar
+            what = "the run directory" if action.metavar == "RUN_DIR" else "a file name"
+            raise ConfigError([f"{name} is empty"], where="command line",
+                              fix=f"give {name} {what}" + (", or - for stdin" if name == "--input" else ""))
+
+
 def _unicode(encoding: str | None) -> bool:
     """Whether ``encoding`` can write every character (a Windows console or cp1252 pipe cannot)."""
     import codecs
@@ -224,8 +236,6 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .train import resume, train
 
     resuming = args.resume is not None
-    if resuming and not args.resume.strip():  # --resume "$RUN" with RUN unset must not start a new run
-        raise ConfigError(["--resume is empty"], where="command line", fix="give --resume the run directory")
     if resuming and (args.config or overrides):
         raise ConfigError(["--resume continues a run with its own saved config"], where="command line",
                           fix="drop --config and --section.key options when resuming")
@@ -427,9 +437,6 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
                           where="command line", fix="give one of them (to write a file, use --output FILE)")
     from .data import decode_lines, is_lines_file, read_lines, split_lines
 
-    if args.input is not None and not args.input.strip():  # "" would have read stdin instead
-        raise ConfigError(["--input is empty"], where="command line", fix="give --input a file name, or - for stdin")
-
     tables = args.input and args.input != "-" and not (Path(args.input).is_dir() or is_lines_file(Path(args.input)))
     if args.text_column and not tables:
         # it was ignored in silence, as if the texts had been read from that column
@@ -490,8 +497,6 @@ def _check_output(path: str | None, flag: str) -> None:
     """Fail before any work, not after it, when an output file cannot be written."""
     if path is None:
         return
-    if not path.strip():
-        raise ConfigError([f"{flag} is empty"], where="command line", fix=f"give {flag} a file name")
     p = Path(path)
     parent = p.parent  # Path("o.jsonl").parent is Path(".")
     if p.is_dir():
@@ -684,6 +689,11 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def _prog(command: str) -> str:
     return f"loraclf {command}" if command else "loraclf"
 
@@ -712,8 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = (f" (a text starting with '-' goes after '--': loraclf predict RUN_DIR -- {extra[0]})"
                     if args.command == "predict" else "")
             # the subcommand's usage, not "loraclf [-h] COMMAND ...": the options it names are the ones to check
-            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-            sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+            _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+        _refuse_empty_paths(args, _subparser(parser, args.command))
         _quiet_libraries()
         if isinstance(sys.stdout, io.TextIOWrapper) and not _unicode(sys.stdout.encoding):
             # a text or class name the console's code page lacks: an escape, not a traceback
