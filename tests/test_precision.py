@@ -53,6 +53,25 @@ def test_bf16_training_keeps_trainable_weights_fp32_and_learns(tiny_roberta, agn
     assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
+def test_evaluate_and_report_reproduce_a_bf16_run_s_metrics(tiny_roberta, agnews_files, tmp_path):
+    """evaluate and the report computed with merged weights held in bf16, training with fp32
+    weights under autocast: other logits (~3e-3 here), so another accuracy than run.json's, and a
+    report whose per-class section contradicted its own metrics table."""
+    from loraclf.evaluate import evaluate_run
+
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r",
+                                           **{"train.precision": "bf16", "train.epochs": 3,
+                                              "train.learning_rate": 3e-2}))
+    train(cfg)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    test = info["metrics"]["test"]
+    r = evaluate_run(tmp_path / "r")
+    assert r["precision"] == "bf16"
+    assert (r["accuracy"], r["macro_f1"], r["loss"]) == (test["accuracy"], test["macro_f1"], test["loss"])
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert f"accuracy {100 * test['accuracy']:.2f} %" in report  # the per-class section's, on all test rows
+
+
 def test_precision_choice(monkeypatch):
     import loraclf.precision
 

@@ -196,7 +196,7 @@ def test_evaluate_reproduces_the_run_s_metrics_by_default_with_the_loss(trained_
     r = evaluate_run(run)
     assert r["precision"] == info["precision"] == "fp32"
     assert r["accuracy"] == info["metrics"]["test"]["accuracy"]
-    assert r["loss"] == pytest.approx(info["metrics"]["test"]["loss"], abs=1e-5)
+    assert r["loss"] == info["metrics"]["test"]["loss"]  # computed as training evaluated: exactly
     # other precision or other columns: their own files, saying how; the run's own evaluation stays
     other = evaluate_run(run, precision="bf16")
     assert other["saved_to"].endswith("eval/test.csv.bf16.json")

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="data keys accepted: " + ", ".join(f"--{k}" for k in EVALUATE_DATA_KEYS))
     e.add_argument("run_dir", metavar="RUN_DIR", type=_path)
     e.add_argument("--json", action="store_true", help="machine-readable output")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="default: the precision the run trained in, whose metrics run.json holds")
     e.add_argument("--max-tokens", type=int, default=None,
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-examples", type=int, default=2000,
                     help="rows of the test (else validation) split used for the per-class table and mistakes")
     rp.add_argument("--top-mistakes", type=int, default=10, help="how many confident mistakes to list")
-    rp.add_argument("--batch-size", type=int, default=64)
+    rp.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
     rp.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                     help="default: the precision training evaluated with")
     return p
@@ -642,7 +642,7 @@ def cmd_report(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .report import write_report
 
     _no_overrides("report", overrides)
-    if args.max_examples < 1 or args.top_mistakes < 0 or args.batch_size < 1:
+    if args.max_examples < 1 or args.top_mistakes < 0 or (args.batch_size is not None and args.batch_size < 1):
         raise ConfigError(["--max-examples and --batch-size must be >= 1, --top-mistakes >= 0"], where="command line")
     written = write_report(args.run_dir, max_examples=args.max_examples, top_mistakes=args.top_mistakes,
                            batch_size=args.batch_size, precision=args.precision)

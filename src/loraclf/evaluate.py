@@ -58,11 +58,13 @@ def evaluate_examples(predictor: Predictor, examples: Examples) -> dict[str, Any
     return logits_metrics(predictor.logits(examples.texts), examples.labels, predictor.label_names)
 
 
-def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = None, batch_size: int = 64,
+def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = None, batch_size: int | None = None,
                  precision: str | None = None, write: bool = True, from_checkpoint: bool = False,
                  max_tokens: int | None = None) -> dict[str, Any]:
     """Evaluate a finished run on its configured test split, or on ``data_overrides['test']``.
-    ``precision``: None = the one the run trained (and recorded its metrics) in.
+    ``precision``: None = the one the run trained (and recorded its metrics) in. The model
+    computes as training evaluated (``Predictor(as_trained=True)``; ``batch_size`` None = the
+    run's ``train.eval_batch_size``), so the run's own test split gives run.json's metrics.
 
     Returns the metrics plus ``split`` and ``source``; with ``write``, saves
     RUN_DIR/eval/<name>.json and <name>_confusion.png (see :func:`evaluation_name`) and adds
@@ -87,7 +89,7 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
                                int_labels=run.info.get("int_labels", True))
     trained_in = run.info.get("precision")
     predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision or trained_in or "auto",
-                                   from_checkpoint=from_checkpoint, max_tokens=max_tokens)
+                                   from_checkpoint=from_checkpoint, max_tokens=max_tokens, as_trained=True)
     result = evaluate_examples(predictor, examples)
     # the checkpoint the predictor loaded (a training still running may have written a newer one since)
     ckpt = predictor.checkpoint

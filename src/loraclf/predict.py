@@ -19,7 +19,7 @@ from .errors import ConfigError, DataError, RunError
 from .graphs import PAD_MULTIPLE, StepGraphs
 from .model import (build_model, load_adapter, load_base, load_model_config, load_tokenizer, load_trained,
                     usable_length)
-from .precision import autocast, choose_precision
+from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .runs import Run, open_run
 
 
@@ -86,16 +86,26 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Predictor:
-    """A trained classifier ready for inference (LoRA merged, eval mode)."""
+    """A trained classifier ready for inference (LoRA merged, eval mode).
+
+    ``as_trained``: compute as training's evaluation did, not as fast as possible: in bf16 the
+    fp32 weights under autocast (frozen linear weights stored in bf16, as training stores them)
+    rather than every weight in bf16; with :meth:`from_run` also LoRA not merged and batches of
+    the run's ``train.eval_batch_size``. Then a run's own test split gives the metrics run.json
+    recorded (bf16 inference differs by ~1e-3 in the logits: enough to move some rows; a run
+    trained with ``train.compile`` is reproduced to float rounding)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, label_names: list[str], max_length: int,
                  batch_size: int = 64, device: torch.device | str | None = None, precision: str = "auto",
-                 max_tokens: int | None = None, cuda_graphs: bool = False):
+                 max_tokens: int | None = None, cuda_graphs: bool = False, as_trained: bool = False):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.precision = choose_precision(precision, self.device)
+        self.as_trained = as_trained
         model = model.to(self.device).eval()
-        if self.precision == "bf16":
+        if self.precision == "bf16" and as_trained:
+            cast_frozen_matmul_weights(model)
+        elif self.precision == "bf16":
             # Inference holds the weights in bf16 rather than autocasting fp32 weights: autocast
             # re-casts every weight on every forward, which made small GPU batches slower than
             # fp32 (BENCHMARKS.md). Logits are returned as float32 either way.
@@ -115,14 +125,18 @@ class Predictor:
         self.graphs = forward_graphs(model, self.device, self.precision) if cuda_graphs else None
 
     @classmethod
-    def from_run(cls, run: Run | str | Path, batch_size: int = 64, device: torch.device | str | None = None,
+    def from_run(cls, run: Run | str | Path, batch_size: int | None = None, device: torch.device | str | None = None,
                  precision: str = "auto", merge: bool = True, from_checkpoint: bool = False,
-                 max_tokens: int | None = None, cuda_graphs: bool = False) -> Predictor:
+                 max_tokens: int | None = None, cuda_graphs: bool = False, as_trained: bool = False) -> Predictor:
         """Load a finished run; ``from_checkpoint``: an unfinished one, with the best weights of its
         newest checkpoint (the current weights when no epoch has been evaluated yet), whose folder
-        is then the predictor's ``checkpoint``."""
+        is then the predictor's ``checkpoint``. ``batch_size``: None = 64, or with ``as_trained``
+        (see :class:`Predictor`, which implies ``merge=False``) the run's ``train.eval_batch_size``."""
         if not isinstance(run, Run):
             run = open_run(run, allow_incomplete=from_checkpoint)
+        if batch_size is None:
+            batch_size = run.cfg.train.eval_batch_size if as_trained else 64
+        merge = merge and not as_trained
         config = load_model_config(run.cfg.model, run.label_names)
         ckpt = None
         if from_checkpoint:
@@ -133,7 +147,7 @@ class Predictor:
             model = model.merge_and_unload()
         tokenizer = load_tokenizer(run.cfg.model, path=str(run.tokenizer_dir))
         predictor = cls(model, tokenizer, run.label_names, run.cfg.data.max_length, batch_size, device, precision,
-                        max_tokens, cuda_graphs)
+                        max_tokens, cuda_graphs, as_trained)
         predictor.checkpoint = ckpt
         return predictor
 

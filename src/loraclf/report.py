@@ -117,7 +117,7 @@ class Written(NamedTuple):
 
 def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, examples: Examples | None = None,
                  split: str | None = None, source: str | None = None, max_examples: int | None = 2000,
-                 top_mistakes: int = 10, batch_size: int = 64, precision: str | None = None) -> Written:
+                 top_mistakes: int = 10, batch_size: int | None = None, precision: str | None = None) -> Written:
     """Write RUN_DIR/report.html and RUN_DIR/report.md; returns their paths and, when the
     analysis (metrics, confusion matrix, mistakes) could not be computed, why. Asked for by hand
     (``info`` None) where a report exists already, a missing analysis raises instead: the
@@ -125,10 +125,9 @@ def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, exa
 
     ``info`` replaces run.json's content (training passes its final record before marking the
     run complete); ``examples`` (with ``split``/``source``) spares re-reading the data.
-    ``precision`` defaults to the one training evaluated with. In fp32 the numbers reproduce
-    training's to float rounding; in bf16 inference holds the merged weights in bf16 where
-    training autocast fp32 weights, so a row near a decision boundary can go the other way
-    (a macro-F1 differing in the fourth decimal).
+    ``precision`` defaults to the one training evaluated with, and the model computes as
+    training evaluated (``Predictor(as_trained=True)``; ``batch_size`` None = the run's
+    ``train.eval_batch_size``): on the same rows the numbers are run.json's.
     """
     run = open_run(run_dir, allow_incomplete=info is not None)
     if info is not None:
@@ -138,7 +137,7 @@ def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, exa
     try:
         if examples is None:
             split, source, examples = eval_examples(run)
-        predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision)
+        predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, as_trained=True)
         analysis = analyse(predictor, examples, split or "test", source or "", max_examples, top_mistakes,
                            run.cfg.data.split_seed)
     except LoraclfError as e:
@@ -223,7 +222,7 @@ class _Content:
                                         f"{_num(tp.get('train_tokens_per_s'), 1)} tokens/s")]
         if self.a is not None and self.a.seconds > 0:
             rows.append(("inference throughput", f"{self.a.n / self.a.seconds:,.1f} texts/s ({self.a.n:,} texts, "
-                                                 f"{self.a.device}, {self.a.precision}, LoRA merged)"))
+                                                 f"{self.a.device}, {self.a.precision}, as training evaluated: LoRA not merged)"))
         seed = i.get("seed")
         if seed is not None:
             rows.append(("seed", str(seed)))
@@ -282,7 +281,7 @@ class _Content:
         a = self.a
         assert a is not None
         sampled = f"a seeded sample of {a.n:,} of {a.n_total:,} rows" if a.n < a.n_total else f"all {a.n:,} rows"
-        return (f"Recomputed with the saved adapter (LoRA merged) on the {a.split} split ({a.source}), {sampled}: "
+        return (f"Recomputed with the saved adapter, as training evaluated, on the {a.split} split ({a.source}), {sampled}: "
                 f"accuracy {_pct(a.metrics['accuracy'])}, macro-F1 {a.metrics['macro_f1']:.4f}.")
 
     def config_text(self) -> str:
