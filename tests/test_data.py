@@ -206,6 +206,26 @@ def test_token_budget_batches_fit_the_budget_and_cover_every_row_once(group):
     assert sorted(map(sorted, one)) == [[0], [1], [2]]  # a row over the budget still gets a batch
 
 
+@pytest.mark.parametrize("group", [True, False])
+def test_token_budgets_count_the_padding_a_multiple_adds(group):
+    """Lengths rounded up to a multiple (pad_to_multiple_of, CUDA graphs) were not counted: 16 rows
+    of ~16 tokens passed a 256-token budget, then became 16 x 64 = 1,024 padded tokens."""
+    lengths = np.random.default_rng(2).integers(3, 40, size=300)
+    collate = PadCollator(1, multiple=64, max_width=48)  # rounding stops at max_width
+    items = [([7] * int(n), 0) for n in lengths]
+    s = LengthGroupedBatchSampler(lengths, batch_size=64, seed=5, group_by_length=group, max_tokens=256,
+                                  width=collate.width)
+    s.begin_epoch(1)
+    batches = list(s)
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    shapes = [collate([items[i] for i in b])["input_ids"].shape for b in batches]
+    assert all(rows * width <= 256 for rows, width in shapes) and max(r for r, _ in shapes) == 5  # 5 x 48
+    inference = sorted_batches(lengths, batch_size=64, max_tokens=256, width=collate.width)
+    assert sorted(i for b in inference for i in b) == list(range(300))
+    assert all(len(b) * collate.width(max(lengths[b])) <= 256 for b in inference)
+    assert [collate.width(n) for n in (3, 47, 48, 49)] == [48, 48, 48, 49]  # never cuts a row
+
+
 def test_sorted_batches_under_a_token_budget():
     lengths = [10, 50, 3, 50, 7, 9]
     batches = sorted_batches(lengths, batch_size=4, max_tokens=100)

@@ -113,6 +113,28 @@ def test_token_budget_batches_train_and_plan_the_schedule_on_them(tiny_roberta, 
     assert info["optimizer_steps"] == s.batches_in_epoch(1) + s.batches_in_epoch(2) > 2 * 64 // 16
 
 
+def test_token_budget_holds_for_batches_padded_to_a_multiple(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    """The budget counted rows x longest row; padding to a multiple of 64 then made 16-row
+    batches of 1,024 tokens out of a 256-token budget."""
+    from loraclf.data import PadCollator
+
+    shapes, call = [], PadCollator.__call__
+
+    def spy(self, items):
+        batch = call(self, items)
+        if self.multiple == 64:  # the training batches (evaluation pads to no multiple)
+            shapes.append(tuple(batch["input_ids"].shape))
+        return batch
+
+    monkeypatch.setattr(PadCollator, "__call__", spy)
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r",
+                                           **{"train.max_tokens_per_batch": 256, "data.pad_to_multiple_of": 64,
+                                              "train.epochs": 1, "data.max_train_samples": 64}))
+    train(cfg)
+    assert shapes and all(rows * width <= 256 for rows, width in shapes), shapes
+    assert sum(rows for rows, _ in shapes) == 64
+
+
 def _without_dropout(model: Path, dest: Path) -> Path:
     """A copy of a tiny model with dropout off: runs that draw dropout masks differently (one
     batch instead of two, compiled kernels) then compute the same thing."""

@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -784,12 +784,17 @@ class PadCollator:
         self.multiple = multiple
         self.max_width = max_width  # rounding never passes max_length (position embeddings end there)
 
+    def width(self, longest: int) -> int:
+        """The padded length [tokens] of a batch whose longest row has ``longest`` tokens: what a
+        token budget must count (the batchers take this as ``width``)."""
+        if not self.multiple:
+            return longest
+        rounded = -(-longest // self.multiple) * self.multiple
+        return max(longest, min(rounded, self.max_width or rounded))
+
     def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
         """``items``: (token ids, label, ...) tuples; fields after the label are left to subclasses."""
-        width = max(len(it[0]) for it in items)
-        if self.multiple:
-            rounded = -(-width // self.multiple) * self.multiple
-            width = max(width, min(rounded, self.max_width or rounded))
+        width = self.width(max(len(it[0]) for it in items))
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, it in enumerate(items):
@@ -805,14 +810,16 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     As in transformers' group_by_length: a seeded permutation is cut into mega-batches of
     ``mega`` batches, each sorted by length and cut into batches; batch order is then shuffled.
-    Call ``begin_epoch`` before each epoch for a new, reproducible order.
+    Call ``begin_epoch`` before each epoch for a new, reproducible order. ``width``: the padded
+    length of a batch from its longest row (:meth:`PadCollator.width`; default: that row's).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
-                 mega: int = 50, max_tokens: int | None = None):
+                 mega: int = 50, max_tokens: int | None = None, width: Callable[[int], int] | None = None):
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.max_tokens = max_tokens
+        self.width = width or (lambda n: n)
         self.seed = seed
         self.group_by_length = group_by_length
         self.mega = mega
@@ -837,13 +844,13 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def _cut(self, rows: np.ndarray) -> list[np.ndarray]:
         """Consecutive batches of ``rows``: ``batch_size`` rows each, or with ``max_tokens`` as
-        many rows as keep (rows x longest row) within the budget (always at least one row)."""
+        many rows as keep (rows x padded width) within the budget (always at least one row)."""
         if not self.max_tokens:
             return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         out, start, longest = [], 0, 0
         for i, n in enumerate(self.lengths[rows]):
             longest = max(longest, int(n))
-            if i > start and (i + 1 - start) * longest > self.max_tokens:
+            if i > start and (i + 1 - start) * self.width(longest) > self.max_tokens:
                 out.append(rows[start:i])
                 start, longest = i, int(n)
         out.append(rows[start:])
@@ -867,16 +874,19 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield b.tolist()
 
 
-def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,
+                   width: Callable[[int], int] | None = None) -> list[list[int]]:
     """Inference batches: rows sorted by length (longest first), so padding is minimal; at
-    most ``batch_size`` rows and, with ``max_tokens``, at most that many (padded) tokens."""
+    most ``batch_size`` rows and, with ``max_tokens``, at most that many padded tokens (rows x
+    ``width`` of the longest row: :meth:`PadCollator.width`; default that row's length)."""
+    width = width or (lambda n: n)
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
     out, start = [], 0
     while start < len(order):
-        rows = batch_size if not max_tokens else max(1, min(batch_size, max_tokens // max(1, int(lengths[order[start]]))))
+        rows = batch_size if not max_tokens else max(1, min(batch_size, max_tokens // max(1, width(int(lengths[order[start]])))))
         out.append(order[start : start + rows].tolist())
         start += rows
     return out

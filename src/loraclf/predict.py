@@ -60,7 +60,7 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
     parts: list[tuple[list[int], torch.Tensor]] = []
     try:
         with prefix[0].active() if prefix is not None else contextlib.nullcontext():
-            for idx in sorted_batches([len(x) for x in input_ids], batch_size, max_tokens):
+            for idx in sorted_batches([len(x) for x in input_ids], batch_size, max_tokens, collate.width):
                 batch = collate([(input_ids[i], -1) for i in idx])
                 if prefix is not None:
                     prefix[0].feed(prefix[1].batch(idx, batch["input_ids"].shape[1]).to(device))

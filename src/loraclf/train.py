@@ -372,8 +372,6 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                                         accelerator.device, precision, run_dir)
         stores = [s for s in (train_store, val_store) if s is not None]
         cache_seconds = time.perf_counter() - t_cache
-        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], batch_size, tc.seed, tc.group_by_length,
-                                            max_tokens=max_tokens)
         # a CUDA graph per batch shape: round lengths so that few shapes occur
         pad_multiple = cfg.data.pad_to_multiple_of or (PAD_MULTIPLE if use_graphs else None)
         if train_store is not None:
@@ -382,6 +380,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         else:
             dataset = TokenizedDataset(train_ids, splits.train.labels)
             collate = PadCollator(tokenizer.pad_token_id, pad_multiple, max_length)
+        # the token budget counts the batch as padded (rounded up to pad_multiple), not its rows' lengths
+        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], batch_size, tc.seed, tc.group_by_length,
+                                            max_tokens=max_tokens, width=collate.width)
         # A private generator: every DataLoader iteration draws a seed from its generator, which
         # would otherwise advance the global RNG that dropout uses and break exact resumption.
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=on_cuda,
