@@ -135,6 +135,19 @@ def test_token_budget_holds_for_batches_padded_to_a_multiple(tiny_roberta, agnew
     assert sum(rows for rows, _ in shapes) == 64
 
 
+def test_a_token_budget_below_the_longest_row_is_refused(tiny_roberta, agnews_files, tmp_path):
+    """It trained one row per batch, every batch over the budget, without a word."""
+    from loraclf.errors import ConfigError
+
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r",
+                                           **{"train.max_tokens_per_batch": 10, "data.pad_to_multiple_of": 8}))
+    with pytest.raises(ConfigError, match=r"train.max_tokens_per_batch: 10 is below the longest training row "
+                                          r"\((\d+) tokens, padded\) — fix: set it to at least \1") as e:
+        train(cfg)
+    assert int(re.search(r"\((\d+) tokens", str(e.value)).group(1)) % 8 == 0
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "failed"
+
+
 def _without_dropout(model: Path, dest: Path) -> Path:
     """A copy of a tiny model with dropout off: runs that draw dropout masks differently (one
     batch instead of two, compiled kernels) then compute the same thing."""

@@ -212,9 +212,9 @@ class TrainConfig(_Section):
         "records its own graphs, and a model whose step cannot be captured falls back to eager; true = insist "
         "(an error where it cannot work); false = off")
     max_tokens_per_batch: int | None = Field(
-        None, gt=0, description="token budget per micro-batch (rows x longest row): batches hold as many "
-        "rows as fit, so short rows come in bigger batches; batch_size is then only the mega-batch unit; "
-        "null = batch_size rows")
+        None, gt=0, description="token budget per micro-batch (rows x longest row, padded; at least the "
+        "longest training row): batches hold as many rows as fit, so short rows come in bigger batches; "
+        "batch_size is then only the mega-batch unit; null = batch_size rows")
     log_every_steps: int = Field(20, gt=0, description="optimizer steps between train-loss records")
     checkpoint_every_steps: int | None = Field(500, gt=0, description="optimizer steps between checkpoints "
                                                 "(also written at every epoch end); null = epoch ends only")

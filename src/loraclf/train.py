@@ -348,6 +348,19 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                "run", where=str(run_dir), fix="resume it on a device that runs bf16") from None
         else:
             precision = choose_precision(tc.precision, accelerator.device)
+        cache_dir = cache_root() if cfg.data.token_cache else None
+        max_length = usable_length(cfg.data.max_length, model_config)
+        train_ids = tokenize_cached(splits.train.texts, tokenizer, max_length, cache_dir)
+        val_ids = tokenize_cached(splits.validation.texts, tokenizer, max_length, cache_dir)
+        # a CUDA graph per batch shape: round lengths so that few shapes occur
+        pad_multiple = cfg.data.pad_to_multiple_of or (PAD_MULTIPLE if use_graphs else None)
+        if tc.max_tokens_per_batch:
+            # the longest row would go alone, over the budget: a budget that cannot hold the data is a mistake
+            widest = PadCollator(tokenizer.pad_token_id, pad_multiple, max_length).width(max(map(len, train_ids)))
+            if widest > tc.max_tokens_per_batch:
+                raise ConfigError([f"{tc.max_tokens_per_batch} is below the longest training row ({widest} tokens, "
+                                   "padded)"], where="train.max_tokens_per_batch",
+                                  fix=f"set it to at least {widest}, or lower data.max_length")
         set_seed(tc.seed)  # before the model: the head and LoRA A matrices are initialised randomly
         model = build_model(cfg.model, cfg.lora, model_config)
         if precision == "bf16":
@@ -358,10 +371,6 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         # overwritten by the next
         cudagraphs = on_cuda and tc.compile and tc.compile_mode == "reduce-overhead"
 
-        cache_dir = cache_root() if cfg.data.token_cache else None
-        max_length = usable_length(cfg.data.max_length, model_config)
-        train_ids = tokenize_cached(splits.train.texts, tokenizer, max_length, cache_dir)
-        val_ids = tokenize_cached(splits.validation.texts, tokenizer, max_length, cache_dir)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -372,8 +381,6 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                                         accelerator.device, precision, run_dir)
         stores = [s for s in (train_store, val_store) if s is not None]
         cache_seconds = time.perf_counter() - t_cache
-        # a CUDA graph per batch shape: round lengths so that few shapes occur
-        pad_multiple = cfg.data.pad_to_multiple_of or (PAD_MULTIPLE if use_graphs else None)
         if train_store is not None:
             dataset = IndexedDataset(train_ids, splits.train.labels)
             collate: PadCollator = PrefixCollator(tokenizer.pad_token_id, train_store, pad_multiple, max_length)
