@@ -131,11 +131,16 @@ def test_pooling_reads_the_right_tokens(request, which):
 
 
 def _save_tiny(kind: str, path: Path) -> Path:
-    from transformers import DistilBertConfig, DistilBertModel, GPT2Config, GPT2Model, MPNetConfig, MPNetModel
+    from transformers import (DistilBertConfig, DistilBertModel, GPT2Config, GPT2Model, MPNetConfig, MPNetModel,
+                              OPTConfig, OPTModel)
 
     torch.manual_seed(0)
     if kind == "distilbert":
         model = DistilBertModel(DistilBertConfig(vocab_size=80, dim=32, n_layers=2, n_heads=2, hidden_dim=64))
+    elif kind == "opt":  # its last hidden state is word_embed_proj_dim wide, not hidden_size (as opt-350m)
+        model = OPTModel(OPTConfig(vocab_size=80, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2,
+                                   ffn_dim=64, num_attention_heads=2, max_position_embeddings=64, pad_token_id=1,
+                                   bos_token_id=0, eos_token_id=2))
     elif kind == "gpt2":
         model = GPT2Model(GPT2Config(vocab_size=80, n_embd=32, n_layer=2, n_head=2, pad_token_id=1, bos_token_id=0,
                                      eos_token_id=0))
@@ -156,12 +161,13 @@ def _as_if_trained(model):
     return model
 
 
-@pytest.mark.parametrize("kind, targets", [("distilbert", ["q_lin", "v_lin"]), ("gpt2", ["c_attn"]),
-                                           ("mpnet", ["q", "v"])])
-def test_heads_on_other_architectures(tmp_path, kind, targets):
+@pytest.mark.parametrize("kind, targets, width", [("distilbert", ["q_lin", "v_lin"], 32), ("gpt2", ["c_attn"], 32),
+                                                  ("mpnet", ["q", "v"], 32), ("opt", ["q_proj", "v_proj"], 16)])
+def test_heads_on_other_architectures(tmp_path, kind, targets, width):
     """DistilBERT (a pre_classifier before its classifier), GPT-2 (``score`` applied per token,
-    last token picked by the model), MPNet (q/v names): counts agree, logits are [batch, classes],
-    save -> load is identical."""
+    last token picked by the model), MPNet (q/v names), OPT (hidden states projected to another
+    width: the heads were sized by hidden_size, a shape-mismatch traceback): counts agree, logits
+    are [batch, classes], save -> load is identical."""
     model_dir = _save_tiny(kind, tmp_path / kind)
     for head in HEADS:
         cfg = _cfg(model_dir, head, **{"lora.target_modules": targets, "lora.r": 2})
@@ -173,7 +179,7 @@ def test_heads_on_other_architectures(tmp_path, kind, targets):
         assert b.trainable == n_trainable
         _as_if_trained(model)
         if head in ("linear", "mean"):
-            assert b.head_total == 32 * 4 + 4  # DistilBERT's pre_classifier is not trained for nothing
+            assert b.head_total == width * 4 + 4  # DistilBERT's pre_classifier is not trained for nothing
         ids, mask = _batch(1)
         ids[:, 0] = 2  # gpt2: a non-pad first token
         with torch.no_grad():
@@ -362,3 +368,20 @@ def test_a_missing_pooler_matters_only_to_the_default_head(tiny_bert, tmp_path):
     with pytest.raises(ModelError, match=r"model.head default would leave weights the checkpoint lacks random and "
                                          r"untrained \(bert.pooler.dense.bias, bert.pooler.dense.weight\)"):
         load_base(cfg.model, load_model_config(cfg.model, LABELS))
+
+
+@pytest.mark.parametrize("head", ["linear", "lowrank"])
+def test_a_head_sized_otherwise_than_the_hidden_states_says_so(head):
+    """A config whose hidden size is not the width the model returns (Reformer returns twice its
+    hidden_size) was a matmul shape traceback."""
+    from loraclf.errors import ModelError
+    from loraclf.heads import LinearHead, LowRankHead, _Tap
+
+    tap = _Tap()
+    h = (LinearHead(tap, False, 16, 4, 0.0, "first", 0.02) if head == "linear"
+         else LowRankHead(tap, False, 16, 4, 0.0, 2, 0.02))
+    tap.put("hidden", torch.zeros(2, 5, 32))
+    with pytest.raises(ModelError, match="model.head: the model's hidden states are 32 wide, the head was sized for 16"):
+        h(torch.zeros(2, 5, 32))
+    tap.put("hidden", torch.zeros(2, 5, 16))
+    assert h(torch.zeros(2, 5, 16)).shape == (2, 4)

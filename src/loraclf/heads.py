@@ -107,8 +107,16 @@ class _TappedHead(nn.Module):
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def in_features(self) -> int:
+        raise NotImplementedError
+
     def forward(self, features: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         hidden, mask = self.tap.take()  # ``features`` differs by architecture: see the module docstring
+        if hidden.shape[-1] != self.in_features():
+            # sized from the config (_hidden_size), which names another width than some models return
+            raise ModelError(f"the model's hidden states are {hidden.shape[-1]} wide, the head was sized for "
+                             f"{self.in_features()} from its config", where="model.head",
+                             fix="use model.head default with this model")
         logits = self.classify(self.pool(hidden, mask))
         if self.per_token:
             logits = logits.unsqueeze(1).expand(-1, hidden.shape[1], -1)
@@ -129,6 +137,9 @@ class LinearHead(_TappedHead):
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.dropout(pooled))
+
+    def in_features(self) -> int:
+        return self.out_proj.in_features
 
 
 class LowRankHead(_TappedHead):
@@ -153,6 +164,9 @@ class LowRankHead(_TappedHead):
         x = torch.tanh(self.up(self.down(self.dropout(pooled))))
         return self.out_proj(self.dropout(x))
 
+    def in_features(self) -> int:
+        return self.down.in_features
+
 
 def classifier_attr(model: nn.Module) -> str:
     """The attribute holding ``model``'s classifier, one PEFT trains and saves."""
@@ -165,7 +179,9 @@ def classifier_attr(model: nn.Module) -> str:
 
 
 def _hidden_size(config: PretrainedConfig) -> int:
-    for attr in ("hidden_size", "d_model", "n_embd", "dim"):
+    """The width of the hidden states the heads pool. OPT projects its last hidden state from
+    hidden_size down to word_embed_proj_dim (opt-350m: 1024 -> 512), so that name comes first."""
+    for attr in ("word_embed_proj_dim", "hidden_size", "d_model", "n_embd", "dim"):
         if isinstance(getattr(config, attr, None), int):
             return getattr(config, attr)
     raise ModelError(f"cannot tell the hidden size of a '{config.model_type}' model", where="model.head",
