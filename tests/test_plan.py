@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -312,11 +313,16 @@ def test_plan_and_params_on_a_model_without_such_a_classifier_are_one_line(tmp_p
 
 def test_plan_leaves_out_heads_the_model_has_no_place_for(tmp_path, capsys):
     """BART's classifier sits in a head of its own (no ``classifier``/``score`` attribute): the
-    replacement heads cannot be installed, and the whole plan failed with a hint for train."""
-    from transformers import BartConfig
+    replacement heads cannot be installed, and the whole plan failed with a hint for train. (A
+    checkpoint that holds that head: a BART classifier already, whose own head stays frozen.)"""
+    import torch
+    from transformers import BartConfig, BartForSequenceClassification
 
-    BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64).save_pretrained(tmp_path / "bart")
+    torch.manual_seed(0)
+    BartForSequenceClassification(BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_labels=len(LABELS),
+    )).save_pretrained(tmp_path / "bart")
     base = ["plan", "--model.name_or_path", str(tmp_path / "bart"), "--data.label_names", json.dumps(LABELS),
             "--budget", "20000", "--top", "0", "--json", "--min-rank", "1"]
     assert main(base) == 0
@@ -327,6 +333,22 @@ def test_plan_leaves_out_heads_the_model_has_no_place_for(tmp_path, capsys):
     assert main(base + ["--heads", "linear,mean"]) == 2
     err = capsys.readouterr().err
     assert "--heads linear: cannot find the classifier" in err and "fix: plan with --heads default" in err
+
+
+def test_a_default_head_peft_does_not_train_is_left_out_without_a_checkpoint_that_holds_it(tmp_path, capsys):
+    """XLM's own head (sequence_summary) is no module PEFT trains: for a hub name or a folder
+    without weights, plan ranked "default 0" as a free head and params counted it without a word;
+    train then refused it after the download."""
+    from transformers import XLMConfig
+
+    XLMConfig(vocab_size=50, emb_dim=32, n_layers=2, n_heads=2, pad_token_id=2).save_pretrained(tmp_path / "xlm")
+    base = ["--model.name_or_path", str(tmp_path / "xlm"), "--data.label_names", json.dumps(LABELS)]
+    assert main(["plan", *base, "--budget", "20000", "--min-rank", "1", "--heads", "default"]) == 2
+    err = capsys.readouterr().err
+    assert "--heads default: PEFT trains none of this model's own head (no module named classifier or score)" in err
+    assert main(["params", *base, "--lora.target_modules", "[q_lin,v_lin]"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"head +0\n", out) and "PEFT trains none of this model's own head" in out
 
 
 def test_the_same_head_named_twice_is_planned_once(tiny_roberta, capsys):

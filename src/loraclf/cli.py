@@ -299,6 +299,9 @@ def cmd_params(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     print(f"  head     {b.head_total:>12,}")
     for k, v in b.head.items():
         print(f"    {k:<30} {v:>10,}")
+    if not b.head_total:  # XLM, T5, BART: PEFT trains a head only by the names classifier and score
+        print("    (PEFT trains none of this model's own head: it keeps the checkpoint's weights, random in a base "
+              "model, which train refuses)")
     if b.trainable > budget_:
         print(f"OVER BUDGET by {b.trainable - budget_:,}")
         return 1

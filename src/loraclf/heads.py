@@ -175,7 +175,8 @@ def classifier_attr(model: nn.Module) -> str:
             return attr
     raise ModelError(f"cannot find the classifier of {type(model).__name__} (looked for attribute(s) "
                      f"{', '.join(CLASSIFIER_ATTRS)})", where="model.head",
-                     fix="use --model.head default, or an encoder whose *ForSequenceClassification has one of them")
+                     fix="use an encoder whose *ForSequenceClassification has one (BERT, RoBERTa, DeBERTa...); "
+                         "--model.head default works only where the checkpoint holds the model's own head")
 
 
 def _hidden_size(config: PretrainedConfig) -> int:

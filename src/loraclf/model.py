@@ -410,13 +410,19 @@ def _load(mcfg: ModelConfig, config: PretrainedConfig, meta: bool = False) -> tu
     return base, _untrained(loading.get("missing_keys") or [])
 
 
+def has_local_weights(mcfg: ModelConfig) -> bool:
+    """Whether ``model.name_or_path`` is a local folder with weights (not a hub name, nor a folder
+    of config and tokenizer only)."""
+    local = Path(mcfg.name_or_path).expanduser()
+    return local.is_dir() and any(local.glob("*.safetensors"))
+
+
 def default_head_gaps(mcfg: ModelConfig, config: PretrainedConfig) -> list[str]:
     """The weights that the model's own head (``model.head: default``) would need and a local
     checkpoint lacks, matched on the meta device. Empty where nothing can be said without a
     download (a hub name) or without weights (a folder of config and tokenizer only, which the
     planner counts on), and where the folder cannot be read: training reports that."""
-    local = Path(mcfg.name_or_path).expanduser()
-    if not local.is_dir() or not any(local.glob("*.safetensors")):
+    if not has_local_weights(mcfg):
         return []
     try:
         return _load(mcfg, config, meta=True)[1]

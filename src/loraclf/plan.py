@@ -47,8 +47,9 @@ from transformers import PretrainedConfig
 
 from .config import Config, build_config
 from .errors import BudgetError, ModelError, first_few
-from .heads import DEFAULT_HEAD_RANK, HEADS, classifier_attr, trained_head_params
-from .model import build_model, default_head_gaps, find_blocks, is_linear, load_model_config, num_layers, skeleton
+from .heads import CLASSIFIER_ATTRS, DEFAULT_HEAD_RANK, HEADS, classifier_attr, trained_head_params
+from .model import (build_model, default_head_gaps, find_blocks, has_local_weights, is_linear, load_model_config,
+                    num_layers, skeleton)
 from .runs import write_text
 
 DEFAULT_HEADS = ("linear", "mean", f"lowrank:{DEFAULT_HEAD_RANK}", "default")
@@ -454,6 +455,12 @@ def unusable_heads(cfg: Config, label_names: list[str], heads: tuple[str, ...]) 
             if gaps:
                 out[spec] = f"the checkpoint lacks its weights ({first_few(gaps)}), which would stay random " \
                             "(train refuses it)"
+            elif not has_local_weights(cfg.model) and not trained_head_params(skeleton(cfg.model, config, spec, None)):
+                # XLM, T5, BART: PEFT trains a head only by those names. From a base checkpoint the
+                # head would be random and frozen (train refuses it, after the download).
+                out[spec] = (f"PEFT trains none of this model's own head (no module named "
+                             f"{' or '.join(CLASSIFIER_ATTRS)}): it would keep the checkpoint's weights, random in a "
+                             "base model")
             continue
         try:
             skeleton(cfg.model, config, *parse_head(spec))
