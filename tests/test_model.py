@@ -1,3 +1,5 @@
+import re
+
 import torch
 import pytest
 
@@ -173,6 +175,20 @@ def test_a_misspelt_exclusion_is_refused_not_ignored(tiny_roberta):
                                        "lora.exclude_modules": ["attention.output.dense"]})
     adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted and not any(n.endswith("attention.output.dense") for n in adapted)
+
+
+@pytest.mark.parametrize("field, key", [("rank_pattern", "key"), ("alpha_pattern", "querry"),
+                                        ("rank_pattern", r"layer\.3\.attention\.self\.query")])
+def test_a_pattern_key_matching_no_adapted_module_is_refused(tiny_roberta, field, key):
+    """A key naming a linear layer LoRA does not adapt ('key' with target_modules [query], or a
+    layer outside lora.layers) or none at all changed nothing, and the count was at the base rank."""
+    with pytest.raises(ModelError, match=rf"lora: {field} key '{re.escape(key)}' matches no module LoRA adapts.*"
+                                         r"adapted: \['query'\]"):
+        _model(tiny_roberta, **{"lora.target_modules": ["query"], "lora.layers": [0, 1], f"lora.{field}": {key: 4}})
+    _, model = _model(tiny_roberta, **{"lora.target_modules": ["query"], "lora.layers": [0, 1],
+                                       "lora.rank_pattern": {r"layer\.1\.attention\.self\.query": 2}})
+    ranks = {n.split(".layer.")[1][:1]: p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
+    assert ranks == {"0": 4, "1": 2}
 
 
 def test_lora_on_the_classification_head_is_refused(tiny_bert, tmp_path):

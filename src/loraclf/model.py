@@ -271,13 +271,23 @@ def _check_targets(model: torch.nn.Module, lcfg: LoraSettings) -> None:
     every = [n for n, _ in model.named_modules()]
     problems = [f"exclude_modules entry {x!r} matches no module" for x in lcfg.exclude_modules or []
                 if not any(_matches(n, x) for n in every)]
-    for field in ("rank_pattern", "alpha_pattern"):
-        for key in getattr(lcfg, field) or {}:
-            if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):  # PEFT's matching rule
-                problems.append(f"{field} key {key!r} matches no linear layer")
     if problems:
         raise ModelError("; ".join(problems), where="lora",
                          fix=f"match the end of module names, e.g. 'intermediate.dense' (linear layers: {leaf_names})")
+
+
+def _check_patterns(model: PeftModel, lcfg: LoraSettings) -> None:
+    """Every rank_pattern / alpha_pattern key must match a module LoRA adapts: a misspelt key, or
+    one naming a layer outside target_modules / lora.layers, changed nothing, and the budget was
+    counted at a rank the user did not mean."""
+    adapted = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    problems = [f"{field} key '{key}' matches no module LoRA adapts" for field in ("rank_pattern", "alpha_pattern")
+                for key in getattr(lcfg, field) or {}
+                if not any(re.match(rf"(.*\.)?({key})$", n) for n in adapted)]  # PEFT's matching rule
+    if problems:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+        raise ModelError("; ".join(problems), where="lora",
+                         fix=f"match the end of an adapted module's name, e.g. 'intermediate.dense' (adapted: {leaves})")
 
 
 def skeleton(mcfg: ModelConfig, config: PretrainedConfig, head: str, head_rank: int | None) -> torch.nn.Module:
@@ -306,7 +316,7 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
     try:
         # LoRA matrices on the meta device too: counting an oversized rank must not allocate it
         with _no_peft_deprecation(), torch.device("meta") if meta else contextlib.nullcontext():
-            return get_peft_model(base, peft_config(lcfg, _layers_pattern(base, config, lcfg)))
+            model = get_peft_model(base, peft_config(lcfg, _layers_pattern(base, config, lcfg)))
     except (ValueError, TypeError) as e:  # PEFT's NoMatchingPeftModuleError and its other refusals of a LoraConfig
         if "no modules were targeted" in str(e).lower():
             layers = "every layer" if lcfg.layers is None else f"lora.layers {list(lcfg.layers)}"
@@ -317,6 +327,8 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
                                  "may share one block across its layers, as ALBERT does)") from None
         raise ModelError(f"PEFT refused the LoRA settings ({brief(e, 200)})", where="lora",
                          fix="check lora.* against PEFT's LoraConfig") from None
+    _check_patterns(model, lcfg)
+    return model
 
 
 def _layers_pattern(model: torch.nn.Module, config: PretrainedConfig, lcfg: LoraSettings) -> list[str] | None:
