@@ -299,14 +299,20 @@ def test_plan_leaves_out_a_default_head_the_checkpoint_lacks(tiny_roberta, tmp_p
     assert doc["heads_left_out"] == {} and "default" in doc["heads"]
 
 
-def test_plan_and_params_on_a_model_without_such_a_classifier_are_one_line(tmp_path, capsys):
-    """A config transformers has no sequence-classification model for (ViT) was a traceback."""
-    from transformers import ViTConfig
+@pytest.mark.parametrize("kind", ["vit", "bert-pad-beyond-vocab"])
+def test_plan_and_params_on_a_model_without_such_a_classifier_are_one_line(tmp_path, capsys, kind):
+    """A config transformers has no sequence-classification model for (ViT), or one it cannot
+    build (a pad_token_id beyond vocab_size: torch's AssertionError), was a traceback."""
+    from transformers import BertConfig, ViTConfig
 
-    ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save_pretrained(
-        tmp_path / "vit")
+    if kind == "vit":
+        ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save_pretrained(
+            tmp_path / kind)
+    else:
+        BertConfig(vocab_size=50, pad_token_id=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=64).save_pretrained(tmp_path / kind)
     for cmd in ("plan", "params"):
-        assert main([cmd, "--model.name_or_path", str(tmp_path / "vit"), "--data.label_names", '["a", "b"]']) == 2
+        assert main([cmd, "--model.name_or_path", str(tmp_path / kind), "--data.label_names", '["a", "b"]']) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "cannot build a sequence-classification model from the config of" in err
 

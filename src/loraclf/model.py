@@ -296,11 +296,13 @@ def skeleton(mcfg: ModelConfig, config: PretrainedConfig, head: str, head_rank: 
     try:
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=mcfg.trust_remote_code)
-    # what transformers raises for a config it has no such model for (ViT), or cannot build
-    except (ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
+    # what transformers raises for a config it has no such model for (ViT), or cannot build (an
+    # AssertionError from torch: a pad_token_id beyond vocab_size)
+    except (ValueError, TypeError, KeyError, ImportError, AttributeError, AssertionError) as e:
         raise ModelError(f"cannot build a sequence-classification model from the config of '{mcfg.name_or_path}' "
                          f"({brief(e, 200)})", where="model.name_or_path",
-                         fix="use a text encoder that transformers' AutoModelForSequenceClassification supports") from None
+                         fix="use a text encoder that transformers' AutoModelForSequenceClassification supports, "
+                             "with a consistent config.json") from None
     install_head(model, head, config, head_rank)
     return model
 
