@@ -353,7 +353,7 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     arch, plans = planner.make_plans(cfg, names, budget, heads, args.min_rank, args.max_rank)
     if not plans:
         raise BudgetError(f"nothing fits a budget of {budget:,} with LoRA rank >= {args.min_rank}",
-                          where="--budget", fix="raise --budget, or lower --min-rank")
+                          where="--budget", fix=planner.nothing_fits_fix(arch, budget, heads, args.min_rank))
     shown = plans if args.top == 0 else plans[: args.top]
     written = None
     if args.write:

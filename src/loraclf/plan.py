@@ -471,6 +471,17 @@ def unusable_heads(cfg: Config, label_names: list[str], heads: tuple[str, ...]) 
     return out
 
 
+def nothing_fits_fix(arch: Architecture, budget: int, heads: tuple[str, ...], min_rank: int) -> str:
+    """What would let a plan fit, where :func:`enumerate_plans` found none."""
+    cheapest = min(heads, key=lambda h: arch.heads[h])
+    if arch.heads[cheapest] >= budget:
+        return f"raise --budget above {arch.heads[cheapest]:,}, what the cheapest head ({cheapest}) costs alone"
+    largest = max((min(s.in_features, s.out_features) for s in arch.sites), default=0)
+    if min_rank > largest:
+        return f"lower --min-rank to at most {largest}, the largest LoRA rank this model's layers allow"
+    return "raise --budget, or lower --min-rank"
+
+
 def make_plans(cfg: Config, label_names: list[str], budget: int, heads: tuple[str, ...] = DEFAULT_HEADS,
                min_rank: int = 4, max_rank: int = 64) -> tuple[Architecture, list[Plan]]:
     arch = analyze(cfg, label_names, heads)
