@@ -32,6 +32,21 @@ def test_count_matches_the_model_that_trains(tiny_roberta):
     assert counted.total == budget.breakdown(real).total
 
 
+def test_encoder_and_decoder_layers_are_counted_apart(tmp_path):
+    """T5 numbers its encoder's and decoder's blocks alike: 'layer 0 layer.0.SelfAttention.q' was
+    the two modules added up (96 for two 48-parameter adapters)."""
+    from transformers import T5Config
+
+    T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
+             pad_token_id=0).save_pretrained(tmp_path)
+    cfg = load_config(None, {"model.name_or_path": str(tmp_path), "lora.target_modules": ["q"], "lora.r": 1})
+    b = budget.count(cfg, AG)
+    assert b.lora == {f"{stack} layer {i} {path}": 32 + 16 for i in (0, 1) for stack, path in (
+        ("encoder", "layer.0.SelfAttention.q"), ("decoder", "layer.0.SelfAttention.q"),
+        ("decoder", "layer.1.EncDecAttention.q"))}
+    assert b.lora_total == sum(b.lora.values()) == 6 * 48  # r=1: d_model 32 in, 2 heads x d_kv 8 out
+
+
 def test_over_budget_names_count_budget_and_largest(roberta_base_arch):
     cfg = load_config(SEED, {"model.name_or_path": str(roberta_base_arch), "lora.r": 64, "lora.layers": None})
     b = budget.count(cfg, AG)

@@ -66,6 +66,18 @@ def _lora_keys(names: list[str]) -> dict[str, str]:
         leaf = path.rsplit(".", 1)[-1]
         shown = leaf if len(paths_by_leaf[leaf]) == 1 else path
         keys[n] = f"layer {layer} {shown}" if layer is not None else shown
+    # An encoder-decoder (T5, BART) numbers its encoder's and decoder's layers alike: their
+    # modules would share a key and be added up. Then every key names its stack ('decoder layer 0 ...').
+    modules_by_key: dict[str, set[str]] = {}
+    for n, key in keys.items():
+        modules_by_key.setdefault(key, set()).add(n.split(".lora_")[0])
+    if all(len(modules) == 1 for modules in modules_by_key.values()):
+        return keys
+    for n, key in keys.items():
+        if sites[n][0] is not None:
+            module = n.split(".lora_")[0]
+            stack = module[: _LAYER_RE.search(module + ".").start()].split(".")  # [..., 'decoder', 'block']
+            keys[n] = f"{stack[-2] if len(stack) > 1 else stack[-1]} {key}"
     return keys
 
 
