@@ -51,9 +51,18 @@ def _overrides(tiny_roberta, agnews_files, out):
     return tiny_overrides(tiny_roberta, agnews_files, out, **EXTRA)
 
 
+_TIMINGS = ("examples_per_s", "train_seconds", "eval_seconds")
+
+
 def _final(run: Path):
+    """What a resumed run must share with the uninterrupted one: the adapter's bytes, the metrics,
+    and metrics.jsonl's records but their timings (no record twice: a killed session's lines past
+    its checkpoint are dropped)."""
     info = json.loads((run / "run.json").read_text())
-    return ((run / "adapter" / "adapter_model.safetensors").read_bytes(), info["metrics"], info["optimizer_steps"])
+    records = [{k: v for k, v in json.loads(line).items() if k not in _TIMINGS}
+               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return ((run / "adapter" / "adapter_model.safetensors").read_bytes(), info["metrics"], info["optimizer_steps"],
+            records)
 
 
 @pytest.fixture(scope="module")
