@@ -196,17 +196,20 @@ def test_resume_refusals(trained_run, tiny_roberta, agnews_files, tmp_path):
         resume(run)
 
 
-def test_resume_refuses_changed_data(tiny_roberta, agnews_files, tmp_path):
+@pytest.mark.parametrize("changed", ["train", "test"])
+def test_resume_refuses_changed_data(tiny_roberta, agnews_files, tmp_path, changed):
+    """Every split's file is compared, the test split's too: its metrics go into run.json."""
     import shutil
 
-    data = {"train": tmp_path / "train.csv.gz", "test": agnews_files["test"]}
+    data = {"train": tmp_path / "train.csv.gz", "test": tmp_path / "test.csv"}
     shutil.copy(agnews_files["train"], data["train"])
+    shutil.copy(agnews_files["test"], data["test"])
     run = tmp_path / "run"
     stop = threading.Event()
     stop.set()
     with pytest.raises(Interrupted):
         train(load_config(SEED, _overrides(tiny_roberta, data, run)), stop=stop)
-    write_agnews_csv(data["train"], make_rows(240, seed=9))  # same format, other rows
+    write_agnews_csv(data[changed], make_rows(240, seed=9))  # same format, other rows
     with pytest.raises(RunError, match="data differs"):
         resume(run)
 
@@ -242,6 +245,9 @@ def test_same_data_is_compared_by_content_not_path():
     then = {"train": {"path": "/old/train.csv", "sha256": "ab", "bytes": 3}, "validation": {"carved_from": "train"}}
     assert _same_data({**then, "train": {**then["train"], "path": "/new/train.csv"}}, then)  # moved or copied
     assert not _same_data({**then, "train": {**then["train"], "sha256": "cd"}}, then)
+    both = {**then, "test": {"path": "/t.csv", "sha256": "ef", "bytes": 3}}
+    assert not _same_data({**both, "test": {**both["test"], "sha256": "00"}}, both)
+    assert not _same_data(then, both)  # a split the run had is gone
 
 
 def test_non_finite_loss_stops_and_names_last_checkpoint(tiny_roberta, agnews_files, tmp_path, monkeypatch):
