@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_rows, tiny_overrides, write_agnews_csv
 from loraclf import checkpoint
@@ -292,6 +293,22 @@ def test_cli_uses_checkpoint_when_asked_then_resumes(tiny_roberta, agnews_files,
     assert "--resume continues a run with its own saved config" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
+
+
+def test_checkpoint_weights_are_the_best_epoch_s(tiny_roberta, agnews_files, tmp_path):
+    """--checkpoint (evaluate, predict) loads the checkpoint's best epoch, not its current weights."""
+    from loraclf.predict import Predictor
+
+    run, at = tmp_path / "run", StopAt(7)  # 5 optimizer steps per epoch: stopped in epoch 2
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), at, stop=at.stop)
+    loaded = checkpoint.load(checkpoint.latest(run))
+    assert loaded.loop.step == 7 and loaded.best is not None
+    model = Predictor.from_run(run, from_checkpoint=True, merge=False, precision="fp32").model
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in loaded.best}
+    assert weights.keys() == loaded.best.keys()
+    assert all(torch.equal(weights[n], loaded.best[n]) for n in weights)
+    assert not all(torch.equal(loaded.trainable[n], loaded.best[n]) for n in weights)
 
 
 def test_a_run_in_training_is_not_trained_twice(trained_run, tmp_path):
