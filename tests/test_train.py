@@ -148,6 +148,57 @@ def test_a_token_budget_below_the_longest_row_is_refused(tiny_roberta, agnews_fi
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "failed"
 
 
+def test_recipe_options_reach_the_loop(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    """Warm-up, the cosine schedule, clipping, weight decay and label smoothing each changed
+    nothing a test looked at when ignored: every loop test compares two runs ignoring it alike."""
+    import math
+
+    import accelerate
+
+    import loraclf.train as train_module
+
+    seen = {"clip": [], "smoothing": set(), "decay": None, "total": None}
+    real_clip, real_loss, real_opt = accelerate.Accelerator.clip_grad_norm_, train_module.training_loss, \
+        train_module.build_optimizer
+
+    def clip(self, params, max_norm, *a, **k):
+        seen["clip"].append(max_norm)
+        return real_clip(self, params, max_norm, *a, **k)
+
+    def loss(logits, labels, smoothing=0.0):
+        seen["smoothing"].add(smoothing)
+        return real_loss(logits, labels, smoothing)
+
+    def optimizer(*a, **k):
+        opt = real_opt(*a, **k)
+        seen["decay"] = {g["weight_decay"] for g in opt.param_groups}
+        return opt
+
+    class Total:
+        def on_start(self, total, info): seen["total"] = total
+        def on_step(self, step, record): pass
+        def on_eval(self, record): pass
+
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", clip)
+    monkeypatch.setattr(train_module, "training_loss", loss)
+    monkeypatch.setattr(train_module, "build_optimizer", optimizer)
+    out = tmp_path / "r"
+    train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, out, **{
+        "train.epochs": 2, "train.warmup_ratio": 0.25, "train.scheduler": "cosine", "train.max_grad_norm": 0.5,
+        "train.weight_decay": 0.1, "train.label_smoothing": 0.1, "train.log_every_steps": 1,
+        "train.learning_rate": 1e-2})), Total())
+    info = json.loads((out / "run.json").read_text())
+    total = info["optimizer_steps"]
+    assert seen["total"] == total and seen["clip"] == [0.5] * total
+    assert seen["smoothing"] == {0.1} and seen["decay"] == {0.1}
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+           if r["event"] == "train"}
+    warm = math.ceil(0.25 * total)
+    want = {s: 1e-2 * (s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
+            for s in range(1, total + 1)}
+    assert lrs == pytest.approx(want, abs=1e-9) and lrs[total] == pytest.approx(0.0, abs=1e-12)
+
+
 def _without_dropout(model: Path, dest: Path) -> Path:
     """A copy of a tiny model with dropout off: runs that draw dropout masks differently (one
     batch instead of two, compiled kernels) then compute the same thing."""
