@@ -24,7 +24,7 @@ from loraclf import cli
 from loraclf.predict import Predictor
 from loraclf.runs import open_run
 from loraclf.serve import (ClientError, Limits, MicroBatcher, PredictRequest, check_request, create_app, listen,
-                           load_examples, run_info)
+                           load_examples, run_info, run_server)
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
 
@@ -134,6 +134,13 @@ def test_bad_requests_are_clear_json_4xx(client, body, status, needle):
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     assert needle in r.json()["error"], r.json()
+
+
+def test_query_parameters_are_refused_not_ignored(client):
+    """"/predict?top_k=3" was answered with top_k 1, as if the parameter had been understood."""
+    r = client.post("/predict?top_k=3", json={"text": "a"})
+    assert r.status_code == 422
+    assert r.json()["error"] == "/predict takes no query parameters (got top_k); give them in the JSON body"
 
 
 def test_top_k_limit_counts_the_classes_a_model_has():
@@ -557,6 +564,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     for wait in ("inf", "nan"):  # inf made every request wait forever for a full batch
         assert cli.main(["serve", str(tmp_path), "--max-wait-ms", wait]) == 2
         assert f"--max-wait-ms must be between 0 and 10,000 (got {wait})" in capsys.readouterr().err
+    for grace in ("-1", "inf", "nan"):
+        assert cli.main(["serve", str(tmp_path), "--graceful-timeout", grace]) == 2
+        assert f"--graceful-timeout must be a number of seconds >= 0 (got {grace})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("level, logged", [("warning", False), ("info", True)])
+def test_run_server_passes_the_graceful_timeout_and_logs_requests_at_info(predictor, monkeypatch, level, logged):
+    """The graceful stop's cap was a hard-coded 30 s, and no --log-level logged requests."""
+    import uvicorn
+
+    seen = {}
+    real = uvicorn.Config.__init__
+
+    def config(self, app, **kw):
+        seen.update(kw)
+        real(self, app, **kw)
+
+    monkeypatch.setattr(uvicorn.Config, "__init__", config)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    with socket.socket() as sock:
+        run_server(create_app(predictor), sock, log_level=level, graceful_timeout_s=3.5)
+    assert seen["timeout_graceful_shutdown"] == 3.5 and seen["access_log"] is logged
 
 
 def test_cli_serve_on_a_busy_port_fails_before_loading_the_model(trained_run, capsys, monkeypatch):
@@ -674,6 +703,17 @@ def test_cli_serve_answers_then_drains_on_sigterm(trained_run):
         assert time.monotonic() - t0 < 15  # it waited out the 30 s graceful timeout for the stalled upload
         assert proc.returncode == 0, err
         assert "stopped" in err and "Traceback" not in err
+
+
+def test_cli_serve_logs_each_request_at_info(trained_run):
+    with _cli_server(trained_run, 5, "--log-level", "info") as (proc, url, port):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.post("/predict", json={"text": "a goal"}).status_code == 200
+            assert c.post("/predict", json={"text": ""}).status_code == 422
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    # uvicorn's access log writes to stdout, its other lines to stderr
+    assert '"POST /predict HTTP/1.1" 200' in out and '"POST /predict HTTP/1.1" 422' in out, (out, err)
 
 
 def test_cli_serve_second_ctrl_c_answers_waiting_requests_503(trained_run):

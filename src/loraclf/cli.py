@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "dropped; 408 for a body)")
     sv.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
+    sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
+                    help="info and debug also log a line per request")
+    sv.add_argument("--graceful-timeout", type=float, default=30,
+                    help="seconds a stop waits for the requests already received (those left get 503)")
 
     rp = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and report.md")
     rp.add_argument("run_dir", metavar="RUN_DIR", type=_path)
@@ -602,6 +605,8 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         bad.append(f"--max-wait-ms must be between 0 and {MAX_WAIT_MS:,} (got {args.max_wait_ms:g})")
     if not 0 <= args.port <= 65535:
         bad.append(f"--port must be 0-65535 (got {args.port})")
+    if not 0 <= args.graceful_timeout < float("inf"):  # nan and inf too: inf would never stop
+        bad.append(f"--graceful-timeout must be a number of seconds >= 0 (got {args.graceful_timeout:g})")
     if bad:
         raise ConfigError(bad, where="command line")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_text_chars=args.max_text_chars,
@@ -629,7 +634,8 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         os.write(2, b"stopping now: waiting requests are answered 503\n" if forced else
                  b"stopping: finishing the requests already received (Ctrl-C again to stop now)\n")
 
-    forced = run_server(app, sock, log_level=args.log_level, on_started=started, on_stopping=stopping)
+    forced = run_server(app, sock, log_level=args.log_level, on_started=started, on_stopping=stopping,
+                        graceful_timeout_s=args.graceful_timeout)
     print("stopped" + (" (forced)" if forced else ""), file=sys.stderr)
     return 130 if forced else 0
 

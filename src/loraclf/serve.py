@@ -572,6 +572,9 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
 
     @app.post("/predict", response_model=PredictResponse, responses=errors, summary="classify one text or several")
     async def predict(req: PredictRequest, request: Request) -> Response:
+        if request.query_params:  # "/predict?top_k=3" was answered with top_k 1, as if understood
+            raise ClientError(422, f"/predict takes no query parameters (got {', '.join(request.query_params)}); "
+                                   "give them in the JSON body")
         texts = check_request(req, limits, len(predictor.label_names))
         # uvicorn does not cancel a request whose client has gone (a timeout, a closed tab): watch
         # for that, so that its texts leave the queue instead of delaying the clients still waiting
@@ -801,12 +804,14 @@ def http_protocol(head_timeout_s: float) -> type:
 
 def run_server(app: Any, sock: socket.socket, log_level: str = "warning",
                on_started: Callable[[], None] | None = None,
-               on_stopping: Callable[[bool], None] | None = None) -> bool:
+               on_stopping: Callable[[bool], None] | None = None, graceful_timeout_s: float = 30) -> bool:
     """Serve ``app`` (from :func:`create_app`) until SIGINT/SIGTERM; True when the stop was forced.
 
     The first signal stops accepting connections, answers uploads still in progress 503, finishes
     the requests already received and drains the micro-batch queue (uvicorn's graceful shutdown,
-    at most 30 s). A second Ctrl-C forces the stop: every waiting request is answered 503 at once.
+    at most ``graceful_timeout_s``: the requests still waiting then are answered 503). A second
+    Ctrl-C forces the stop: every waiting request is answered 503 at once. ``log_level`` info or
+    debug also logs a line per request (uvicorn's access log).
     ``on_started`` runs once the server accepts connections and its signal handlers are in place
     (a signal before that is the caller's: the CLI ends with "interrupted", exit 130);
     ``on_stopping(forced)`` runs on each signal.
@@ -851,7 +856,8 @@ def run_server(app: Any, sock: socket.socket, log_level: str = "warning",
             if self.force_exit:  # uvicorn skips the app's shutdown then, and its cancelled lifespan logs a traceback
                 await self.lifespan.shutdown()
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30, access_log=False,
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,
+                            access_log=log_level in ("info", "debug"),
                             http=http_protocol(app.state.limits.body_timeout_s))
     server = Server(config)
     # uvicorn handles SIGINT/SIGTERM (graceful shutdown), then re-raises the signal to the handler
