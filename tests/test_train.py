@@ -99,18 +99,34 @@ def test_failed_run_is_marked_and_refused(tiny_roberta, agnews_files, tmp_path, 
 
 
 def test_token_budget_batches_train_and_plan_the_schedule_on_them(tiny_roberta, agnews_files, tmp_path):
+    """The schedule's length is the sum of each epoch's token-budget batches, which differ from
+    one epoch to the next (not epoch 1's count times the epochs)."""
+    import random
+
+    from conftest import make_rows, write_agnews_csv
     from loraclf.data import LengthGroupedBatchSampler, load_splits, tokenize
     from loraclf.model import load_tokenizer
 
-    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r",
-                                           **{"train.max_tokens_per_batch": 200, "train.epochs": 2,
-                                              "data.max_train_samples": 64}))
-    train(cfg)
+    rng = random.Random(0)  # a quarter of the texts four times as long: batch counts vary by epoch
+    rows = [(c, t, " ".join([d] * rng.choice([1, 1, 1, 4]))) for c, t, d in make_rows(240, seed=2)]
+    files = {**agnews_files, "train": write_agnews_csv(tmp_path / "train.csv", rows)}
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, files, tmp_path / "r", **{
+        "train.max_tokens_per_batch": 200, "train.epochs": 3, "train.group_by_length": False,
+        "data.max_train_samples": 64}))
+    planned = []
+
+    class Total:
+        def on_start(self, total, info): planned.append(total)
+        def on_step(self, step, record): pass
+        def on_eval(self, record): pass
+
+    train(cfg, Total())
     info = json.loads((tmp_path / "r" / "run.json").read_text())
-    # the schedule's length is the number of token-budget batches of each epoch
     ids = tokenize(load_splits(cfg.data).train.texts, load_tokenizer(cfg.model), cfg.data.max_length)
-    s = LengthGroupedBatchSampler([len(x) for x in ids], 16, cfg.train.seed, max_tokens=200)
-    assert info["optimizer_steps"] == s.batches_in_epoch(1) + s.batches_in_epoch(2) > 2 * 64 // 16
+    s = LengthGroupedBatchSampler([len(x) for x in ids], 16, cfg.train.seed, group_by_length=False, max_tokens=200)
+    counts = [s.batches_in_epoch(e) for e in (1, 2, 3)]
+    assert len(set(counts)) > 1  # (what tells the two ways of counting apart)
+    assert planned == [info["optimizer_steps"]] and info["optimizer_steps"] == sum(counts) > 3 * 64 // 16
 
 
 def test_token_budget_holds_for_batches_padded_to_a_multiple(tiny_roberta, agnews_files, tmp_path, monkeypatch):
