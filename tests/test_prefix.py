@@ -56,6 +56,25 @@ def test_cached_logits_equal_full_forward(request, fixture, layers):
     assert not torch.allclose(full, wrong, atol=1e-5, rtol=1e-3)
 
 
+def test_the_self_check_refuses_a_cache_that_does_not_reproduce_the_logits(tiny_roberta, agnews_files, tmp_path,
+                                                                           monkeypatch):
+    """``agrees`` could return True unconditionally with every test passing: nothing fed it a
+    wrong cache. A cache off by noise must fail it, and a run that insists on the cache stop."""
+    from loraclf.prefix import PrefixStore
+
+    model, mcfg = _model(tiny_roberta, [2, 3])
+    ids = tokenize(["war minister says", "shares of the bank rose today after profit"], load_tokenizer(mcfg), 128)
+    prefix = FrozenPrefix.find(model)
+    assert prefix.agrees(ids, 1, torch.device("cpu"), "fp32")
+    real = PrefixStore.batch
+    noise = torch.Generator().manual_seed(0)  # (a constant shift would not do: LayerNorm removes it)
+    monkeypatch.setattr(PrefixStore, "batch",
+                        lambda self, idx, width: (x := real(self, idx, width)) + torch.randn(x.shape, generator=noise))
+    assert not prefix.agrees(ids, 1, torch.device("cpu"), "fp32")
+    with pytest.raises(ConfigError, match="train.cache_frozen_prefix: logits with the cache differ"):
+        _run(tiny_roberta, agnews_files, tmp_path / "r", **{"train.cache_frozen_prefix": True})
+
+
 def _run(tiny_roberta, agnews_files, out, **extra):
     cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, out,
                                            **{"lora.layers": [2, 3], "train.epochs": 2,
