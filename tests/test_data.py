@@ -65,6 +65,10 @@ def test_validation_carved_deterministically_and_disjoint(agnews_files):
     assert a.fingerprints["train"]["sha256"] == b.fingerprints["train"]["sha256"]
     c = load_splits(cfg.model_copy(update={"split_seed": 7}))
     assert c.validation.texts != a.validation.texts
+    # disjoint, and together every row once (each text is unique here), whatever the seed
+    rows = sorted(zip(a.train.texts + a.validation.texts, [*a.train.labels, *a.validation.labels]))
+    assert len({t for t, _ in rows}) == 240 and not set(a.train.texts) & set(a.validation.texts)
+    assert rows == sorted(zip(c.train.texts + c.validation.texts, [*c.train.labels, *c.validation.labels]))
 
 
 def test_sample_limits(agnews_files):
