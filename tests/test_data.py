@@ -439,6 +439,27 @@ def test_token_cache_key_tells_apart_text_boundaries_and_truncation_side(tiny_ro
     assert split == tokenize(marked, tok, 32) and split != whole
 
 
+def test_token_cache_key_tells_apart_vocabularies_with_the_same_special_tokens(tiny_roberta, tmp_path):
+    """Two tokenizers of one class and one set of special tokens but other ids for a word must
+    not share cached ids (the key's serialised tokenizer could be dropped with every test passing)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    texts = ["war goal", "goal war chip"]
+    one = AutoTokenizer.from_pretrained(tiny_roberta)
+    other = shutil.copytree(tiny_roberta, tmp_path / "other", ignore=shutil.ignore_patterns("*.safetensors"))
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = one.convert_ids_to_tokens(tokenize(texts[:1], one, 32)[0][1:3])  # swap two words' ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    two = AutoTokenizer.from_pretrained(other)
+    assert tokenize(texts, one, 32) != tokenize(texts, two, 32)
+    for tok in (one, two):
+        assert tokenize_cached(texts, tok, 32, tmp_path / "cache") == tokenize(texts, tok, 32)
+
+
 def test_out_of_range_label_in_a_headerless_file_is_named_as_the_file_has_it(tmp_path):
     p = _write(tmp_path, "t5.csv", '"5","t","d"\n')
     with pytest.raises(DataError, match=r"row 1: label 5 out of range for 4 classes \(1\.\.4\)"):
