@@ -460,26 +460,28 @@ def test_relative_data_paths_are_saved_absolute(tiny_roberta, agnews_files, tmp_
 
 
 def test_best_epoch_weights_are_saved_and_tested(tiny_roberta, agnews_files, tmp_path, monkeypatch):
-    """Validation peaking in epoch 1 of 3: the adapter, the test record and run.json are epoch 1's,
-    not the last epoch's (forced, so that it holds whatever numbers a torch release gives)."""
+    """Validation peaking in epoch 2 of 3, tied in epoch 3: the adapter, the test metrics and
+    run.json are epoch 2's (the first of a tie), not the last epoch's (forced, so that it holds
+    whatever numbers a torch release gives)."""
     import loraclf.train as train_module
+    from loraclf.evaluate import evaluate_run
 
     real, calls = train_module._evaluate, []
 
-    def peaking_first(model, ids, labels, *rest):
+    def peaking(model, ids, labels, *rest):
         out = real(model, ids, labels, *rest)
         calls.append(len(calls))
-        return {**out, "accuracy": [0.9, 0.5, 0.6][calls[-1]]} if len(calls) <= 3 else out
+        return {**out, "accuracy": [0.5, 0.9, 0.9][calls[-1]]} if len(calls) <= 3 else out
 
-    monkeypatch.setattr(train_module, "_evaluate", peaking_first)
+    monkeypatch.setattr(train_module, "_evaluate", peaking)
     out = tmp_path / "r"
     train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, out, **{"train.epochs": 3})))
     info = json.loads((out / "run.json").read_text())
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r.get("split") == "validation"]
     test = next(r for r in records if r.get("split") == "test")
-    assert info["best_epoch"] == 1 and info["metrics"]["validation"]["accuracy"] == 0.9
-    assert (test["epoch"], test["step"]) == (1, val[0]["step"]) and val[0]["step"] < val[-1]["step"]
+    assert info["best_epoch"] == 2 and info["metrics"]["validation"]["accuracy"] == 0.9
+    assert (test["epoch"], test["step"]) == (2, val[1]["step"]) and val[1]["step"] < val[-1]["step"]
     last = checkpoint.load(checkpoint.latest(out))
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     # PEFT saves without the adapter's name and its copy of the head: "lora_A.default.weight" -> "lora_A.weight"
@@ -487,3 +489,5 @@ def test_best_epoch_weights_are_saved_and_tested(tiny_roberta, agnews_files, tmp
     assert named.keys() == adapter.keys()
     assert all(torch.equal(named[k], adapter[k]) for k in adapter)
     assert not all(torch.equal(last.trainable[k], last.best[k]) for k in last.best)
+    # and the test metrics are of those weights: the saved adapter reproduces them
+    assert evaluate_run(out, write=False)["loss"] == info["metrics"]["test"]["loss"]
