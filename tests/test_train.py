@@ -491,3 +491,26 @@ def test_best_epoch_weights_are_saved_and_tested(tiny_roberta, agnews_files, tmp
     assert not all(torch.equal(last.trainable[k], last.best[k]) for k in last.best)
     # and the test metrics are of those weights: the saved adapter reproduces them
     assert evaluate_run(out, write=False)["loss"] == info["metrics"]["test"]["loss"]
+
+
+def test_training_leaves_every_base_weight_untouched(tiny_roberta, agnews_files, tmp_path, monkeypatch):
+    """The model test checks one optimizer step by hand; this checks what train() itself does
+    (a weight made trainable after build_model, e.g. a LayerNorm, was caught only by chance)."""
+    import loraclf.train as train_module
+
+    built = []
+    real = train_module.build_model
+    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r", **{"train.epochs": 1}))
+    train(cfg)
+    from transformers import set_seed
+
+    from loraclf.model import load_model_config
+
+    set_seed(cfg.train.seed)  # as train() does: the frozen copy of the model's own head is drawn alike
+    fresh = real(cfg.model, cfg.lora, load_model_config(cfg.model, ["World", "Sports", "Business", "Sci/Tech"]))
+    trained = dict(built[-1].named_parameters())
+    # base weights chosen by name, not by requires_grad: everything but LoRA and the head's trained copy
+    base = [n for n, _ in fresh.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
+    assert len(base) > 10 and [n for n in base if not torch.equal(trained[n], fresh.get_parameter(n))] == []
+    assert any(not torch.equal(trained[n], p) for n, p in fresh.named_parameters() if "lora_B" in n)
