@@ -70,7 +70,9 @@ def test_a_trained_run_is_readable_by_others_under_the_usual_umask(trained_run):
              trained_run / runs.ADAPTER_DIR / "adapter_model.safetensors",
              *(trained_run / "checkpoints").glob("*/*.safetensors")]
     assert len(files) > 3
-    assert {f.name: _mode(f) for f in files} == {f.name: want for f in files}
+    # keyed by path: every checkpoint holds files of the same names
+    assert {str(f.relative_to(trained_run)): _mode(f) for f in files} == {
+        str(f.relative_to(trained_run)): want for f in files}
 
 
 def test_a_finished_runs_lock_file_alone_does_not_make_its_folder_not_empty(tmp_path):
