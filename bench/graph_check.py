@@ -136,6 +136,14 @@ def main() -> int:
             rec.update(graphs=len(g.graphs), replays=g.replays, eager_steps=g.eager_steps)
         adapter = run_dir / "adapter" / "adapter_model.safetensors"
         rec["adapter"] = str(adapter) if adapter.exists() else None
+        # the adapter is the best epoch's, often epoch 1 with random weights (the first of a tie):
+        # the weights after the last step are the newest checkpoint's
+        from loraclf import checkpoint
+
+        last = checkpoint.latest(run_dir)
+        rec["final_weights"] = str(last / "trainable.safetensors") if last is not None else None
+        if (run_dir / "run.json").exists():
+            rec["best_epoch"] = json.loads((run_dir / "run.json").read_text()).get("best_epoch")
         runs[name] = rec
         print(json.dumps({k: v for k, v in rec.items() if k not in ("losses", "traceback")}), flush=True)
         if rec.get("traceback"):
@@ -146,6 +154,9 @@ def main() -> int:
         we, wg = load_file(e["adapter"]), load_file(g["adapter"])
         out["adapter_max_abs_diff"] = max(float((we[k].float() - wg[k].float()).abs().max()) for k in we)
         out["adapter_max_abs"] = max(float(we[k].float().abs().max()) for k in we)
+    if e.get("final_weights") and g.get("final_weights"):
+        we, wg = load_file(e["final_weights"]), load_file(g["final_weights"])
+        out["final_weights_max_abs_diff"] = max(float((we[k].float() - wg[k].float()).abs().max()) for k in we)
     if e["losses"] and g["losses"]:
         n = min(len(e["losses"]), len(g["losses"]))
         out["steps_compared"] = n
@@ -162,7 +173,9 @@ def main() -> int:
                      f"{r.get('graphs', '-')} / {r.get('replays', '-')} / {r.get('eager_steps', '-')} | "
                      f"{sum(r['sync_warnings'].values())} |")
     lines += ["", f"loss max |diff| over {out.get('steps_compared')} steps: {out.get('loss_max_abs_diff')}; "
-              f"adapter max |diff|: {out.get('adapter_max_abs_diff')} (max |w| {out.get('adapter_max_abs')})"]
+              f"best-epoch adapter max |diff|: {out.get('adapter_max_abs_diff')} (max |w| {out.get('adapter_max_abs')}, "
+              f"best epochs {[r.get('best_epoch') for r in runs.values()]}); weights after the last step max |diff|: "
+              f"{out.get('final_weights_max_abs_diff')}"]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return 0

@@ -29,7 +29,10 @@
 # compares the runs row by row (best against each other method)
 #   -> accuracy_mpnet_gpu.{json,png}, accuracy_mpnet_gpu_paired.json, tables.md, mpnet_gpu.log
 #
-# CPU smoke test (a few rows, this machine's venv, eager training):
+# CPU smoke test (a few rows, this machine's venv, eager training); it needs a packed MPNet in
+# .ship/mpnet: the real one (MPNET=<folder> bash bench/prepare_bench.sh), or for the smoke a tiny
+# random MPNetModel saved with the MiniLM tokenizer and packed with
+# `python bench/ship_model.py pack <folder> .ship/mpnet`:
 #   SMOKE=1 OUT=/tmp/mpnetout bash bench/mpnet_gpu.sh
 NAME=mpnet_gpu
 source "$(dirname "$0")/gpu_lib.sh"

@@ -6,8 +6,9 @@ scored on the *same* rows, though, so most of that sampling noise is shared: thi
 each run row by row and compares methods on the per-row differences.
 
 Inputs, each ``METHOD:SEED=PATH``:
-  * a loraclf run folder: its adapter predicts every test row (``loraclf.predict.Predictor``,
-    precision ``auto`` as in ``loraclf evaluate``), kept in the run's ``eval/`` folder for reuse;
+  * a loraclf run folder: its adapter predicts every test row as ``loraclf evaluate`` does
+    (``Predictor.from_run(..., as_trained=True)``: the run's precision, computed as training
+    evaluated, so its accuracy is run.json's), kept in the run's ``eval/`` folder for reuse;
   * a ``.tsv`` written by ``bench/baseline_trainer.py --predictions-out`` (full fine-tuning):
     ``<row index>\\t<label>`` for every test row;
 or ``--study DIR``: every ``<method>-seed<N>`` run folder and ``<method>-seed<N>.predictions.tsv``
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", action="append", default=[], metavar="A:B",
                    help="methods to compare, A minus B (default: best against every other method)")
     p.add_argument("--subset-rows", type=int, default=None, help="also score the first N test rows")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="default: each run's train.eval_batch_size")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
     p.add_argument("--name", required=True)
@@ -83,19 +84,19 @@ def _spec(s: str) -> tuple[str, int, Path]:
         raise SystemExit(f"--run {s!r}: expected METHOD:SEED=PATH") from None
 
 
-def predict_run(run_dir: Path, test: str, labels: np.ndarray, batch_size: int) -> np.ndarray:
+def predict_run(run_dir: Path, test: str, labels: np.ndarray, batch_size: int | None) -> np.ndarray:
     """Predicted class index per test row, [N] int64, from a loraclf run's adapter.
 
     Kept in the run's own ``eval/`` folder (where ``loraclf evaluate`` writes) as
-    ``predictions_<test file>_<its sha256 prefix>.tsv`` and read back on later calls: a rerun of
-    the comparison with one more run does not predict the others again, and retraining replaces
-    the folder.
+    ``predictions_<test file>_<its sha256 prefix>.as_trained.tsv`` and read back on later calls:
+    a rerun of the comparison with one more run does not predict the others again, and retraining
+    replaces the folder. (Files without ``.as_trained`` came from merged bf16 inference: not reused.)
     """
     from loraclf.config import DataConfig
     from loraclf.data import file_fingerprint, load_eval_split
 
     digest = file_fingerprint(Path(test))["sha256"][:12]
-    cached = run_dir / "eval" / f"predictions_{Path(test).name.removesuffix('.gz')}_{digest}.tsv"
+    cached = run_dir / "eval" / f"predictions_{Path(test).name.removesuffix('.gz')}_{digest}.as_trained.tsv"
     if cached.is_file():
         return common.read_row_predictions(cached, len(labels))
     from loraclf.predict import Predictor
@@ -107,7 +108,8 @@ def predict_run(run_dir: Path, test: str, labels: np.ndarray, batch_size: int) -
     # the study's ground truth and loraclf's label encoding must be the same classes in the same order
     if not np.array_equal(examples.labels, labels):
         raise SystemExit(f"{run_dir}: loraclf's labels of {test} differ from the canonical 0-3 reading")
-    predictor = Predictor.from_run(run, batch_size=batch_size)
+    predictor = Predictor.from_run(run, batch_size=batch_size, precision=run.info.get("precision") or "auto",
+                                   as_trained=True)
     pred = predictor.logits(examples.texts).argmax(-1).astype(np.int64)
     cached.parent.mkdir(exist_ok=True)
     common.write_row_predictions(cached, enumerate(pred.tolist()))

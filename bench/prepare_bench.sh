@@ -51,8 +51,11 @@ fi
 if [ ! -d .bench/whl ] || [ -z "$(ls .bench/whl)" ]; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .bench/whl datasets dill multiprocess pydantic pydantic-core annotated-types typing-inspection \
-    fastapi starlette uvicorn 2>&1 | grep -v "^WARNING: Location" || true
+    -d .bench/whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pydantic==2.14.4 pydantic-core==2.50.5 \
+    annotated-types==0.8.0 typing-inspection==0.4.5 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 \
+    2>&1 | grep -v "^WARNING: Location" || true
+# (pinned: --no-deps checks no requirement, and these are the releases the GPU logs ran with;
+# a newer datasets or pydantic would need other pyarrow / pydantic-core than the device has)
 fi
 [ -n "$(ls .bench/whl/datasets-*.whl 2>/dev/null)" ] || { echo "prepare_bench: wheel download failed" >&2; exit 1; }
 
