@@ -261,6 +261,53 @@ def main(argv=None) -> dict[str, Any]:
     log(f"infer_speed: run {run_dir} (base {base}), contenders {[c['label'] for c in contenders]}, batch sizes "
         f"{batch_sizes}, {args.rows} rows ({args.rows_bs1} at batch 1), {args.repeats} repeat(s)")
 
+    # ------------------------------------------------------------------ summary
+    def write(runs: list[dict[str, Any]], agreement: dict[str, Any], partial: bool = False) -> tuple[Path, Path, list]:
+        """The JSON and Markdown results of the runs so far: written after every contender too,
+        so that a step cut short by its time limit still returns what it measured."""
+        runs = [{k: v for k, v in r.items() if k != "preds"} for r in runs]
+        table = []
+        for bs in batch_sizes:
+            ref = harness.median([r["examples_per_s"] for r in runs if r.get("batch_size") == bs
+                                  and r["contender"] == "pipeline" and "error" not in r])
+            for c in contenders:
+                mine = [r for r in runs if r["contender"] == c["label"] and r.get("batch_size") == bs]
+                s = harness.summarize(mine, ["examples_per_s", "warm_examples_per_s", "rows", "accuracy", "peak_rss_mib",
+                                             "cuda_max_allocated_mib", "load_s"])
+                row = {"contender": c["label"], "batch_size": bs, "runs": s.pop("n"), **s}
+                row.pop("failed", None)
+                row["rows"] = int(row["rows"]) if row.get("rows") is not None else None
+                row["vs_pipeline"] = round(row["examples_per_s"] / ref, 2) if ref and row.get("examples_per_s") else None
+                table.append(row)
+        machine = common.machine_info()
+        if args.threads:
+            machine["torch_threads"] = args.threads
+        name = args.name or f"infer_speed_{args.model if args.model in ('minilm', 'roberta-arch') else 'run'}"
+        agree_txt = ", ".join(f"{k} {v}" for k, v in agreement.items() if not isinstance(v, dict))
+        acc_txt = "; ".join(f"{k}: accuracy {v.get('accuracy')} on {v.get('rows')} rows ({v.get('examples_per_s')} ex/s at "
+                            f"batch {args.agreement_batch_size})" for k, v in agreement.items() if isinstance(v, dict) and "accuracy" in v)
+        per = ("each (contender, batch size) in its own process" if args.process_per == "batch" else
+               "each contender in its own process running every batch size (RSS peaks cumulative)")
+        notes = (f"Run {run_dir.name} (base {base}). Medians of {args.repeats} alternating repeat(s), {per}, "
+                 f"after one warm-up batch. examples/s include tokenization. `vs_pipeline` = examples/s over the "
+                 f"pipeline's at the same batch size. The pipeline gets the merged (plain) model. Agreement: {agree_txt}. "
+                 f"{acc_txt}.\n")
+        if partial:
+            notes = f"PARTIAL: the {len(runs)} measurement(s) done so far; the script had not finished. " + notes
+        columns = ["contender", "batch_size", "runs", "rows", "examples_per_s", "vs_pipeline", "accuracy", "peak_rss_mib",
+                   "cuda_max_allocated_mib", "load_s"] + (["warm_examples_per_s"] if args.warm_pass else [])
+        settings = {"run_dir": str(run_dir), "base_model": base, "test": str(test), "rows": args.rows, "rows_bs1": args.rows_bs1,
+                    "repeats": args.repeats, "seed": args.seed, "run_validation_accuracy":
+                    (run_info.get("metrics") or {}).get("validation", {}).get("accuracy")}
+        jp, mp = common.write_results(name, [{**t, "settings": settings} for t in table], columns,
+                                      title=f"Inference speed: loraclf predict vs pipeline", notes=notes, machine=machine,
+                                      json_path=args.out)
+        raw = json.loads(jp.read_text())
+        raw["agreement"] = agreement
+        raw["runs"] = runs
+        jp.write_text(json.dumps(raw, indent=2, default=str) + "\n")
+        return jp, mp, table
+
     runs: list[dict[str, Any]] = []
     groups = [[bs] for bs in batch_sizes] if args.process_per == "batch" else [batch_sizes]
     for rep in range(args.repeats):
@@ -282,6 +329,7 @@ def main(argv=None) -> dict[str, Any]:
                         log(f"repeat {rep + 1} bs {rec['batch_size']} {c['label']}: {rec['examples_per_s']} ex/s over "
                             f"{rec['rows']} rows, peak RSS {rec['peak_rss_mib']} MiB" +
                             (f", CUDA {rec['cuda_max_allocated_mib']} MiB" if rec.get("cuda_max_allocated_mib") else ""))
+                write(runs, {}, partial=True)
 
     # ------------------------------------------------------------------ agreement (bf16 vs fp32)
     agreement: dict[str, Any] = {}
@@ -316,48 +364,10 @@ def main(argv=None) -> dict[str, Any]:
         a, b = p32["pipeline"], p32["loraclf:fp32"]
         agreement["pipeline_vs_loraclf_fp32_agreement"] = round(sum(int(x == y) for x, y in zip(a, b)) / len(a), 5)
         agreement["pipeline_vs_loraclf_rows"] = len(a)
+    jp, mp, table = write(runs, agreement)
     for r in runs:
         r.pop("preds", None)
 
-    # ------------------------------------------------------------------ summary
-    table = []
-    for bs in batch_sizes:
-        ref = harness.median([r["examples_per_s"] for r in runs if r.get("batch_size") == bs
-                              and r["contender"] == "pipeline" and "error" not in r])
-        for c in contenders:
-            mine = [r for r in runs if r["contender"] == c["label"] and r.get("batch_size") == bs]
-            s = harness.summarize(mine, ["examples_per_s", "warm_examples_per_s", "rows", "accuracy", "peak_rss_mib",
-                                         "cuda_max_allocated_mib", "load_s"])
-            row = {"contender": c["label"], "batch_size": bs, "runs": s.pop("n"), **s}
-            row.pop("failed", None)
-            row["rows"] = int(row["rows"]) if row.get("rows") is not None else None
-            row["vs_pipeline"] = round(row["examples_per_s"] / ref, 2) if ref and row.get("examples_per_s") else None
-            table.append(row)
-    machine = common.machine_info()
-    if args.threads:
-        machine["torch_threads"] = args.threads
-    name = args.name or f"infer_speed_{args.model if args.model in ('minilm', 'roberta-arch') else 'run'}"
-    agree_txt = ", ".join(f"{k} {v}" for k, v in agreement.items() if not isinstance(v, dict))
-    acc_txt = "; ".join(f"{k}: accuracy {v.get('accuracy')} on {v.get('rows')} rows ({v.get('examples_per_s')} ex/s at "
-                        f"batch {args.agreement_batch_size})" for k, v in agreement.items() if isinstance(v, dict) and "accuracy" in v)
-    per = ("each (contender, batch size) in its own process" if args.process_per == "batch" else
-           "each contender in its own process running every batch size (RSS peaks cumulative)")
-    notes = (f"Run {run_dir.name} (base {base}). Medians of {args.repeats} alternating repeat(s), {per}, "
-             f"after one warm-up batch. examples/s include tokenization. `vs_pipeline` = examples/s over the "
-             f"pipeline's at the same batch size. The pipeline gets the merged (plain) model. Agreement: {agree_txt}. "
-             f"{acc_txt}.\n")
-    columns = ["contender", "batch_size", "runs", "rows", "examples_per_s", "vs_pipeline", "accuracy", "peak_rss_mib",
-               "cuda_max_allocated_mib", "load_s"] + (["warm_examples_per_s"] if args.warm_pass else [])
-    settings = {"run_dir": str(run_dir), "base_model": base, "test": str(test), "rows": args.rows, "rows_bs1": args.rows_bs1,
-                "repeats": args.repeats, "seed": args.seed, "run_validation_accuracy":
-                (run_info.get("metrics") or {}).get("validation", {}).get("accuracy")}
-    jp, mp = common.write_results(name, [{**t, "settings": settings} for t in table], columns,
-                                  title=f"Inference speed: loraclf predict vs pipeline", notes=notes, machine=machine,
-                                  json_path=args.out)
-    raw = json.loads(jp.read_text())
-    raw["agreement"] = agreement
-    raw["runs"] = runs
-    jp.write_text(json.dumps(raw, indent=2, default=str) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(mp.read_text())
     log(f"wrote {jp} and {mp}")

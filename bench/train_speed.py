@@ -336,6 +336,65 @@ def main(argv=None) -> dict[str, Any]:
         f"{data['val_rows']} validation rows, {args.epochs} epoch(s), contenders "
         f"{[c['label'] for c in contenders]}, {args.repeats} repeat(s); work dir {work}")
 
+    # ------------------------------------------------------------------ summary
+    def write(partial: bool = False) -> tuple[Path, Path, list]:
+        """The JSON and Markdown results of the runs so far: written after every contender too,
+        so that a step cut short by its time limit still returns what it measured."""
+        ref = next((c["label"] for c in contenders if c["name"] == "loraclf"), contenders[0]["label"])
+        table = []
+        for c in contenders:
+            mine = [r for r in runs if r["contender"] == c["label"]]
+            s = harness.summarize(mine, SUMMARY_KEYS)
+            table.append({"contender": c["label"], "runs": s.pop("n"), "failed": s.pop("failed"), **s})
+        ref_row = next(t for t in table if t["contender"] == ref)
+        for t in table:
+            a, b = ref_row.get("train_examples_per_s"), t.get("train_examples_per_s")
+            t[f"{ref}_speedup"] = round(a / b, 2) if a and b else None
+        machine = common.machine_info()
+        if args.threads:
+            machine["torch_threads"] = args.threads
+        # paired ratios per repeat (same repeat = closest in time), then their median
+        paired = {}
+        for c in contenders:
+            if c["label"] == ref:
+                continue
+            rs = []
+            for rep in range(args.repeats):
+                a = next((r for r in runs if r["contender"] == ref and r["repeat"] == rep and "error" not in r), None)
+                b = next((r for r in runs if r["contender"] == c["label"] and r["repeat"] == rep and "error" not in r), None)
+                if a and b and b.get("train_examples_per_s"):
+                    rs.append(a["train_examples_per_s"] / b["train_examples_per_s"])
+            paired[c["label"]] = {"per_repeat": [round(x, 3) for x in rs], "median": round(harness.median(rs), 3) if rs else None}
+        name = args.name or f"train_speed_{args.model if args.model in ('minilm', 'roberta-arch') else Path(model_path).name}"
+        settings = {"model": model_label, "model_path": model_path, "layers": layers, "epochs": args.epochs,
+                    "train_rows": data["train_rows"], "val_rows": data["val_rows"], "seed": args.seed,
+                    "repeats": args.repeats, "data": source, "val_source": data["val_source"],
+                    "recipe": "configs/agnews-seed.yaml (r=12, alpha=32, dropout 0.06, query+value, AdamW 3e-4 cosine, "
+                              "warm-up 0.15, batch 16 x accumulation 2)", "overrides": dict(args.override or [])}
+        notes = (
+            f"Model {model_label}, LoRA layers {layers}, {data['train_rows']} training rows, {data['val_rows']} validation "
+            f"rows, {args.epochs} epoch(s), seed {args.seed}; medians of {args.repeats} alternating repeat(s), each run in "
+            f"its own process. `{ref}_speedup` = {ref}'s median examples/s over the row's; paired per-repeat ratios: "
+            + "; ".join(f"{k}: {v['per_repeat']} (median {v['median']})" for k, v in paired.items())
+            + ". val_accuracy is after the same number of optimizer steps (last epoch). Times are the training loop only "
+            "(loraclf: run.json throughput.train_seconds; HF: Trainer.train()), not model loading or evaluation.\n"
+        )
+        if partial:
+            notes = f"PARTIAL: the {len(runs)} run(s) done so far; the script had not finished. " + notes
+        columns = ["contender", "runs", "train_examples_per_s", "real_tokens_per_s", "total_tokens_per_s", "pad_fraction",
+                   "seconds_per_epoch", "optimizer_steps", "val_accuracy", "peak_rss_mib", "cuda_max_allocated_mib",
+                   "s_per_step_first_quarter", "s_per_step_last_quarter", "first_epoch_s", "later_epoch_s",
+                   "later_epoch_examples_per_s",
+                   f"{ref}_speedup"]
+        payload_records = [{**t, "settings": settings, "paired_ratios": paired.get(t["contender"])} for t in table]
+        jp, mp = common.write_results(name, payload_records, columns, title=f"Training speed: {model_label}",
+                                      notes=notes, machine=machine, json_path=args.out)
+        # the raw runs beside the summary
+        raw = json.loads(jp.read_text())
+        raw["runs"] = runs
+        jp.write_text(json.dumps(raw, indent=2, default=str) + "\n")
+        return jp, mp, table
+
     runs: list[dict[str, Any]] = []
     last_loraclf_run = None
     for rep in range(args.repeats):
@@ -354,66 +413,16 @@ def main(argv=None) -> dict[str, Any]:
                     + (f", CUDA {rec.get('cuda_max_allocated_mib')} MiB" if rec.get("cuda_max_allocated_mib") else ""))
                 if keep:
                     last_loraclf_run = work / f"run-{tag}"
+                    # kept at once: a later contender cut by the time limit must not cost the next step its run
+                    dest = Path(args.keep_run)
+                    shutil.rmtree(dest, ignore_errors=True)
+                    shutil.copytree(last_loraclf_run, dest)
+                    log(f"kept the loraclf run in {dest}")
             if c["name"] == "loraclf" and not keep:
                 shutil.rmtree(work / f"run-{tag}", ignore_errors=True)
+            write(partial=True)
 
-    # ------------------------------------------------------------------ summary
-    ref = next((c["label"] for c in contenders if c["name"] == "loraclf"), contenders[0]["label"])
-    table = []
-    for c in contenders:
-        mine = [r for r in runs if r["contender"] == c["label"]]
-        s = harness.summarize(mine, SUMMARY_KEYS)
-        table.append({"contender": c["label"], "runs": s.pop("n"), "failed": s.pop("failed"), **s})
-    ref_row = next(t for t in table if t["contender"] == ref)
-    for t in table:
-        a, b = ref_row.get("train_examples_per_s"), t.get("train_examples_per_s")
-        t[f"{ref}_speedup"] = round(a / b, 2) if a and b else None
-    machine = common.machine_info()
-    if args.threads:
-        machine["torch_threads"] = args.threads
-    # paired ratios per repeat (same repeat = closest in time), then their median
-    paired = {}
-    for c in contenders:
-        if c["label"] == ref:
-            continue
-        rs = []
-        for rep in range(args.repeats):
-            a = next((r for r in runs if r["contender"] == ref and r["repeat"] == rep and "error" not in r), None)
-            b = next((r for r in runs if r["contender"] == c["label"] and r["repeat"] == rep and "error" not in r), None)
-            if a and b and b.get("train_examples_per_s"):
-                rs.append(a["train_examples_per_s"] / b["train_examples_per_s"])
-        paired[c["label"]] = {"per_repeat": [round(x, 3) for x in rs], "median": round(harness.median(rs), 3) if rs else None}
-    name = args.name or f"train_speed_{args.model if args.model in ('minilm', 'roberta-arch') else Path(model_path).name}"
-    settings = {"model": model_label, "model_path": model_path, "layers": layers, "epochs": args.epochs,
-                "train_rows": data["train_rows"], "val_rows": data["val_rows"], "seed": args.seed,
-                "repeats": args.repeats, "data": source, "val_source": data["val_source"],
-                "recipe": "configs/agnews-seed.yaml (r=12, alpha=32, dropout 0.06, query+value, AdamW 3e-4 cosine, "
-                          "warm-up 0.15, batch 16 x accumulation 2)", "overrides": dict(args.override or [])}
-    notes = (
-        f"Model {model_label}, LoRA layers {layers}, {data['train_rows']} training rows, {data['val_rows']} validation "
-        f"rows, {args.epochs} epoch(s), seed {args.seed}; medians of {args.repeats} alternating repeat(s), each run in "
-        f"its own process. `{ref}_speedup` = {ref}'s median examples/s over the row's; paired per-repeat ratios: "
-        + "; ".join(f"{k}: {v['per_repeat']} (median {v['median']})" for k, v in paired.items())
-        + ". val_accuracy is after the same number of optimizer steps (last epoch). Times are the training loop only "
-        "(loraclf: run.json throughput.train_seconds; HF: Trainer.train()), not model loading or evaluation.\n"
-    )
-    columns = ["contender", "runs", "train_examples_per_s", "real_tokens_per_s", "total_tokens_per_s", "pad_fraction",
-               "seconds_per_epoch", "optimizer_steps", "val_accuracy", "peak_rss_mib", "cuda_max_allocated_mib",
-               "s_per_step_first_quarter", "s_per_step_last_quarter", "first_epoch_s", "later_epoch_s",
-               "later_epoch_examples_per_s",
-               f"{ref}_speedup"]
-    payload_records = [{**t, "settings": settings, "paired_ratios": paired.get(t["contender"])} for t in table]
-    jp, mp = common.write_results(name, payload_records, columns, title=f"Training speed: {model_label}",
-                                  notes=notes, machine=machine, json_path=args.out)
-    # the raw runs beside the summary
-    raw = json.loads(jp.read_text())
-    raw["runs"] = runs
-    jp.write_text(json.dumps(raw, indent=2, default=str) + "\n")
-    if args.keep_run and last_loraclf_run is not None:
-        dest = Path(args.keep_run)
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(last_loraclf_run, dest)
-        log(f"kept the last loraclf run in {dest}")
+    jp, mp, table = write()
     shutil.rmtree(work, ignore_errors=True)
     print(mp.read_text())
     log(f"wrote {jp} and {mp}")
