@@ -46,12 +46,16 @@ class Breakdown:
                 "head_total": self.head_total, "lora": self.lora, "head": self.head}
 
 
-def _lora_site(name: str) -> tuple[str | None, str]:
+def _lora_site(name: str) -> tuple[str | None, str, str]:
     """'base_model.model.roberta.encoder.layer.10.attention.self.query.lora_A.default.weight'
-    -> ('10', 'attention.self.query'): the layer index and the module's path inside the layer."""
+    -> ('10', 'attention.self.query', 'encoder'): the layer index, the module's path inside the
+    layer and the stack the layer list sits in (its parent's name; T5: 'encoder' or 'decoder')."""
     module = name.split(".lora_")[0]
     m = _LAYER_RE.search(module + ".")
-    return (m.group(1), module[m.end():]) if m else (None, module.rsplit(".", 1)[-1])
+    if not m:
+        return None, module.rsplit(".", 1)[-1], ""
+    stack = module[: m.start()].split(".")  # [..., 'decoder', 'block']
+    return m.group(1), module[m.end():], stack[-2] if len(stack) > 1 else stack[-1]
 
 
 def _lora_keys(names: list[str]) -> dict[str, str]:
@@ -59,10 +63,10 @@ def _lora_keys(names: list[str]) -> dict[str, str]:
     ('layer 10 attention.output.dense' and 'layer 10 output.dense', not 'layer 10 dense' twice)."""
     sites = {n: _lora_site(n) for n in names}
     paths_by_leaf: dict[str, set[str]] = {}
-    for _, path in sites.values():
+    for _, path, _ in sites.values():
         paths_by_leaf.setdefault(path.rsplit(".", 1)[-1], set()).add(path)
     keys = {}
-    for n, (layer, path) in sites.items():
+    for n, (layer, path, _) in sites.items():
         leaf = path.rsplit(".", 1)[-1]
         shown = leaf if len(paths_by_leaf[leaf]) == 1 else path
         keys[n] = f"layer {layer} {shown}" if layer is not None else shown
@@ -71,13 +75,8 @@ def _lora_keys(names: list[str]) -> dict[str, str]:
     modules_by_key: dict[str, set[str]] = {}
     for n, key in keys.items():
         modules_by_key.setdefault(key, set()).add(n.split(".lora_")[0])
-    if all(len(modules) == 1 for modules in modules_by_key.values()):
-        return keys
-    for n, key in keys.items():
-        if sites[n][0] is not None:
-            module = n.split(".lora_")[0]
-            stack = module[: _LAYER_RE.search(module + ".").start()].split(".")  # [..., 'decoder', 'block']
-            keys[n] = f"{stack[-2] if len(stack) > 1 else stack[-1]} {key}"
+    if any(len(modules) > 1 for modules in modules_by_key.values()):
+        keys = {n: f"{sites[n][2]} {key}" if sites[n][0] is not None else key for n, key in keys.items()}
     return keys
 
 

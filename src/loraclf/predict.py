@@ -101,7 +101,6 @@ class Predictor:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.precision = choose_precision(precision, self.device)
-        self.as_trained = as_trained
         model = model.to(self.device).eval()
         if self.precision == "bf16" and as_trained:
             cast_frozen_matmul_weights(model)
