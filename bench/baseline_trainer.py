@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         "read_csv_s": round(read_s, 3),
         "tokenize_s": round(t_tok.seconds, 3),
         "eval_s": round(eval_s, 3) if eval_s is not None else None,
-        "val_accuracy": round(acc, 4) if acc is not None else None,
+        "val_accuracy": acc,  # unrounded: the accuracy study averages and compares these
         "peak_rss_mib": mem["peak_rss_mib"],
         "cuda_max_allocated_mib": mem.get("cuda_max_allocated_mib"),
         "torch_threads": torch.get_num_threads(),
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"[{args.stack}] {record['train_rows']} rows, {steps} steps, {train_s:.1f}s: "
         f"{record['train_examples_per_s']} ex/s, {record['real_tokens_per_s']} real tok/s, "
         f"{record['total_tokens_per_s']} total tok/s (pad {record['pad_fraction']}), "
-        f"val acc {record['val_accuracy']}, peak RSS {record['peak_rss_mib']} MiB, "
+        f"val acc {'-' if acc is None else f'{acc:.4f}'}, peak RSS {record['peak_rss_mib']} MiB, "
         f"threads {record['torch_threads']} -> {jp}"
     )
     return record

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -54,18 +55,21 @@ def main(argv=None) -> None:
     model_path, label = harness.resolve_model(args.model)
     layers = common.parse_int_list(args.layers) if args.layers else harness.seed_layers(model_path)
     work = Path(tempfile.mkdtemp(prefix="profile_", dir=harness.cache_root()))
-    data = harness.prepare_data(work / "data", harness.default_source(args.train), args.rows, 64, seed=0)
-    overrides = {"model.name_or_path": model_path, "data.train": data["train"], "data.validation": data["validation"],
-                 "data.test": None, "lora.layers": layers, "train.epochs": 1, "train.output_dir": str(work / "run"),
-                 "train.overwrite": True, "train.precision": args.precision,
-                 **{k: yaml.safe_load(v) for k, v in (args.override or [])}}
-    cfg = load_config(harness.SEED_CONFIG, overrides)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    t0 = time.perf_counter()
-    with profile(activities=activities, record_shapes=False) as prof:
-        train(cfg)
-    wall = time.perf_counter() - t0
-    run = json.loads((work / "run" / "run.json").read_text())
+    try:  # the prepared rows and the run are only needed until run.json is read
+        data = harness.prepare_data(work / "data", harness.default_source(args.train), args.rows, 64, seed=0)
+        overrides = {"model.name_or_path": model_path, "data.train": data["train"], "data.validation": data["validation"],
+                     "data.test": None, "lora.layers": layers, "train.epochs": 1, "train.output_dir": str(work / "run"),
+                     "train.overwrite": True, "train.precision": args.precision,
+                     **{k: yaml.safe_load(v) for k, v in (args.override or [])}}
+        cfg = load_config(harness.SEED_CONFIG, overrides)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        t0 = time.perf_counter()
+        with profile(activities=activities, record_shapes=False) as prof:
+            train(cfg)
+        wall = time.perf_counter() - t0
+        run = json.loads((work / "run" / "run.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     events = prof.key_averages()
     # On a GPU the question is whether the device or the host is the bottleneck: the host's own
