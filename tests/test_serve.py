@@ -153,7 +153,10 @@ def test_top_k_limit_counts_the_classes_a_model_has():
 
 def test_malformed_json_too_large_bodies_and_unknown_paths(client):
     r = client.post("/predict", content=b'{"text": ', headers={"content-type": "application/json"})
-    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]
+    assert r.status_code == 422 and r.json()["error"] == "the body is not valid JSON (Expecting value at character 9)"
+    r = client.post("/predict", content=b'{"text": "a",}', headers={"content-type": "application/json"})
+    assert r.json()["error"] == ("the body is not valid JSON "
+                                 "(Expecting property name enclosed in double quotes at character 13)")
     r = client.post("/predict", content=b'{"text": "\xff caf\xe9"}', headers={"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON (or not UTF-8)" in r.json()["error"]
     # curl's default content type: the body is not taken for JSON
@@ -187,6 +190,9 @@ def test_openapi_schema_describes_the_api(client):
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictRequest")
     assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/PredictResponse")
     assert post["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    # the instance's own limits, which a client generated from the schema must respect
+    assert post["description"] == ("Limits of this instance: at most 8 texts per request, 500 characters per text, "
+                                   "a body of 20,000 bytes, top_k 10; beyond them the answer is 413 or 422.")
     comps = schema["components"]["schemas"]
     assert {"text", "texts", "top_k"} == set(comps["PredictRequest"]["properties"])
     assert "/" not in schema["paths"]  # the page is not part of the API

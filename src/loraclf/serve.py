@@ -333,7 +333,10 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         if len(path) == 2 and path[0] == "texts" and isinstance(path[1], int):
             loc = f"text {path[1] + 1}"  # numbered from 1, as check_request numbers them
         if e.get("type") == "json_invalid":
-            parts.append("the body is not valid JSON")
+            # json's own words and where: "Expecting value at character 9" is what a client fixes by
+            why = str((e.get("ctx") or {}).get("error") or "").strip()
+            at = f" at character {path[0]}" if len(path) == 1 and isinstance(path[0], int) else ""
+            parts.append("the body is not valid JSON" + (f" ({why}{at})" if why else ""))
         elif e.get("type") in ("model_attributes_type", "dict_type") and loc == "":
             parts.append('the body must be a JSON object such as {"text": "..."}, '
                          "sent with Content-Type: application/json")
@@ -570,7 +573,13 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
     async def _library(request: Request, exc: LoraclfError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
 
-    @app.post("/predict", response_model=PredictResponse, responses=errors, summary="classify one text or several")
+    # this instance's limits, which the request schema (shared by every instance) cannot carry
+    limits_text = (f"Limits of this instance: at most {limits.max_texts:,} texts per request, "
+                   f"{limits.max_text_chars:,} characters per text, a body of {limits.max_body_bytes:,} bytes, "
+                   f"top_k {limits.max_top_k:,}; beyond them the answer is 413 or 422.")
+
+    @app.post("/predict", response_model=PredictResponse, responses=errors, summary="classify one text or several",
+              description=limits_text)
     async def predict(req: PredictRequest, request: Request) -> Response:
         if request.query_params:  # "/predict?top_k=3" was answered with top_k 1, as if understood
             raise ClientError(422, f"/predict takes no query parameters (got {', '.join(request.query_params)}); "
