@@ -197,8 +197,8 @@ class TrainConfig(_Section):
     fuse_accumulation: bool | None = Field(
         None, description="run the gradient_accumulation_steps micro-batches of an optimizer step as one batch "
         "of batch_size x steps rows: the same mean loss over the same rows, in fewer and larger kernels "
-        "(dropout draws and batch padding differ); null = on when training on a GPU (1.8x there, "
-        "BENCHMARKS.md), off on CPUs")
+        "(dropout draws and batch padding differ); null = on when training on a GPU (about 1.8x there, "
+        "indicative: two separate H200 calls, BENCHMARKS.md), off on CPUs")
     compile: bool = Field(False, description="torch.compile each layer in place (inductor, dynamic shapes); "
                           "the first steps pay the compilation")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(

@@ -1,8 +1,10 @@
 """Which numeric precision to compute in, and the autocast context for it.
 
 "auto" picks bf16 autocast where the hardware runs bf16 matrix products natively (CUDA GPUs
-that support it; CPUs with AVX512-BF16 or AMX), fp32 elsewhere. Weights stay fp32 either way:
-only the matrix products run in bf16, so the optimizer and the saved adapter are unchanged.
+that support it; CPUs with AVX512-BF16 or AMX), fp32 elsewhere. Trainable weights stay fp32
+either way (the optimizer and the saved adapter are unchanged); frozen matrices that only ever
+enter bf16 products may be held in bf16 (``cast_frozen_matmul_weights``), which autocast would
+otherwise cast anew at every step.
 """
 
 from __future__ import annotations
