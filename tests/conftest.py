@@ -20,6 +20,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # folder goes when the session ends (one was left in /tmp by every run before).
 os.environ["LORACLF_CACHE"] = tempfile.mkdtemp(prefix="loraclf-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LORACLF_CACHE"], ignore_errors=True)
+# An empty Hub cache of the session's own, set before transformers is imported (it reads this
+# once): no test sees the user's downloads, and hub_snapshot() fakes hub repositories in it.
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="loraclf-test-hub-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -110,6 +114,16 @@ def build_bert(path: Path) -> Path:
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     return path
+
+
+def hub_snapshot(repo_id: str, folder: Path, commit: str, ref: str = "main") -> None:
+    """``folder`` as commit ``commit`` of hub model ``repo_id`` in the session's Hub cache, with
+    ``ref`` (a branch or tag) pointing at it: what a download leaves, so that offline loads of
+    ``repo_id`` resolve to it as they would online."""
+    repo = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
 
 
 def bert_without_pooler(tiny_bert: Path, dest: Path) -> Path:

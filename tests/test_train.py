@@ -1,4 +1,5 @@
 import json
+import os
 import re
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from loraclf import checkpoint
 from loraclf.config import load_config
-from loraclf.errors import BudgetError, RunError
+from loraclf.errors import BudgetError, ModelError, RunError
 from loraclf.runs import open_run
 from loraclf.train import train
 
@@ -432,6 +433,44 @@ def test_broken_model_folder_fails_before_the_run_folder(tiny_roberta, agnews_fi
     with pytest.raises(ModelError, match=expected if damage == "no_tokenizer" else re.escape(expected)):
         train(load_config(SEED, tiny_overrides(model, agnews_files, out, **{"train.epochs": 1})))
     assert not out.exists()
+
+
+def test_a_hub_base_is_pinned_to_the_commit_it_trained_on(tiny_roberta, agnews_files, tmp_path):
+    """A run of a hub model records the commit it trained on as model.revision: when the
+    repository's main moves to other weights, the run still loads (and predicts with) its own."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from conftest import hub_snapshot
+    from loraclf.predict import Predictor
+
+    repo, first, second = "acme/tiny-roberta-pinned", "1" * 40, "2" * 40
+    hub_snapshot(repo, tiny_roberta, first)
+    run = tmp_path / "run"
+    train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, run,
+                                           **{"model.name_or_path": repo, "train.epochs": 1})))
+    saved = open_run(run).cfg.model
+    assert (saved.name_or_path, saved.revision) == (repo, first)
+    assert json.loads((run / "run.json").read_text())["recipe"]["model"]["revision"] == first
+    texts = ["shares of the bank rose", "the striker scored a goal"]
+    before = Predictor.from_run(run, precision="fp32").logits(texts)
+
+    moved = tmp_path / "moved"  # the repository moves on: main now holds other weights
+    shutil.copytree(tiny_roberta, moved)
+    weights = load_file(moved / "model.safetensors")
+    save_file({k: v + 0.5 for k, v in weights.items()}, moved / "model.safetensors", metadata={"format": "pt"})
+    hub_snapshot(repo, moved, second)
+    assert (Path(os.environ["HF_HUB_CACHE"]) / "models--acme--tiny-roberta-pinned" / "refs" / "main").read_text() == second
+    assert torch.equal(torch.as_tensor(Predictor.from_run(run, precision="fp32").logits(texts)), torch.as_tensor(before))
+    # offline with only the newer commit cached, the run says which commit it needs
+    shutil.rmtree(Path(os.environ["HF_HUB_CACHE"]) / "models--acme--tiny-roberta-pinned" / "snapshots" / first)
+    with pytest.raises(ModelError, match=f"cannot load model config '{repo}' at revision {first}: not a local"):
+        Predictor.from_run(run, precision="fp32")
+
+    local = tmp_path / "local"  # a local folder is what it is: nothing to pin
+    train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, local, **{"train.epochs": 1})))
+    assert open_run(local).cfg.model.revision is None
 
 
 def test_relative_data_paths_are_saved_absolute(tiny_roberta, agnews_files, tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ class ModelConfig(_Section):
     """The pretrained encoder and the classification head."""
 
     name_or_path: str = Field("roberta-base", description="hub id or local directory of the encoder")
-    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit); a run records the commit it trained on")
     head: Literal["default", "linear", "mean", "lowrank"] = Field(
         "default", description="classification head: default = the model's own; linear = one linear layer on the "
         "first token (the last real one on causal models: GPT-2, Llama...); mean = one linear layer on the mean of non-pad tokens; lowrank = the model's own head shape "

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig,
                           PreTrainedTokenizerFast)
+from transformers.utils import cached_file
 
 from .config import LoraSettings, ModelConfig
 from .errors import ModelError, brief, first_few
@@ -40,6 +41,25 @@ def resolve_name(name_or_path: str) -> str:
     return str(p.resolve()) if p.is_dir() else name_or_path
 
 
+def hub_commit(mcfg: ModelConfig) -> str | None:
+    """The Hub commit that a hub name at ``model.revision`` (None: main; a branch, tag or commit)
+    resolves to now: a run records it as its revision, so that evaluate, predict and serve load
+    the base weights it was trained on even after the repository moves on. None for a local
+    folder, and where the resolved file is not in a Hub cache snapshot (the run then records the
+    revision as given)."""
+    if Path(mcfg.name_or_path).expanduser().is_dir():
+        return None
+    try:
+        # transformers' own resolution (cache, offline mode, token), so the commit is the one it loads
+        found = cached_file(mcfg.name_or_path, "config.json", revision=mcfg.revision)
+    except (OSError, ValueError):
+        return None
+    folder = Path(found).parent if found else None
+    if folder is None or folder.parent.name != "snapshots" or not re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return None
+    return folder.name
+
+
 def _load_error(what: str, mcfg: ModelConfig, e: Exception) -> ModelError:
     msg = brief(e)
     if "trust_remote_code" in str(e):
@@ -53,7 +73,8 @@ def _load_error(what: str, mcfg: ModelConfig, e: Exception) -> ModelError:
         return ModelError(f"model directory '{local}' does not exist", where="model.name_or_path",
                           fix="check the path; a run records its base model's absolute path, so for a run whose base "
                               "model moved, restore it there or set model.name_or_path in the run's config.yaml")
-    return ModelError(f"cannot load {what} '{mcfg.name_or_path}': not a local directory and not reachable on the "
+    at = f" at revision {mcfg.revision}" if mcfg.revision else ""  # a run's pinned commit may be all that is missing
+    return ModelError(f"cannot load {what} '{mcfg.name_or_path}'{at}: not a local directory and not reachable on the "
                       f"Hugging Face Hub ({msg[:160]})", where="model.name_or_path", fix=_offline_fix())
 
 

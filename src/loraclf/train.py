@@ -30,8 +30,8 @@ from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Split
 from .errors import ConfigError, DataError, LoraclfError, RunError, TrainingError
 from .evaluate import logits_metrics
 from .graphs import PAD_MULTIPLE, StepGraphs
-from .model import (build_model, check_weights, compile_in_place, load_model_config, load_tokenizer, resolve_name,
-                    load_trained, trainable_state_dict, usable_length)
+from .model import (build_model, check_weights, compile_in_place, hub_commit, load_model_config, load_tokenizer,
+                    load_trained, resolve_name, trainable_state_dict, usable_length)
 from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .predict import logits_for
 from .prefix import FrozenPrefix, PrefixCollator, PrefixStore
@@ -204,6 +204,8 @@ def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdo
     # and --resume work from any directory, and after the run folder moves.
     resolved = cfg.model_copy(deep=True)
     resolved.model.name_or_path = resolve_name(cfg.model.name_or_path)
+    # A hub base is pinned to the commit trained on: "main" moves, the adapter does not.
+    resolved.model.revision = hub_commit(cfg.model) or cfg.model.revision
     for role, path in _local_data(cfg).items():
         setattr(resolved.data, role, str(path.resolve()))
     save_config(resolved, run_dir / runs.CONFIG_FILE)
@@ -556,7 +558,10 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         if accelerator.is_main_process:
             tmp = run_dir / f".{runs.ADAPTER_DIR}.tmp"
             with runs.write_errors_as_oserror(tmp):
-                unwrapped.save_pretrained(tmp)
+                # loraclf never resizes the vocabulary, so the frozen embeddings are the base's own:
+                # PEFT's "auto" would look the base config up on the Hub (at main, not the run's
+                # revision) to find that out, warning when offline
+                unwrapped.save_pretrained(tmp, save_embedding_layers=False)
             runs.share_modes(tmp)  # safetensors writes 0600
             runs.replace_dir(tmp, run_dir / runs.ADAPTER_DIR)
         test = None
