@@ -24,6 +24,8 @@ atexit.register(shutil.rmtree, os.environ["LORACLF_CACHE"], ignore_errors=True)
 # once): no test sees the user's downloads, and hub_snapshot() fakes hub repositories in it.
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="loraclf-test-hub-")
 atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
+for legacy in ("TRANSFORMERS_CACHE", "PYTORCH_TRANSFORMERS_CACHE", "PYTORCH_PRETRAINED_BERT_CACHE"):
+    os.environ.pop(legacy, None)  # transformers 4 reads these before HF_HUB_CACHE
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -116,14 +118,16 @@ def build_bert(path: Path) -> Path:
     return path
 
 
-def hub_snapshot(repo_id: str, folder: Path, commit: str, ref: str = "main") -> None:
+def hub_snapshot(repo_id: str, folder: Path, commit: str, ref: str = "main") -> Path:
     """``folder`` as commit ``commit`` of hub model ``repo_id`` in the session's Hub cache, with
     ``ref`` (a branch or tag) pointing at it: what a download leaves, so that offline loads of
-    ``repo_id`` resolve to it as they would online."""
+    ``repo_id`` resolve to it as they would online. Returns the repo's cache folder. The cache
+    lives for the whole session: give each test a repo id of its own."""
     repo = Path(os.environ["HF_HUB_CACHE"]) / ("models--" + repo_id.replace("/", "--"))
     shutil.copytree(folder, repo / "snapshots" / commit)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / ref).write_text(commit)
+    return repo
 
 
 def bert_without_pooler(tiny_bert: Path, dest: Path) -> Path:

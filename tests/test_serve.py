@@ -183,7 +183,7 @@ def test_malformed_json_too_large_bodies_and_unknown_paths(client):
     assert r.status_code == 405 and "error" in r.json()
 
 
-def test_openapi_schema_describes_the_api(client):
+def test_openapi_schema_describes_the_api(client, predictor):
     schema = client.get("/openapi.json").json()
     assert {"/predict", "/health", "/info"} <= set(schema["paths"])
     post = schema["paths"]["/predict"]["post"]
@@ -192,7 +192,13 @@ def test_openapi_schema_describes_the_api(client):
     assert post["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     # the instance's own limits, which a client generated from the schema must respect
     assert post["description"] == ("Limits of this instance: at most 8 texts per request, 500 characters per text, "
-                                   "a body of 20,000 bytes, top_k 10; beyond them the answer is 413 or 422.")
+                                   "a body of 20,000 bytes; beyond them the answer is 413 or 422. A top_k above "
+                                   "the model's 4 classes lists them all.")
+    fewer = create_app(predictor, limits=Limits(max_top_k=2))  # a limit below the classes does refuse
+    with fastapi_testclient.TestClient(fewer) as c:
+        assert c.get("/openapi.json").json()["paths"]["/predict"]["post"]["description"].endswith(
+            "lists them all; a top_k above 2 is refused.")
+        assert c.post("/predict", json={"text": "a", "top_k": 3}).status_code == 422
     comps = schema["components"]["schemas"]
     assert {"text", "texts", "top_k"} == set(comps["PredictRequest"]["properties"])
     assert "/" not in schema["paths"]  # the page is not part of the API

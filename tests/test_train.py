@@ -1,5 +1,4 @@
 import json
-import os
 import re
 from pathlib import Path
 
@@ -436,8 +435,9 @@ def test_broken_model_folder_fails_before_the_run_folder(tiny_roberta, agnews_fi
 
 
 def test_a_hub_base_is_pinned_to_the_commit_it_trained_on(tiny_roberta, agnews_files, tmp_path):
-    """A run of a hub model records the commit it trained on as model.revision: when the
-    repository's main moves to other weights, the run still loads (and predicts with) its own."""
+    """A run of a hub model records the commit it trained on as model.revision (and in the
+    adapter's config, for PEFT's own loaders): when the repository's main moves to other
+    weights, the run still loads (and predicts with) its own."""
     import shutil
 
     from safetensors.torch import save_file
@@ -445,14 +445,15 @@ def test_a_hub_base_is_pinned_to_the_commit_it_trained_on(tiny_roberta, agnews_f
     from conftest import hub_snapshot
     from loraclf.predict import Predictor
 
-    repo, first, second = "acme/tiny-roberta-pinned", "1" * 40, "2" * 40
-    hub_snapshot(repo, tiny_roberta, first)
+    repo, first, second = f"acme/{tmp_path.name}", "1" * 40, "2" * 40  # a repo of this test's own
+    cached = hub_snapshot(repo, tiny_roberta, first)
     run = tmp_path / "run"
     train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, run,
                                            **{"model.name_or_path": repo, "train.epochs": 1})))
     saved = open_run(run).cfg.model
     assert (saved.name_or_path, saved.revision) == (repo, first)
     assert json.loads((run / "run.json").read_text())["recipe"]["model"]["revision"] == first
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["revision"] == first
     texts = ["shares of the bank rose", "the striker scored a goal"]
     before = Predictor.from_run(run, precision="fp32").logits(texts)
 
@@ -461,10 +462,10 @@ def test_a_hub_base_is_pinned_to_the_commit_it_trained_on(tiny_roberta, agnews_f
     weights = load_file(moved / "model.safetensors")
     save_file({k: v + 0.5 for k, v in weights.items()}, moved / "model.safetensors", metadata={"format": "pt"})
     hub_snapshot(repo, moved, second)
-    assert (Path(os.environ["HF_HUB_CACHE"]) / "models--acme--tiny-roberta-pinned" / "refs" / "main").read_text() == second
+    assert (cached / "refs" / "main").read_text() == second
     assert torch.equal(torch.as_tensor(Predictor.from_run(run, precision="fp32").logits(texts)), torch.as_tensor(before))
     # offline with only the newer commit cached, the run says which commit it needs
-    shutil.rmtree(Path(os.environ["HF_HUB_CACHE"]) / "models--acme--tiny-roberta-pinned" / "snapshots" / first)
+    shutil.rmtree(cached / "snapshots" / first)
     with pytest.raises(ModelError, match=f"cannot load model config '{repo}' at revision {first}: not a local"):
         Predictor.from_run(run, precision="fp32")
 

@@ -73,8 +73,12 @@ def _load_error(what: str, mcfg: ModelConfig, e: Exception) -> ModelError:
         return ModelError(f"model directory '{local}' does not exist", where="model.name_or_path",
                           fix="check the path; a run records its base model's absolute path, so for a run whose base "
                               "model moved, restore it there or set model.name_or_path in the run's config.yaml")
-    at = f" at revision {mcfg.revision}" if mcfg.revision else ""  # a run's pinned commit may be all that is missing
-    return ModelError(f"cannot load {what} '{mcfg.name_or_path}'{at}: not a local directory and not reachable on the "
+    if mcfg.revision:  # a run's pinned commit may be all that is missing
+        return ModelError(f"cannot load {what} '{mcfg.name_or_path}' at revision {mcfg.revision}: not a local "
+                          f"directory, and that revision is not reachable on the Hugging Face Hub ({msg[:160]})",
+                          where="model.revision", fix="connect to the Hugging Face Hub to download that revision "
+                          "(a run records the commit it trained on), or pass --model.name_or_path a local copy of it")
+    return ModelError(f"cannot load {what} '{mcfg.name_or_path}': not a local directory and not reachable on the "
                       f"Hugging Face Hub ({msg[:160]})", where="model.name_or_path", fix=_offline_fix())
 
 
@@ -205,10 +209,13 @@ def check_layers(lcfg: LoraSettings, config: PretrainedConfig) -> None:
                          fix=f"choose layer indices below {n}")
 
 
-def peft_config(lcfg: LoraSettings, layers_pattern: list[str] | None = None) -> LoraConfig:
+def peft_config(lcfg: LoraSettings, layers_pattern: list[str] | None = None, revision: str | None = None) -> LoraConfig:
     """PEFT's LoraConfig for ``lcfg``. ``layers_pattern``: the names of the ModuleLists of blocks
-    (``layer``, ``layers``, ``h``), which tell PEFT where the layer index of a module name is."""
+    (``layer``, ``layers``, ``h``), which tell PEFT where the layer index of a module name is.
+    ``revision``: the base model's (adapter_config.json records it, so that PEFT's own loaders,
+    AutoPeftModel..., load the base the adapter was trained on)."""
     return LoraConfig(
+        revision=revision,
         task_type=TaskType.SEQ_CLS,  # marks the classifier as trained (modules_to_save) and saved with the adapter
         r=lcfg.r,
         lora_alpha=lcfg.alpha,
@@ -339,7 +346,7 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
     try:
         # LoRA matrices on the meta device too: counting an oversized rank must not allocate it
         with _no_peft_deprecation(), torch.device("meta") if meta else contextlib.nullcontext():
-            model = get_peft_model(base, peft_config(lcfg, _layers_pattern(base, config, lcfg)))
+            model = get_peft_model(base, peft_config(lcfg, _layers_pattern(base, config, lcfg), mcfg.revision))
     except (ValueError, TypeError) as e:  # PEFT's NoMatchingPeftModuleError and its other refusals of a LoraConfig
         if "no modules were targeted" in str(e).lower():
             layers = "every layer" if lcfg.layers is None else f"lora.layers {list(lcfg.layers)}"

@@ -575,8 +575,11 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
 
     # this instance's limits, which the request schema (shared by every instance) cannot carry
     limits_text = (f"Limits of this instance: at most {limits.max_texts:,} texts per request, "
-                   f"{limits.max_text_chars:,} characters per text, a body of {limits.max_body_bytes:,} bytes, "
-                   f"top_k {limits.max_top_k:,}; beyond them the answer is 413 or 422.")
+                   f"{limits.max_text_chars:,} characters per text, a body of {limits.max_body_bytes:,} bytes; "
+                   "beyond them the answer is 413 or 422. A top_k above the model's "
+                   f"{len(predictor.label_names)} classes lists them all"
+                   + (f"; a top_k above {limits.max_top_k:,} is refused" if limits.max_top_k < len(predictor.label_names)
+                      else "") + ".")
 
     @app.post("/predict", response_model=PredictResponse, responses=errors, summary="classify one text or several",
               description=limits_text)

@@ -204,8 +204,6 @@ def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdo
     # and --resume work from any directory, and after the run folder moves.
     resolved = cfg.model_copy(deep=True)
     resolved.model.name_or_path = resolve_name(cfg.model.name_or_path)
-    # A hub base is pinned to the commit trained on: "main" moves, the adapter does not.
-    resolved.model.revision = hub_commit(cfg.model) or cfg.model.revision
     for role, path in _local_data(cfg).items():
         setattr(resolved.data, role, str(path.resolve()))
     save_config(resolved, run_dir / runs.CONFIG_FILE)
@@ -254,6 +252,12 @@ def train(cfg: Config, callback: Callback | None = None, stop: threading.Event |
     """Train a new run. ``stop``: when set (e.g. by a signal handler), the loop writes a
     checkpoint at the next optimizer step and raises :class:`Interrupted`."""
     t_start = time.perf_counter()
+    # A hub base is pinned to the commit its name resolves to now, before anything is loaded: the
+    # tokenizer, config and weights all come from that commit, and the run records it ("main"
+    # moves on, the adapter does not).
+    if (commit := hub_commit(cfg.model)) is not None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.revision = commit
     splits, tokenizer, model_config, counts = prepare(cfg)
     runs.prepare_dir(Path(cfg.train.output_dir), cfg.train.overwrite, inputs=_local_inputs(cfg))
     # Locked before run.json exists: a refused lock leaves no run that claims to be "running".
