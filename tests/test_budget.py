@@ -23,9 +23,11 @@ def test_seed_preset_counts_777988_on_roberta_base(roberta_base_arch):
     assert b.total == 124_645_632 - 590_592 + 777_988
 
 
-def test_count_matches_the_model_that_trains(tiny_roberta):
+@pytest.mark.parametrize("variant", [{}, {"lora.use_dora": True, "model.head": "linear"},
+                                     {"lora.rank_pattern": {"key": 5}, "model.head": "lowrank", "model.head_rank": 2}])
+def test_count_matches_the_model_that_trains(tiny_roberta, variant):
     cfg = load_config(None, {"model.name_or_path": str(tiny_roberta), "lora.r": 3, "lora.layers": [1, 3],
-                             "lora.target_modules": ["query", "key", "dense"]})
+                             "lora.target_modules": ["query", "key", "dense"], **variant})
     counted = budget.count(cfg, ["a", "b", "c"])
     real = build_model(cfg.model, cfg.lora, load_model_config(cfg.model, ["a", "b", "c"]))
     assert counted.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad)

@@ -98,8 +98,13 @@ def _train_a_bit(model, path):
     return model.eval(), batch
 
 
-def test_save_load_gives_identical_logits_and_merged_equals_unmerged(tiny_roberta, tmp_path):
-    cfg, model = _model(tiny_roberta)
+@pytest.mark.parametrize("variant", [{}, {"lora.use_dora": True, "model.head": "linear"},
+                                     {"lora.use_rslora": True, "model.head": "lowrank", "model.head_rank": 4}],
+                         ids=["lora", "dora-linear-head", "rslora-lowrank-head"])
+def test_save_load_gives_identical_logits_and_merged_equals_unmerged(tiny_roberta, tmp_path, variant):
+    cfg, model = _model(tiny_roberta, **variant)
+    dora = any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+    assert dora == bool(variant.get("lora.use_dora"))
     model, batch = _train_a_bit(model, tiny_roberta)
     with torch.no_grad():
         expected = model(**batch).logits
