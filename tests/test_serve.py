@@ -157,6 +157,9 @@ def test_malformed_json_too_large_bodies_and_unknown_paths(client):
     r = client.post("/predict", content=b'{"text": "a",}', headers={"content-type": "application/json"})
     assert r.json()["error"] == ("the body is not valid JSON "
                                  "(Expecting property name enclosed in double quotes at character 13)")
+    r = client.post("/predict", content=b'{\n  "text": "a",\n}', headers={"content-type": "application/json"})
+    assert r.json()["error"] == ("the body is not valid JSON (Expecting property name enclosed in double quotes "
+                                 "at character 17, line 3 column 1)")
     r = client.post("/predict", content=b'{"text": "\xff caf\xe9"}', headers={"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON (or not UTF-8)" in r.json()["error"]
     # curl's default content type: the body is not taken for JSON

@@ -325,7 +325,9 @@ def check_request(req: PredictRequest, limits: Limits, n_labels: int | None = No
     return texts
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> str:
+def _validation_message(errors: list[dict[str, Any]], body: Any = None) -> str:
+    """One line for FastAPI's validation errors; ``body``: the decoded body text, where FastAPI
+    keeps it (a JSON error's position then also reads as line and column)."""
     parts = []
     for e in errors[:5]:
         path = [p for p in e.get("loc", ()) if p != "body"]
@@ -335,7 +337,13 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
         if e.get("type") == "json_invalid":
             # json's own words and where: "Expecting value at character 9" is what a client fixes by
             why = str((e.get("ctx") or {}).get("error") or "").strip()
-            at = f" at character {path[0]}" if len(path) == 1 and isinstance(path[0], int) else ""
+            at = ""
+            if len(path) == 1 and isinstance(path[0], int):
+                pos = path[0]
+                at = f" at character {pos}"
+                if isinstance(body, str) and "\n" in body[:pos]:  # a pretty-printed body: say where as an editor does
+                    line, column = body.count("\n", 0, pos) + 1, pos - body.rfind("\n", 0, pos)
+                    at += f", line {line} column {column}"
             parts.append("the body is not valid JSON" + (f" ({why}{at})" if why else ""))
         elif e.get("type") in ("model_attributes_type", "dict_type") and loc == "":
             parts.append('the body must be a JSON object such as {"text": "..."}, '
@@ -555,7 +563,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": _validation_message(list(exc.errors()))}, status_code=422)
+        return JSONResponse({"error": _validation_message(list(exc.errors()), exc.body)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
