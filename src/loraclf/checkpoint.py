@@ -5,6 +5,7 @@ A checkpoint is a directory RUN_DIR/checkpoints/step-NNNNNNNN/ holding
     best.safetensors        the trainable tensors of the best epoch so far (if any)
     optimizer.safetensors   the optimizer's per-parameter tensors (AdamW moments, step)
     rng.safetensors         torch CPU (and CUDA) generator states
+    rng-N.safetensors       the same for process N > 0 of a multi-process run
     state.json              loop position, best-so-far, optimizer hyper-parameters,
                             scheduler, python/numpy RNG states
 Tensors go through safetensors and the rest through JSON: a checkpoint never needs pickle to
@@ -57,6 +58,9 @@ class LoopState:
     fused: bool | None = None
     # the precision it trained in (train.precision resolved), kept for the same reason
     precision: str | None = None
+    # how many processes trained it (None: one, in checkpoints written before this was recorded);
+    # ``batch`` counts one process's share of the batches
+    processes: int | None = None
 
 
 def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,7 +85,8 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's generator states: tensors (torch, CUDA) and JSON-able values (numpy, python)."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -103,9 +108,16 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
+def _rng_file(process: int) -> str:
+    return "rng.safetensors" if process == 0 else f"rng-{process}.safetensors"
+
+
 def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
-         best: dict[str, torch.Tensor] | None, optimizer: Any, scheduler: Any, keep: int) -> Path:
-    """Write a checkpoint atomically and keep only the newest ``keep``."""
+         best: dict[str, torch.Tensor] | None, optimizer: Any, scheduler: Any, keep: int,
+         rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Path:
+    """Write a checkpoint atomically and keep only the newest ``keep``. ``rng``: every process's
+    :func:`rng_state`, in process order (default: this process's alone)."""
+    rng = rng if rng is not None else [rng_state()]
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(exist_ok=True)
     final = root / f"step-{loop.step:08d}"
@@ -119,9 +131,11 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
                 save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, tmp / "best.safetensors")
             opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
             save_file(opt_tensors, tmp / "optimizer.safetensors")
-            rng_tensors, rng_meta = _rng_state()
-            save_file(rng_tensors, tmp / "rng.safetensors")
-        state = {"loop": asdict(loop), "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+            for process, (rng_tensors, _) in enumerate(rng):
+                save_file(rng_tensors, tmp / _rng_file(process))
+        state = {"loop": asdict(loop), "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng[0][1]}
+        if len(rng) > 1:
+            state["rng_processes"] = [meta for _, meta in rng[1:]]
         with open(tmp / _DONE, "w", encoding="utf-8") as f:
             json.dump(state, f)
             f.flush()
@@ -179,8 +193,9 @@ def readable(path: Path) -> bool:
         return False
     # a file deleted after the checkpoint was written (by hand, a partial copy) makes it as unusable
     # as a truncated one: the best epoch's weights are needed at the end of the run
-    needed = ["trainable", "optimizer", "rng"] + (["best"] if loop.best_epoch > 0 else [])
-    if not all((path / f"{name}.safetensors").is_file() for name in needed):
+    needed = ["trainable.safetensors", "optimizer.safetensors"] + (["best.safetensors"] if loop.best_epoch > 0 else [])
+    needed += [_rng_file(p) for p in range(loop.processes or 1)]
+    if not all((path / name).is_file() for name in needed):
         return False
     return unreadable_safetensors(path.glob("*.safetensors")) is None
 
@@ -231,9 +246,10 @@ def load(path: Path) -> Loaded:
     return loaded
 
 
-def restore(loaded: Loaded, optimizer: Any, scheduler: Any) -> None:
-    """Put optimizer, scheduler and every RNG back exactly as they were when saved."""
+def restore(loaded: Loaded, optimizer: Any, scheduler: Any, process: int = 0) -> None:
+    """Put optimizer, scheduler and every RNG (``process``'s own) back exactly as they were when saved."""
     state = loaded._state  # type: ignore[attr-defined]
     optimizer.load_state_dict(_join_optimizer(_read(loaded.path / "optimizer.safetensors"), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(_read(loaded.path / "rng.safetensors"), state["rng"])
+    meta = state["rng"] if process == 0 else state["rng_processes"][process - 1]
+    _set_rng_state(_read(loaded.path / _rng_file(process)), meta)

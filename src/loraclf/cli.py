@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -236,6 +237,7 @@ class _Bar:
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from . import distributed
     from .train import resume, train
 
     resuming = args.resume is not None
@@ -243,19 +245,30 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError(["--resume continues a run with its own saved config"], where="command line",
                           fix="drop --config and --section.key options when resuming")
     cfg = None if resuming else load_config(args.config, overrides)
+    # one of several processes (accelerate launch): the main one alone shows progress and results
+    procs = distributed.state()
     bar = _Bar(args.quiet)
     stop = threading.Event()
+    first_signal: list[float] = []
 
     def request_stop(signum: int, frame: Any) -> None:
-        if stop.is_set():  # a second signal: stop now, without a checkpoint
+        if stop.is_set():
+            # a second signal stops at once, without a checkpoint; but a launcher (torchrun) passes
+            # Ctrl-C on to processes the terminal has sent it to already: the same request, once
+            if procs.num_processes > 1 and time.monotonic() - first_signal[0] < 2.0:
+                return
             raise KeyboardInterrupt
+        first_signal.append(time.monotonic())  # before stop is set: a second signal may come at any bytecode
         stop.set()
-        print(f"\n{signal.Signals(signum).name}: writing a checkpoint at the next step, then stopping "
-              f"(send again to stop at once)", file=sys.stderr)
+        if procs.is_main_process:
+            when = "the next step" if procs.num_processes == 1 else "the next log step (all processes together)"
+            print(f"\n{signal.Signals(signum).name}: writing a checkpoint at {when}, then stopping "
+                  f"(send again to stop at once)", file=sys.stderr)
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = resume(args.resume, bar, stop) if resuming else train(cfg, bar, stop)
+        callback = bar if procs.is_main_process else None
+        result = resume(args.resume, callback, stop) if resuming else train(cfg, callback, stop)
     except KeyboardInterrupt:  # a second signal: stopped without a new checkpoint
         _resume_hint(Path(args.resume if resuming else cfg.train.output_dir))
         raise
@@ -264,6 +277,8 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             signal.signal(s, h)
         if bar.bar is not None:
             bar.bar.close()
+    if not procs.is_main_process:
+        return 0
     print(f"run: {result.run_dir}")
     print(f"best epoch {result.best_epoch}: validation accuracy {result.validation['accuracy']:.4f}, "
           f"macro-F1 {result.validation['macro_f1']:.4f}")
@@ -482,6 +497,18 @@ def _same_file(a: str, b: str) -> bool:
         return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
     except OSError:  # the output does not exist yet
         return False
+
+
+def _process_label(e: LoraclfError) -> str | None:
+    """How an error line names the process: "" in the main (or only) one, " (process N)" in
+    another of several (accelerate launch), None where the main process reports it already."""
+    rank = int(os.environ.get("RANK") or 0)
+    if rank == 0:
+        return ""
+    from .distributed import OtherProcessFailed
+    from .train import Interrupted
+
+    return None if isinstance(e, (OtherProcessFailed, Interrupted)) else f" (process {rank})"
 
 
 def _resume_hint(run_dir: Path) -> None:
@@ -740,7 +767,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_interrupts():
             return COMMANDS[args.command](args, overrides)
     except LoraclfError as e:
-        print(f"{_prog(command)}: error: {e}", file=sys.stderr)
+        who = _process_label(e)
+        if who is not None:
+            print(f"{_prog(command)}{who}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{_prog(command)}: interrupted", file=sys.stderr)

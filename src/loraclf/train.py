@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from . import budget, checkpoint, plots, runs
+from . import budget, checkpoint, distributed, plots, runs
 from .config import COMPILE_MODES_WITH_GRAPHS, Config, TrainConfig, save_config
 from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, cache_root,
                    is_hub_name, load_splits, same_data, tokenize_cached)
@@ -77,20 +77,27 @@ class TrainResult:
 
 
 class _Metrics:
-    """metrics.jsonl: appended and flushed per record, so a crash keeps what was measured."""
+    """metrics.jsonl: appended and flushed per record, so a crash keeps what was measured.
+    ``write``: false in the other processes of a multi-process run, which keep records in memory
+    only (of this session: a resumed run's earlier records are the main process's to read)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, write: bool = True):
         self.path = path
+        self.write = write
         self.records: list[dict[str, Any]] = []
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` records (those a checkpoint knows about); drop the rest."""
+        if not self.write:
+            return
         lines = self.path.read_text(encoding="utf-8").splitlines()[:n] if self.path.exists() else []
         self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         self.records = [json.loads(line) for line in lines]
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -131,7 +138,7 @@ def cfg_pad_id(model: torch.nn.Module) -> int:
 def _cuda_graphs_unsupported() -> str | None:
     """Why this process cannot train with CUDA graphs, or None. (Multi-GPU would need the
     gradient all-reduce inside the graph, which DDP does not do as captured here.)"""
-    state = PartialState()
+    state = distributed.state()
     if state.device.type != "cuda" or state.num_processes > 1:
         return f"needs one CUDA GPU; this run would train on {state.device} in {state.num_processes} process(es)"
     return None
@@ -145,7 +152,7 @@ def fuse_accumulation(tc: TrainConfig) -> bool:
     kernels pay on a GPU; on a CPU the larger batch's padding costs more than it saves."""
     if tc.fuse_accumulation is not None:
         return tc.fuse_accumulation
-    return tc.cuda_graphs is True or PartialState().device.type == "cuda"
+    return tc.cuda_graphs is True or distributed.state().device.type == "cuda"
 
 
 def prepare(cfg: Config, label_names: list[str] | None = None) -> tuple[Splits, Any, Any, budget.Breakdown]:
@@ -252,21 +259,33 @@ def train(cfg: Config, callback: Callback | None = None, stop: threading.Event |
     """Train a new run. ``stop``: when set (e.g. by a signal handler), the loop writes a
     checkpoint at the next optimizer step and raises :class:`Interrupted`."""
     t_start = time.perf_counter()
-    # A hub base is pinned to the commit its name resolves to now, before anything is loaded: the
-    # tokenizer, config and weights all come from that commit, and the run records it ("main"
-    # moves on, the adapter does not).
-    if (commit := hub_commit(cfg.model)) is not None:
-        cfg = cfg.model_copy(deep=True)
-        cfg.model.revision = commit
-    splits, tokenizer, model_config, counts = prepare(cfg)
-    runs.prepare_dir(Path(cfg.train.output_dir), cfg.train.overwrite, inputs=_local_inputs(cfg))
-    # Locked before run.json exists: a refused lock leaves no run that claims to be "running".
-    with runs.training_lock(Path(cfg.train.output_dir)):
-        try:
-            resolved, info = _new_run(cfg, splits, tokenizer, counts)
-        except BaseException:
-            _undo_new_run(Path(cfg.train.output_dir))
-            raise
+    run_dir = Path(cfg.train.output_dir)
+    prepared: list[tuple[Splits, Any, Any, budget.Breakdown]] = []  # the main process's, not sent to the others
+    with contextlib.ExitStack() as held:  # the main process's training lock, held until the run ends
+
+        def new_run() -> tuple[Config, dict[str, Any]]:
+            pinned = cfg
+            # A hub base is pinned to the commit its name resolves to now, before anything is loaded:
+            # the tokenizer, config and weights all come from that commit, and the run records it
+            # ("main" moves on, the adapter does not).
+            if (commit := hub_commit(cfg.model)) is not None:
+                pinned = cfg.model_copy(deep=True)
+                pinned.model.revision = commit
+            prepared.append(prepare(pinned))
+            splits, tokenizer, _, counts = prepared[0]
+            runs.prepare_dir(run_dir, cfg.train.overwrite, inputs=_local_inputs(cfg))
+            # Locked before run.json exists: a refused lock leaves no run that claims to be "running".
+            held.enter_context(runs.training_lock(run_dir))
+            try:
+                return _new_run(pinned, splits, tokenizer, counts)
+            except BaseException:
+                _undo_new_run(run_dir)
+                raise
+
+        # The main process checks and sets up alone, so that a mistake is reported once; the others
+        # then load the same data and the same commit of the base.
+        resolved, info = distributed.on_main(new_run)
+        splits, tokenizer, model_config, counts = prepared[0] if prepared else prepare(resolved)
         return _fit(resolved, splits, tokenizer, model_config, counts, info, callback, stop, None, t_start)
 
 
@@ -274,14 +293,26 @@ def resume(run_dir: str | Path, callback: Callback | None = None, stop: threadin
     """Continue an interrupted run from its newest checkpoint, exactly where it stopped."""
     t_start = time.perf_counter()
     path = runs.open_run(run_dir, allow_incomplete=True).path
-    with runs.training_lock(path):
-        run = runs.open_run(path, allow_incomplete=True)  # read under the lock: another process may just have finished it
-        if run.info.get("status") == "complete":
-            raise RunError("run is already complete", where=str(run.path), fix="nothing to resume; train a new run")
-        return _resume(run, callback, stop, t_start)
+    prepared: list[tuple[Splits, Any, Any, budget.Breakdown]] = []  # the main process's, not sent to the others
+    with contextlib.ExitStack() as held:  # the main process's training lock, held until the run ends
+
+        def reopen() -> tuple[Config, dict[str, Any], Path, list[str]]:
+            held.enter_context(runs.training_lock(path))
+            run = runs.open_run(path, allow_incomplete=True)  # read under the lock: another process may just have finished it
+            if run.info.get("status") == "complete":
+                raise RunError("run is already complete", where=str(run.path), fix="nothing to resume; train a new run")
+            cfg, info, ckpt, checked = _reopen(run)
+            prepared.append(checked)
+            return cfg, info, ckpt, run.label_names
+
+        cfg, info, ckpt, label_names = distributed.on_main(reopen)
+        splits, tokenizer, model_config, counts = prepared[0] if prepared else prepare(cfg, label_names)
+        return _fit(cfg, splits, tokenizer, model_config, counts, info, callback, stop, ckpt, t_start)
 
 
-def _resume(run: runs.Run, callback: Callback | None, stop: threading.Event | None, t_start: float) -> TrainResult:
+def _reopen(run: runs.Run) -> tuple[Config, dict[str, Any], Path, tuple[Splits, Any, Any, budget.Breakdown]]:
+    """Checks that a run can go on from its newest checkpoint, and marks it running again (the
+    main process only: it renames damaged checkpoints and writes run.json)."""
     ckpt, damaged = checkpoint.newest_readable(run.path)
     if ckpt is None:
         raise RunError("run has no readable checkpoint to resume from" + (
@@ -311,7 +342,7 @@ def _resume(run: runs.Run, callback: Callback | None, stop: threading.Event | No
     # to another working directory, must not continue in the folder its config names
     cfg = run.cfg.model_copy(deep=True)
     cfg.train.output_dir = str(run.path)
-    return _fit(cfg, splits, tokenizer, model_config, counts, info, callback, stop, ckpt, t_start)
+    return cfg, info, ckpt, (splits, tokenizer, model_config, counts)
 
 
 def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts: budget.Breakdown,
@@ -324,12 +355,22 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     # wall time of the sessions before this one (a resumed run), read once: the run's record is
     # this plus this session's, also when the run fails after recording it
     wall_before = info.get("wall_time_s", 0.0)
-    for stale in run_dir.glob(".prefix-cache-*"):
-        # the disk cache of a session that was killed (an OOM kill leaves no chance to clean up);
-        # the training lock says no other process is using it
-        shutil.rmtree(stale, ignore_errors=True)
+    procs = distributed.state()
+    main = procs.is_main_process
+    if main:
+        for stale in run_dir.glob(".prefix-cache-*"):
+            # the disk cache of a session that was killed (an OOM kill leaves no chance to clean up);
+            # the training lock says no other process is using it
+            shutil.rmtree(stale, ignore_errors=True)
+    procs.wait_for_everyone()  # before any process makes a cache of its own there
     try:
         loaded = checkpoint.load(ckpt) if ckpt is not None else None
+        if loaded is not None and (loaded.loop.processes or 1) != procs.num_processes:
+            # each process's share of the batches, and so the meaning of ``batch``, depends on how many there are
+            raise RunError(f"the run trained in {loaded.loop.processes or 1} process(es) so far; this resume has "
+                           f"{procs.num_processes}", where=str(run_dir),
+                           fix=f"resume it with {loaded.loop.processes or 1} process(es) "
+                               f"(accelerate launch --num_processes {loaded.loop.processes or 1})")
         fuse = loaded.loop.fused if loaded is not None and loaded.loop.fused is not None else fuse_accumulation(tc)
         batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if fuse
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
@@ -402,8 +443,12 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                                              generator=torch.Generator().manual_seed(tc.seed))
         loader = accelerator.prepare(loader)
 
-        total_steps = sum(math.ceil(sampler.batches_in_epoch(e) / accumulation)
-                          for e in range(1, tc.epochs + 1))
+        def local_batches(epoch: int) -> int:
+            """This process's micro-batches in ``epoch``: accelerate deals the epoch's batches out in
+            turn and repeats its first ones so that every process has as many (``even_batches``)."""
+            return math.ceil(sampler.batches_in_epoch(epoch) / procs.num_processes)
+
+        total_steps = sum(math.ceil(local_batches(e) / accumulation) for e in range(1, tc.epochs + 1))
         scheduler = get_scheduler("constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
                                   num_warmup_steps=math.ceil(tc.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
@@ -426,14 +471,15 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
 
         # null (auto) falls back to eager when a capture fails; true insists
         step_graphs = StepGraphs(forward_backward, params, strict=tc.cuda_graphs is True) if use_graphs else None
-        metrics = _Metrics(run_dir / runs.METRICS_FILE)
-        loop, best_state = checkpoint.LoopState(fused=fuse, precision=precision), None
+        metrics = _Metrics(run_dir / runs.METRICS_FILE, write=main)
+        loop = checkpoint.LoopState(fused=fuse, precision=precision, processes=procs.num_processes)
+        best_state = None
         group_scale = 1.0
         if loaded is not None:
             load_trained(unwrapped, loaded.trainable, run_dir)
-            checkpoint.restore(loaded, optimizer, scheduler)
+            checkpoint.restore(loaded, optimizer, scheduler, procs.process_index)
             loop, best_state = loaded.loop, loaded.best
-            loop.fused, loop.precision = fuse, precision
+            loop.fused, loop.precision, loop.processes = fuse, precision, procs.num_processes
             metrics.truncate(loop.metrics_lines)  # records written after the checkpoint are redone
         loop.train_time += cache_seconds  # the cache is part of what training costs
         cache_seconds_left = cache_seconds
@@ -448,13 +494,21 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         # stop the host from queuing the next step while the device runs this one.
         # float64: a checkpoint's extra flush splits a window in two, and two float32 partial sums
         # would log a resumed run's loss differently from the uninterrupted run's in the last digits
+        # examples and tokens: this process's, summed over the processes with the loss
         pending = {"loss": torch.zeros((), device=accelerator.device,
-                                     dtype=torch.float32 if accelerator.device.type == "mps" else torch.float64), "n": 0, "since": loop.step}
+                                     dtype=torch.float32 if accelerator.device.type == "mps" else torch.float64),
+                   "n": 0, "since": loop.step, "examples": 0, "tokens": 0}
 
         def flush_losses() -> None:
+            """Called at the same steps in every process (a collective in a multi-process run)."""
             if pending["n"] == 0:
                 return
-            total = pending["loss"].item()
+            if procs.num_processes == 1:
+                total, examples, tokens = pending["loss"].item(), pending["examples"], pending["tokens"]
+            else:
+                counts_ = pending["loss"].new_tensor([pending["examples"], pending["tokens"]])
+                total, examples, tokens = distributed.sum_over_processes(
+                    torch.cat([pending["loss"].reshape(1), counts_])).tolist()
             if not math.isfinite(total):
                 last = checkpoint.latest(run_dir)
                 steps = (f"at step {loop.step}" if loop.step - pending["since"] <= 1
@@ -464,15 +518,21 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                     f"last good checkpoint: {last if last else 'none yet'}", where=str(run_dir),
                     fix="lower --train.learning_rate or use --train.precision fp32, then train again")
             loop.window_loss += total
-            loop.window_n += pending["n"]
+            loop.window_n += pending["n"] * procs.num_processes
+            loop.examples_seen += int(examples)
+            loop.tokens_seen += int(tokens)
             pending["loss"].zero_()
-            pending.update(n=0, since=loop.step)
+            pending.update(n=0, since=loop.step, examples=0, tokens=0)
 
-        def save_checkpoint() -> Path:
+        def save_checkpoint() -> Path | None:
+            """Written by the main process (None elsewhere), with every process's generator states."""
             flush_losses()  # a non-finite loss since the last check must not reach a checkpoint
             loop.metrics_lines = len(metrics.records)
+            rng = distributed.gather(checkpoint.rng_state())
+            if not main:
+                return None
             return checkpoint.save(run_dir, loop, trainable_state_dict(unwrapped), best_state, optimizer, scheduler,
-                                   keep=tc.keep_checkpoints)
+                                   keep=tc.keep_checkpoints, rng=rng)
 
         for epoch in range(loop.epoch, tc.epochs + 1):
             if loop.stopped_early is not None:
@@ -481,8 +541,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             model.train()
             if prefix is not None:
                 prefix.eval_prefix()
-            sampler.begin_epoch(epoch, skip=loop.batch)
-            n_batches = sampler.batches_in_epoch(epoch)
+            # ``batch`` counts this process's micro-batches; the sampler skips those of all processes
+            sampler.begin_epoch(epoch, skip=min(loop.batch * procs.num_processes, sampler.batches_in_epoch(epoch)))
+            n_batches = local_batches(epoch)
             last_group = n_batches - (n_batches % accumulation or accumulation)  # first micro-batch of the last step
             t0 = time.perf_counter()
             epoch_t0, cache_seconds_left = loop.train_time - cache_seconds_left, 0.0  # epoch 1 pays for the cache
@@ -507,13 +568,14 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                         synced = accelerator.sync_gradients
                     pending["n"] += 1
                     loop.batch += 1
-                    loop.examples_seen += batch["input_ids"].shape[0]
-                    loop.tokens_seen += batch["n_tokens"]
+                    pending["examples"] += batch["input_ids"].shape[0]
+                    pending["tokens"] += batch["n_tokens"]
                     if not synced:
                         continue
                     scheduler.step()
                     loop.step += 1
-                    if loop.step % tc.log_every_steps == 0 or loop.step == total_steps:
+                    log_now = loop.step % tc.log_every_steps == 0 or loop.step == total_steps
+                    if log_now:
                         flush_losses()
                         elapsed = loop.train_time + time.perf_counter() - t0
                         record = {"event": "train", "split": "train", "epoch": epoch, "step": loop.step,
@@ -525,20 +587,28 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                     else:
                         cb.on_step(loop.step, {})
                     every = tc.checkpoint_every_steps
-                    if stop.is_set() or (every and loop.step % every == 0):
+                    # several processes must agree to stop at the same step; they compare their
+                    # requests at log steps, where they synchronise anyway
+                    stopping = stop.is_set() if procs.num_processes == 1 else (
+                        log_now and distributed.any_process(stop.is_set()))
+                    if stopping or (every and loop.step % every == 0):
                         now = time.perf_counter()
                         loop.train_time += now - t0
                         t0 = now
                         path = save_checkpoint()
-                        if stop.is_set():
-                            raise Interrupted(f"interrupted at step {loop.step}; checkpoint written to {path}",
+                        if stopping:
+                            raise Interrupted(f"interrupted at step {loop.step}; checkpoint written to "
+                                              f"{path or 'the run folder, by the main process'}",
                                               where=str(run_dir), fix=f"resume with: loraclf train --resume {run_dir}")
             flush_losses()
             loop.train_time += time.perf_counter() - t0
 
             t_eval = time.perf_counter()
-            val = _evaluate(model, val_ids, splits.validation.labels, splits.label_names, cfg, accelerator, precision,
-                            (prefix, val_store) if val_store is not None else None)
+            # evaluated once, by the main process: every process then takes the same best-epoch and
+            # early-stopping branch, which separately computed floats need not guarantee
+            val = distributed.on_main(lambda: _evaluate(
+                model, val_ids, splits.validation.labels, splits.label_names, cfg, accelerator, precision,
+                (prefix, val_store) if val_store is not None else None))
             record = {"event": "eval", "split": "validation", "epoch": epoch, "step": loop.step,
                       **{k: val[k] for k in ("loss", "accuracy", "macro_f1", "n")},
                       "train_seconds": round(loop.train_time - epoch_t0, 3),
@@ -553,7 +623,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                 loop.stopped_early = epoch  # no better validation accuracy for `patience` epochs
             loop.epoch, loop.batch = epoch + 1, 0
             save_checkpoint()
-            if stop.is_set():
+            if distributed.any_process(stop.is_set()):
                 raise Interrupted(f"interrupted after epoch {epoch}; checkpoint written", where=str(run_dir),
                                   fix=f"resume with: loraclf train --resume {run_dir}")
 
@@ -571,7 +641,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         test = None
         if splits.test is not None:
             test_ids = tokenize_cached(splits.test.texts, tokenizer, max_length, cache_dir)
-            test = _evaluate(model, test_ids, splits.test.labels, splits.label_names, cfg, accelerator, precision)
+            test = distributed.on_main(lambda: _evaluate(model, test_ids, splits.test.labels, splits.label_names, cfg,
+                                                         accelerator, precision))
             # the step of the weights evaluated: the best epoch's, not the run's last
             best_step = next((r["step"] for r in metrics.records if r.get("split") == "validation"
                               and r.get("epoch") == loop.best_epoch), loop.step)
@@ -579,10 +650,12 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                          **{k: test[k] for k in ("loss", "accuracy", "macro_f1", "n")}})
             cb.on_eval(metrics.records[-1])
 
-        plots.learning_curve(metrics.records, run_dir / runs.CURVE_FILE)
+        if main:
+            plots.learning_curve(metrics.records, run_dir / runs.CURVE_FILE)
         info.update(
             status="complete",
             device=str(accelerator.device),
+            processes=procs.num_processes,  # each on its own device, as ``device`` names the main one's
             precision=precision,
             best_epoch=loop.best_epoch,
             stopped_early_at_epoch=loop.stopped_early,
@@ -609,7 +682,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         info.update(status="interrupted" if interrupted else "failed", error=str(e) or type(e).__name__,
                     wall_time_s=wall_before + time.perf_counter() - t_start)
         try:
-            runs.write_json(run_dir / runs.RUN_FILE, info)
+            if main:
+                runs.write_json(run_dir / runs.RUN_FILE, info)
         except OSError:
             pass  # the disk that stopped the run refuses this too: the error to report is the first
         raise
