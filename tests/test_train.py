@@ -474,9 +474,69 @@ def test_a_hub_base_is_pinned_to_the_commit_it_trained_on(tiny_roberta, agnews_f
     with pytest.raises(ModelError, match=f"cannot load model config '{repo}' at revision {first}: not a local"):
         Predictor.from_run(run, precision="fp32")
 
-    local = tmp_path / "local"  # a local folder is what it is: nothing to pin
+    assert "base_model_files" not in json.loads((run / "run.json").read_text())  # the commit pins it
+
+    local = tmp_path / "local"  # a local folder has no commit: its files are fingerprinted instead
     train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, local, **{"train.epochs": 1})))
     assert open_run(local).cfg.model.revision is None
+    assert "base_model_files" in json.loads((local / "run.json").read_text())
+
+
+def test_a_changed_local_base_is_refused(tiny_roberta, agnews_files, tmp_path):
+    """A run trained on a local base folder records its files; when they change (other weights
+    saved there), evaluate, predict, serve and --resume refuse instead of applying the adapter to
+    other weights. A touched or copied folder with the same content is the same base."""
+    import hashlib
+    import os
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from loraclf.cli import main as cli
+    from loraclf.predict import Predictor
+    from loraclf.train import resume
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_roberta, base)
+    run = tmp_path / "run"
+    train(load_config(SEED, tiny_overrides(base, agnews_files, run, **{"train.epochs": 1,
+                                                                       "train.checkpoint_every_steps": 2})))
+    files = json.loads((run / "run.json").read_text())["base_model_files"]
+    assert set(files) == {"config.json", "model.safetensors"}  # the tokenizer: the run keeps its own copy
+    weights = base / "model.safetensors"
+    assert files["model.safetensors"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert files["model.safetensors"]["bytes"] == weights.stat().st_size
+    texts = ["shares of the bank rose", "the striker scored a goal"]
+    before = Predictor.from_run(run, precision="fp32").logits(texts)
+
+    os.utime(weights, ns=(1, 1))  # touched, same content: hashed again, and the same
+    elsewhere = tmp_path / "elsewhere"  # copied and pointed at: compared by content
+    shutil.copytree(base, elsewhere)
+    cfg_file = run / "config.yaml"
+    original = cfg_file.read_text()
+    cfg_file.write_text(original.replace(str(base), str(elsewhere)))
+    assert str(elsewhere) in cfg_file.read_text()
+    assert np.array_equal(Predictor.from_run(run, precision="fp32").logits(texts), before)
+    cfg_file.write_text(original)
+
+    # other weights of the same size saved over the file
+    save_file({k: v + 0.5 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == files["model.safetensors"]["bytes"]
+    with pytest.raises(ModelError, match=r"base model differs from the one the run trained on "
+                                         r"\(model.safetensors changed since\).*restore the base model"):
+        Predictor.from_run(run, precision="fp32")
+    assert cli(["predict", str(run), "goal"]) == 2
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    with pytest.raises(ModelError, match="base model differs"):
+        resume(run)
+    (run / "run.json").write_text(json.dumps(info))
+
+    shutil.copy(elsewhere / "model.safetensors", weights)  # the original back, plus a file it never had
+    (base / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match=r"\(pytorch_model.bin changed since\)"):
+        Predictor.from_run(run, precision="fp32")
 
 
 def test_relative_data_paths_are_saved_absolute(tiny_roberta, agnews_files, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 from transformers.utils import cached_file
 
 from .config import LoraSettings, ModelConfig
+from .data import file_fingerprint
 from .errors import ModelError, brief, first_few
 from .heads import install_head, peft_trains
 from .runs import unreadable_safetensors
@@ -58,6 +59,55 @@ def hub_commit(mcfg: ModelConfig) -> str | None:
     if folder is None or folder.parent.name != "snapshots" or not re.fullmatch(r"[0-9a-f]{40}", folder.name):
         return None
     return folder.name
+
+
+# what from_pretrained reads of a local base besides the tokenizer (which a run keeps a copy of)
+_BASE_FILES = ("config.json", "*.safetensors", "*.bin", "*.index.json")
+
+
+def base_fingerprint(mcfg: ModelConfig) -> dict[str, dict[str, Any]] | None:
+    """A local base folder's config and weight files, by name: bytes, sha256 and mtime_ns (the
+    last only to skip hashing again while a file is untouched). None for a hub name, which a run
+    pins by its commit instead (:func:`hub_commit`)."""
+    folder = Path(mcfg.name_or_path).expanduser()
+    if not folder.is_dir():
+        return None
+    return {p.name: {**{k: v for k, v in file_fingerprint(p).items() if k != "path"}, "mtime_ns": p.stat().st_mtime_ns}
+            for p in _base_files(folder)}
+
+
+def _base_files(folder: Path) -> list[Path]:
+    return sorted({p for pattern in _BASE_FILES for p in folder.glob(pattern) if p.is_file()})
+
+
+def base_changes(mcfg: ModelConfig, recorded: dict[str, dict[str, Any]]) -> list[str]:
+    """The files of a local base folder that are not as ``recorded`` by :func:`base_fingerprint`:
+    gone, added, or with other content (hashed only where size or modification time moved, so a
+    folder copied elsewhere is compared by content and an untouched one costs no reading). []
+    for a hub name, and for a folder that is not there (loading it says so)."""
+    folder = Path(mcfg.name_or_path).expanduser()
+    if not folder.is_dir():
+        return []
+    now = {p.name: p for p in _base_files(folder)}
+    changed = sorted(set(now) ^ set(recorded))
+    for name in sorted(set(now) & set(recorded)):
+        then, st = recorded[name], now[name].stat()
+        if st.st_size != then.get("bytes"):
+            changed.append(name)
+        elif st.st_mtime_ns != then.get("mtime_ns") and file_fingerprint(now[name])["sha256"] != then.get("sha256"):
+            changed.append(name)
+    return changed
+
+
+def check_base(mcfg: ModelConfig, recorded: dict[str, dict[str, Any]] | None, run_dir: Path) -> None:
+    """Refuse a local base folder whose files changed since the run trained on it: the adapter
+    would be applied to other weights, and its predictions would change without a word."""
+    changed = base_changes(mcfg, recorded) if recorded else []
+    if changed:
+        raise ModelError(f"the base model differs from the one the run trained on ({first_few(changed)} changed "
+                         "since)", where=mcfg.name_or_path,
+                         fix=f"restore the base model the run trained on, or point model.name_or_path in "
+                             f"{run_dir / 'config.yaml'} at a copy of it (the files are compared by content)")
 
 
 def _load_error(what: str, mcfg: ModelConfig, e: Exception) -> ModelError:

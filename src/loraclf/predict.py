@@ -17,7 +17,7 @@ from . import checkpoint
 from .data import PadCollator, sorted_batches, tokenize, unicode_problem
 from .errors import ConfigError, DataError, RunError
 from .graphs import PAD_MULTIPLE, StepGraphs
-from .model import (build_model, load_adapter, load_base, load_model_config, load_tokenizer, load_trained,
+from .model import (build_model, check_base, load_adapter, load_base, load_model_config, load_tokenizer, load_trained,
                     usable_length)
 from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .runs import Run, open_run
@@ -136,6 +136,7 @@ class Predictor:
         if batch_size is None:
             batch_size = run.cfg.train.eval_batch_size if as_trained else 64
         merge = merge and not as_trained
+        check_base(run.cfg.model, run.info.get("base_model_files"), run.path)
         config = load_model_config(run.cfg.model, run.label_names)
         ckpt = None
         if from_checkpoint:

@@ -30,8 +30,8 @@ from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Split
 from .errors import ConfigError, DataError, LoraclfError, RunError, TrainingError
 from .evaluate import logits_metrics
 from .graphs import PAD_MULTIPLE, StepGraphs
-from .model import (build_model, check_weights, compile_in_place, hub_commit, load_model_config, load_tokenizer,
-                    load_trained, resolve_name, trainable_state_dict, usable_length)
+from .model import (base_fingerprint, build_model, check_base, check_weights, compile_in_place, hub_commit,
+                    load_model_config, load_tokenizer, load_trained, resolve_name, trainable_state_dict, usable_length)
 from .precision import autocast, cast_frozen_matmul_weights, choose_precision
 from .predict import logits_for
 from .prefix import FrozenPrefix, PrefixCollator, PrefixStore
@@ -222,6 +222,8 @@ def _new_run(cfg: Config, splits: Splits, tokenizer: Any, counts: budget.Breakdo
         "int_labels": splits.int_labels,
         "seed": cfg.train.seed,
         "data": splits.fingerprints,
+        # a local base folder's files (a hub base is pinned by its commit in config.yaml instead)
+        **({"base_model_files": files} if (files := base_fingerprint(resolved.model)) else {}),
         "rows": {"train": len(splits.train), "validation": len(splits.validation),
                  "test": len(splits.test) if splits.test is not None else 0},
         "params": counts.to_dict(),
@@ -329,6 +331,7 @@ def _reopen(run: runs.Run) -> tuple[Config, dict[str, Any], Path, tuple[Splits, 
     if not same_data(splits.fingerprints, run.info.get("data")):
         raise RunError("the data differs from the data the run started with (fingerprints do not match)",
                        where=str(run.path), fix="restore the original data files, or train a new run")
+    check_base(run.cfg.model, run.info.get("base_model_files"), run.path)
     info = {k: v for k, v in run.info.items() if k != "error"}
     info["status"] = "running"
     env = runs.environment()
