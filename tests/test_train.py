@@ -533,9 +533,12 @@ def test_a_changed_local_base_is_refused(tiny_roberta, agnews_files, tmp_path):
         resume(run)
     (run / "run.json").write_text(json.dumps(info))
 
-    shutil.copy(elsewhere / "model.safetensors", weights)  # the original back, plus a file it never had
-    (base / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(ModelError, match=r"\(pytorch_model.bin changed since\)"):
+    shutil.copy(elsewhere / "model.safetensors", weights)  # the original back
+    (base / "training_args.bin").write_bytes(b"x")  # what loading does not read may come and go
+    (base / "pytorch_model.bin").write_bytes(b"x")  # (transformers loads the safetensors weights)
+    assert np.array_equal(Predictor.from_run(run, precision="fp32").logits(texts), before)
+    (base / "model.safetensors.index.json").write_text("{}")  # but a file loading reads, added, is a change
+    with pytest.raises(ModelError, match=r"\(model.safetensors.index.json changed since\)"):
         Predictor.from_run(run, precision="fp32")
 
 

@@ -261,7 +261,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         first_signal.append(time.monotonic())  # before stop is set: a second signal may come at any bytecode
         stop.set()
         if procs.is_main_process:
-            when = "the next step" if procs.num_processes == 1 else "the next log step (all processes together)"
+            when = "the next step" if procs.num_processes == 1 else "the next step (all processes together)"
             print(f"\n{signal.Signals(signum).name}: writing a checkpoint at {when}, then stopping "
                   f"(send again to stop at once)", file=sys.stderr)
 
@@ -501,14 +501,19 @@ def _same_file(a: str, b: str) -> bool:
 
 def _process_label(e: LoraclfError) -> str | None:
     """How an error line names the process: "" in the main (or only) one, " (process N)" in
-    another of several (accelerate launch), None where the main process reports it already."""
+    another of several (accelerate launch), None where the main process reports it already:
+    its failures, stops, and the mistakes every process finds alike (configuration, budget, a
+    loss that all of them sum). Data and model errors may be one process's own (a file missing
+    on one machine), so those are said."""
     rank = int(os.environ.get("RANK") or 0)
     if rank == 0:
         return ""
     from .distributed import OtherProcessFailed
+    from .errors import BudgetError, TrainingError
     from .train import Interrupted
 
-    return None if isinstance(e, (OtherProcessFailed, Interrupted)) else f" (process {rank})"
+    alike = (OtherProcessFailed, Interrupted, ConfigError, BudgetError, TrainingError)
+    return None if isinstance(e, alike) else f" (process {rank})"
 
 
 def _resume_hint(run_dir: Path) -> None:

@@ -812,12 +812,24 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     ``mega`` batches, each sorted by length and cut into batches; batch order is then shuffled.
     Call ``begin_epoch`` before each epoch for a new, reproducible order. ``width``: the padded
     length of a batch from its longest row (:meth:`PadCollator.width`; default: that row's).
+
+    ``processes``: for a run in several processes, which accelerate deals the batches out to in
+    turn, each epoch's list is made a multiple of them by repeating its first batches. accelerate
+    would do it otherwise (``even_batches``) by size, taking a short or token-budget batch for the
+    end of the data; here every process gets as many batches, every row is seen, and the list
+    does not depend on where a resumed epoch starts.
     """
 
+    # Not the rows per batch (``rows``): accelerate reads a batch sampler's ``batch_size`` as the
+    # size of every batch it yields, which a short last batch or a token budget contradicts.
+    batch_size = None
+
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
-                 mega: int = 50, max_tokens: int | None = None, width: Callable[[int], int] | None = None):
+                 mega: int = 50, max_tokens: int | None = None, width: Callable[[int], int] | None = None,
+                 processes: int = 1):
         self.lengths = np.asarray(lengths)
-        self.batch_size = batch_size
+        self.rows = batch_size
+        self.processes = processes
         self.max_tokens = max_tokens
         self.width = width or (lambda n: n)
         self.seed = seed
@@ -836,7 +848,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         """Batches in a full epoch (``skip`` aside): the schedule is planned on full epochs."""
-        return len(self._batches(self.epoch)) if self.max_tokens else math.ceil(len(self.lengths) / self.batch_size)
+        if self.max_tokens:
+            return len(self._batches(self.epoch))
+        return _round_up(math.ceil(len(self.lengths) / self.rows), self.processes)
 
     def batches_in_epoch(self, epoch: int) -> int:
         """With a token budget the count varies by epoch; the schedule sums them up front."""
@@ -846,7 +860,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         """Consecutive batches of ``rows``: ``batch_size`` rows each, or with ``max_tokens`` as
         many rows as keep (rows x padded width) within the budget (always at least one row)."""
         if not self.max_tokens:
-            return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            return [rows[i : i + self.rows] for i in range(0, len(rows), self.rows)]
         out, start, longest = [], 0, 0
         for i, n in enumerate(self.lengths[rows]):
             longest = max(longest, int(n))
@@ -860,18 +874,25 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         rng = np.random.default_rng((self.seed, epoch))
         perm = rng.permutation(len(self.lengths))
         if not self.group_by_length:
-            return self._cut(perm)
-        size = self.batch_size * self.mega
-        batches = []
-        for start in range(0, len(perm), size):
-            chunk = perm[start : start + size]
-            batches.extend(self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")]))
-        order = rng.permutation(len(batches))
-        return [batches[i] for i in order]
+            batches = self._cut(perm)
+        else:
+            size = self.rows * self.mega
+            grouped = []
+            for start in range(0, len(perm), size):
+                chunk = perm[start : start + size]
+                grouped.extend(self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")]))
+            order = rng.permutation(len(grouped))
+            batches = [grouped[i] for i in order]
+        # (cycled: fewer batches than processes repeat more than once)
+        return batches + [batches[i % len(batches)] for i in range(_round_up(len(batches), self.processes) - len(batches))]
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in self._batches(self.epoch)[self.skip :]:
             yield b.tolist()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None,

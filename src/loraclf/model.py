@@ -61,10 +61,6 @@ def hub_commit(mcfg: ModelConfig) -> str | None:
     return folder.name
 
 
-# what from_pretrained reads of a local base besides the tokenizer (which a run keeps a copy of)
-_BASE_FILES = ("config.json", "*.safetensors", "*.bin", "*.index.json")
-
-
 def base_fingerprint(mcfg: ModelConfig) -> dict[str, dict[str, Any]] | None:
     """A local base folder's config and weight files, by name: bytes, sha256 and mtime_ns (the
     last only to skip hashing again while a file is untouched). None for a hub name, which a run
@@ -73,11 +69,19 @@ def base_fingerprint(mcfg: ModelConfig) -> dict[str, dict[str, Any]] | None:
     if not folder.is_dir():
         return None
     return {p.name: {**{k: v for k, v in file_fingerprint(p).items() if k != "path"}, "mtime_ns": p.stat().st_mtime_ns}
-            for p in _base_files(folder)}
+            for p in _base_files(folder, mcfg.trust_remote_code)}
 
 
-def _base_files(folder: Path) -> list[Path]:
-    return sorted({p for pattern in _BASE_FILES for p in folder.glob(pattern) if p.is_file()})
+def _base_files(folder: Path, remote_code: bool) -> list[Path]:
+    """What from_pretrained reads of a local base, the tokenizer aside (a run keeps its own copy):
+    config.json and the weights it loads, safetensors where there are any (transformers prefers
+    them), else PyTorch's; with trust_remote_code, the model's code too. Other files (a Trainer's
+    training_args.bin, weights in a format not loaded) may come and go."""
+    weights = [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]
+    if not weights:
+        weights = [*folder.glob("pytorch_model*.bin"), *folder.glob("pytorch_model.bin.index.json")]
+    code = list(folder.glob("*.py")) if remote_code else []
+    return sorted(p for p in {folder / "config.json", *weights, *code} if p.is_file())
 
 
 def base_changes(mcfg: ModelConfig, recorded: dict[str, dict[str, Any]]) -> list[str]:
@@ -88,7 +92,7 @@ def base_changes(mcfg: ModelConfig, recorded: dict[str, dict[str, Any]]) -> list
     folder = Path(mcfg.name_or_path).expanduser()
     if not folder.is_dir():
         return []
-    now = {p.name: p for p in _base_files(folder)}
+    now = {p.name: p for p in _base_files(folder, mcfg.trust_remote_code)}
     changed = sorted(set(now) ^ set(recorded))
     for name in sorted(set(now) & set(recorded)):
         then, st = recorded[name], now[name].stat()

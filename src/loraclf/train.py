@@ -332,6 +332,12 @@ def _reopen(run: runs.Run) -> tuple[Config, dict[str, Any], Path, tuple[Splits, 
         raise RunError("the data differs from the data the run started with (fingerprints do not match)",
                        where=str(run.path), fix="restore the original data files, or train a new run")
     check_base(run.cfg.model, run.info.get("base_model_files"), run.path)
+    trained_in, now = checkpoint.load(ckpt).loop.processes or 1, distributed.state().num_processes
+    if trained_in != now:
+        # each process's share of the batches, and so where the run stands, depends on how many there are
+        raise RunError(f"the run trained in {trained_in} process(es) so far; this resume has {now}",
+                       where=str(run.path), fix=f"resume it with {trained_in} process(es) "
+                                                f"(accelerate launch --num_processes {trained_in})")
     info = {k: v for k, v in run.info.items() if k != "error"}
     info["status"] = "running"
     env = runs.environment()
@@ -365,15 +371,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             # the disk cache of a session that was killed (an OOM kill leaves no chance to clean up);
             # the training lock says no other process is using it
             shutil.rmtree(stale, ignore_errors=True)
-    procs.wait_for_everyone()  # before any process makes a cache of its own there
     try:
+        procs.wait_for_everyone()  # before any process makes a cache of its own there
         loaded = checkpoint.load(ckpt) if ckpt is not None else None
-        if loaded is not None and (loaded.loop.processes or 1) != procs.num_processes:
-            # each process's share of the batches, and so the meaning of ``batch``, depends on how many there are
-            raise RunError(f"the run trained in {loaded.loop.processes or 1} process(es) so far; this resume has "
-                           f"{procs.num_processes}", where=str(run_dir),
-                           fix=f"resume it with {loaded.loop.processes or 1} process(es) "
-                               f"(accelerate launch --num_processes {loaded.loop.processes or 1})")
         fuse = loaded.loop.fused if loaded is not None and loaded.loop.fused is not None else fuse_accumulation(tc)
         batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if fuse
                                     else (tc.batch_size, tc.gradient_accumulation_steps))
@@ -385,8 +385,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             _cuda_graphs_unsupported() is None and accumulation == 1
             and not (tc.compile and tc.compile_mode in COMPILE_MODES_WITH_GRAPHS))
         # non_blocking + pinned memory: batch copies overlap the previous step's kernels on a GPU
+        # even_batches off: the sampler evens the batches out itself (LengthGroupedBatchSampler)
         accelerator = Accelerator(gradient_accumulation_steps=accumulation,
-                                  dataloader_config=DataLoaderConfiguration(non_blocking=True))
+                                  dataloader_config=DataLoaderConfiguration(non_blocking=True, even_batches=False))
         on_cuda = accelerator.device.type == "cuda"
         if loaded is not None and loaded.loop.precision is not None:
             # the precision the run trained in so far, as for fused above: "auto" may resolve
@@ -439,7 +440,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             collate = PadCollator(tokenizer.pad_token_id, pad_multiple, max_length)
         # the token budget counts the batch as padded (rounded up to pad_multiple), not its rows' lengths
         sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], batch_size, tc.seed, tc.group_by_length,
-                                            max_tokens=max_tokens, width=collate.width)
+                                            max_tokens=max_tokens, width=collate.width, processes=procs.num_processes)
         # A private generator: every DataLoader iteration draws a seed from its generator, which
         # would otherwise advance the global RNG that dropout uses and break exact resumption.
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=on_cuda,
@@ -448,8 +449,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
 
         def local_batches(epoch: int) -> int:
             """This process's micro-batches in ``epoch``: accelerate deals the epoch's batches out in
-            turn and repeats its first ones so that every process has as many (``even_batches``)."""
-            return math.ceil(sampler.batches_in_epoch(epoch) / procs.num_processes)
+            turn, and the sampler made them a multiple of the processes."""
+            return sampler.batches_in_epoch(epoch) // procs.num_processes
 
         total_steps = sum(math.ceil(local_batches(e) / accumulation) for e in range(1, tc.epochs + 1))
         scheduler = get_scheduler("constant_with_warmup" if tc.scheduler == "constant" else tc.scheduler, optimizer,
@@ -545,7 +546,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             if prefix is not None:
                 prefix.eval_prefix()
             # ``batch`` counts this process's micro-batches; the sampler skips those of all processes
-            sampler.begin_epoch(epoch, skip=min(loop.batch * procs.num_processes, sampler.batches_in_epoch(epoch)))
+            sampler.begin_epoch(epoch, skip=loop.batch * procs.num_processes)
             n_batches = local_batches(epoch)
             last_group = n_batches - (n_batches % accumulation or accumulation)  # first micro-batch of the last step
             t0 = time.perf_counter()
@@ -577,8 +578,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                         continue
                     scheduler.step()
                     loop.step += 1
-                    log_now = loop.step % tc.log_every_steps == 0 or loop.step == total_steps
-                    if log_now:
+                    if loop.step % tc.log_every_steps == 0 or loop.step == total_steps:
                         flush_losses()
                         elapsed = loop.train_time + time.perf_counter() - t0
                         record = {"event": "train", "split": "train", "epoch": epoch, "step": loop.step,
@@ -590,10 +590,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
                     else:
                         cb.on_step(loop.step, {})
                     every = tc.checkpoint_every_steps
-                    # several processes must agree to stop at the same step; they compare their
-                    # requests at log steps, where they synchronise anyway
-                    stopping = stop.is_set() if procs.num_processes == 1 else (
-                        log_now and distributed.any_process(stop.is_set()))
+                    # several processes must agree to stop at the same step, and at once: a launcher
+                    # kills them soon after passing a signal on (torchrun: 30 s)
+                    stopping = distributed.any_process(stop.is_set())
                     if stopping or (every and loop.step % every == 0):
                         now = time.perf_counter()
                         loop.train_time += now - t0
