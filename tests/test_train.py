@@ -534,12 +534,38 @@ def test_a_changed_local_base_is_refused(tiny_roberta, agnews_files, tmp_path):
     (run / "run.json").write_text(json.dumps(info))
 
     shutil.copy(elsewhere / "model.safetensors", weights)  # the original back
-    (base / "training_args.bin").write_bytes(b"x")  # what loading does not read may come and go
-    (base / "pytorch_model.bin").write_bytes(b"x")  # (transformers loads the safetensors weights)
+    # what loading does not read may come and go: a Trainer's file, PyTorch weights, a shard index
+    # beside model.safetensors (transformers loads model.safetensors then)
+    for name in ("training_args.bin", "pytorch_model.bin", "model.safetensors.index.json"):
+        (base / name).write_bytes(b"{}")
     assert np.array_equal(Predictor.from_run(run, precision="fp32").logits(texts), before)
-    (base / "model.safetensors.index.json").write_text("{}")  # but a file loading reads, added, is a change
-    with pytest.raises(ModelError, match=r"\(model.safetensors.index.json changed since\)"):
-        Predictor.from_run(run, precision="fp32")
+
+
+def test_a_sharded_local_base_is_fingerprinted_by_its_index(tmp_path):
+    """Without model.safetensors, transformers reads the index and the shards its weight_map
+    names, whatever they are called: those are what a run records and compares."""
+    from loraclf.config import ModelConfig
+    from loraclf.model import base_changes, base_fingerprint
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "weights-1.safetensors").write_bytes(b"one")
+    (base / "weights-2.safetensors").write_bytes(b"two")
+    (base / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "weights-1.safetensors", "b": "weights-2.safetensors", "c": "weights-1.safetensors"}}))
+    (base / "pytorch_model.bin").write_bytes(b"not read")
+    mcfg = ModelConfig(name_or_path=str(base))
+    recorded = base_fingerprint(mcfg)
+    assert set(recorded) == {"config.json", "model.safetensors.index.json", "weights-1.safetensors",
+                             "weights-2.safetensors"}
+    assert base_changes(mcfg, recorded) == []
+    (base / "weights-2.safetensors").write_bytes(b"TWO")  # same size, other content
+    assert base_changes(mcfg, recorded) == ["weights-2.safetensors"]
+    # with trust_remote_code the model's code is part of the base
+    (base / "modeling_x.py").write_text("x = 1")
+    coded = ModelConfig(name_or_path=str(base), trust_remote_code=True)
+    assert "modeling_x.py" in base_fingerprint(coded) and "modeling_x.py" not in recorded
 
 
 def test_relative_data_paths_are_saved_absolute(tiny_roberta, agnews_files, tmp_path, monkeypatch):

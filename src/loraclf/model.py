@@ -7,6 +7,7 @@ training (real weights) and loading a finished run (adapter on top of the base).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -73,13 +74,18 @@ def base_fingerprint(mcfg: ModelConfig) -> dict[str, dict[str, Any]] | None:
 
 
 def _base_files(folder: Path, remote_code: bool) -> list[Path]:
-    """What from_pretrained reads of a local base, the tokenizer aside (a run keeps its own copy):
-    config.json and the weights it loads, safetensors where there are any (transformers prefers
-    them), else PyTorch's; with trust_remote_code, the model's code too. Other files (a Trainer's
-    training_args.bin, weights in a format not loaded) may come and go."""
-    weights = [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]
-    if not weights:
-        weights = [*folder.glob("pytorch_model*.bin"), *folder.glob("pytorch_model.bin.index.json")]
+    """What from_pretrained reads of a local base, the tokenizer aside (a run keeps its own copy),
+    in transformers' order with use_safetensors (as :func:`load_base` loads): config.json and
+    model.safetensors, else model.safetensors.index.json and the shards its weight_map names;
+    with trust_remote_code, the model's code too. Other files (a Trainer's training_args.bin,
+    PyTorch .bin weights, shards beside a model.safetensors) may come and go."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    weights = [single] if single.is_file() else [index]
+    if not single.is_file() and index.is_file():
+        try:
+            weights += [folder / name for name in set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable index: loading will say so; the index itself is fingerprinted
     code = list(folder.glob("*.py")) if remote_code else []
     return sorted(p for p in {folder / "config.json", *weights, *code} if p.is_file())
 
