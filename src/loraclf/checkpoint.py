@@ -184,12 +184,27 @@ def latest(run_dir: Path) -> Path | None:
     return next(iter(_complete(run_dir)), None)
 
 
+def _state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, its ``loop`` made a :class:`LoopState`; a damaged one names itself."""
+    try:
+        state = json.loads((path / _DONE).read_text(encoding="utf-8"))
+        state["loop"] = LoopState(**state["loop"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"checkpoint {_DONE} is damaged ({brief(e, 80)})", where=str(path),
+                       fix=f"delete {path} to go back to the checkpoint before it") from None
+    return state
+
+
+def loop_state(path: Path) -> LoopState:
+    """Where the loop stood at a checkpoint (state.json alone: no tensor is read)."""
+    return _state(path)["loop"]
+
+
 def readable(path: Path) -> bool:
     """Whether a complete checkpoint's files can still be read (headers only: cheap)."""
     try:
-        state = json.loads((path / _DONE).read_text(encoding="utf-8"))
-        loop = LoopState(**state["loop"])
-    except (OSError, ValueError, KeyError, TypeError):
+        loop = loop_state(path)
+    except RunError:
         return False
     # a file deleted after the checkpoint was written (by hand, a partial copy) makes it as unusable
     # as a truncated one: the best epoch's weights are needed at the end of the run
@@ -234,14 +249,9 @@ def _read(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load(path: Path) -> Loaded:
-    try:
-        state = json.loads((path / _DONE).read_text(encoding="utf-8"))
-        LoopState(**state["loop"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunError(f"checkpoint {_DONE} is damaged ({brief(e, 80)})", where=str(path),
-                       fix=f"delete {path} to go back to the checkpoint before it") from None
+    state = _state(path)
     best = _read(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
-    loaded = Loaded(LoopState(**state["loop"]), _read(path / "trainable.safetensors"), best, path)
+    loaded = Loaded(state["loop"], _read(path / "trainable.safetensors"), best, path)
     loaded._state = state  # type: ignore[attr-defined]
     return loaded
 

@@ -789,7 +789,7 @@ class PadCollator:
         token budget must count (the batchers take this as ``width``)."""
         if not self.multiple:
             return longest
-        rounded = -(-longest // self.multiple) * self.multiple
+        rounded = _round_up(longest, self.multiple)
         return max(longest, min(rounded, self.max_width or rounded))
 
     def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:

@@ -332,7 +332,7 @@ def _reopen(run: runs.Run) -> tuple[Config, dict[str, Any], Path, tuple[Splits, 
         raise RunError("the data differs from the data the run started with (fingerprints do not match)",
                        where=str(run.path), fix="restore the original data files, or train a new run")
     check_base(run.cfg.model, run.info.get("base_model_files"), run.path)
-    trained_in, now = checkpoint.load(ckpt).loop.processes or 1, distributed.state().num_processes
+    trained_in, now = checkpoint.loop_state(ckpt).processes or 1, distributed.state().num_processes
     if trained_in != now:
         # each process's share of the batches, and so where the run stands, depends on how many there are
         raise RunError(f"the run trained in {trained_in} process(es) so far; this resume has {now}",
