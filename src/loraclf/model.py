@@ -43,13 +43,19 @@ def resolve_name(name_or_path: str) -> str:
     return str(p.resolve()) if p.is_dir() else name_or_path
 
 
+def _local_base(mcfg: ModelConfig) -> Path | None:
+    """The base model's folder when ``name_or_path`` is one here; None for a hub name."""
+    folder = Path(mcfg.name_or_path).expanduser()
+    return folder if folder.is_dir() else None
+
+
 def hub_commit(mcfg: ModelConfig) -> str | None:
     """The Hub commit that a hub name at ``model.revision`` (None: main; a branch, tag or commit)
     resolves to now: a run records it as its revision, so that evaluate, predict and serve load
     the base weights it was trained on even after the repository moves on. None for a local
     folder, and where the resolved file is not in a Hub cache snapshot (the run then records the
     revision as given)."""
-    if Path(mcfg.name_or_path).expanduser().is_dir():
+    if _local_base(mcfg) is not None:
         return None
     try:
         # transformers' own resolution (cache, offline mode, token), so the commit is the one it loads
@@ -66,8 +72,8 @@ def base_fingerprint(mcfg: ModelConfig) -> dict[str, dict[str, Any]] | None:
     """A local base folder's config and weight files, by name: bytes, sha256 and mtime_ns (the
     last only to skip hashing again while a file is untouched). None for a hub name, which a run
     pins by its commit instead (:func:`hub_commit`)."""
-    folder = Path(mcfg.name_or_path).expanduser()
-    if not folder.is_dir():
+    folder = _local_base(mcfg)
+    if folder is None:
         return None
     return {p.name: {**{k: v for k, v in file_fingerprint(p).items() if k != "path"}, "mtime_ns": p.stat().st_mtime_ns}
             for p in _base_files(folder, mcfg.trust_remote_code)}
@@ -95,8 +101,8 @@ def base_changes(mcfg: ModelConfig, recorded: dict[str, dict[str, Any]]) -> list
     gone, added, or with other content (hashed only where size or modification time moved, so a
     folder copied elsewhere is compared by content and an untouched one costs no reading). []
     for a hub name, and for a folder that is not there (loading it says so)."""
-    folder = Path(mcfg.name_or_path).expanduser()
-    if not folder.is_dir():
+    folder = _local_base(mcfg)
+    if folder is None:
         return []
     now = {p.name: p for p in _base_files(folder, mcfg.trust_remote_code)}
     changed = sorted(set(now) ^ set(recorded))
