@@ -538,3 +538,40 @@ def test_a_blank_line_in_a_table_of_one_column_is_an_empty_text_not_skipped(tmp_
     assert table_texts(read_table(p, "input", _cfg()), ["text"]) == ["the match goal", "bank shares"]
     p = _write(tmp_path, "two.csv", "text,label\na,x\n\nb,y\n")  # several columns: a blank line is no row
     assert table_texts(read_table(p, "train", _cfg()), ["text"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("group", [True, False])
+@pytest.mark.parametrize("budget", [None, 600])
+@pytest.mark.parametrize("accumulate", [2, 3])
+def test_accumulation_micro_batches_are_the_fused_steps_split(group, budget, accumulate):
+    """Unfused accumulation grouped each micro-batch on its own, so an optimizer step trained on
+    rows of unrelated lengths where the fused step (one batch of batch_size x steps) trained on
+    one group: a CPU and a GPU run of one config (fused on GPUs only) saw different steps. Now
+    every ``accumulate`` consecutive micro-batches are one fused batch, split into equal parts."""
+    lengths = np.random.default_rng(4).integers(3, 120, size=701)  # 701: a short last step remains
+    kw = dict(batch_size=16, seed=5, group_by_length=group, mega=8, max_tokens=budget, accumulate=accumulate)
+    fused, split = LengthGroupedBatchSampler(lengths, split=False, **kw), LengthGroupedBatchSampler(lengths, **kw)
+    for epoch in (1, 2):
+        fused.begin_epoch(epoch)
+        split.begin_epoch(epoch)
+        steps, parts = list(fused), list(split)
+        assert len(steps) == fused.batches_in_epoch(epoch) == len(fused)
+        assert len(parts) == split.batches_in_epoch(epoch) == len(split)
+        assert sorted(i for b in parts for i in b) == list(range(701))
+        # all steps but the last: `accumulate` micro-batches of equal rows, together the fused batch
+        *full, last = steps
+        assert all(len(s) % accumulate == 0 for s in full) and len(last) == 701 % accumulate
+        regrouped = [sum(parts[j * accumulate : (j + 1) * accumulate], []) for j in range(len(full))]
+        assert regrouped == full
+        assert all(len({len(p) for p in parts[j * accumulate : (j + 1) * accumulate]}) == 1 for j in range(len(full)))
+        assert sum(parts[len(full) * accumulate :], []) == last  # the short last step, one row per part
+        if budget:
+            assert all(len(p) * max(lengths[p]) <= budget for p in parts)
+            assert all(len(s) * max(lengths[s]) <= budget * accumulate for s in steps)
+        else:
+            # batch_size rows, but for the data's last rows: one smaller group (shuffled in) and the short step
+            odd = [len(p) for p in parts[: len(full) * accumulate] if len(p) != 16]
+            assert len(odd) in (0, accumulate) and len(set(odd)) <= 1
+    # one step per micro-batch: the grouping of a run without accumulation is unchanged
+    one = LengthGroupedBatchSampler(lengths, batch_size=16, seed=5, group_by_length=group, mega=8, max_tokens=budget)
+    assert list(one) == list(LengthGroupedBatchSampler(lengths, split=False, **{**kw, "accumulate": 1}))

@@ -16,6 +16,7 @@ import torch
 from conftest import make_rows, tiny_overrides, write_agnews_csv
 from loraclf import checkpoint
 from loraclf.config import load_config
+from loraclf.data import LengthGroupedBatchSampler
 from loraclf.errors import ModelError, RunError
 from loraclf.train import Interrupted, resume, train
 
@@ -537,12 +538,39 @@ def test_a_checkpoint_from_before_the_fuse_record_resumes_with_its_own_batches(t
     for later in steps[2:]:
         shutil.rmtree(later)
     state = json.loads((steps[1] / "state.json").read_text())
-    del state["loop"]["fused"]  # written before the record existed
+    del state["loop"]["fused"], state["loop"]["step_groups"]  # written before the records existed
     (steps[1] / "state.json").write_text(json.dumps(state))
     shutil.rmtree(run / "adapter")
     info = json.loads((run / "run.json").read_text())
     del info["recipe"]  # nor did the recipe record: this run's config.yaml was edited above
     (run / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    resume(run)
+    assert _final(run) == _final(ref)
+
+
+def test_a_checkpoint_from_before_step_groups_resumes_with_its_own_batches(tiny_roberta, agnews_files, tmp_path,
+                                                                           monkeypatch):
+    """Checkpoints written before the sampler grouped rows per optimizer step grouped each
+    micro-batch on its own. Resuming one mid-epoch in the new order would train some rows of
+    that epoch twice and others not at all; it goes on in its own order. Such a run is emulated
+    by the sampler told to group micro-batches alone (what it did then)."""
+    import loraclf.train as tr
+
+    def old_sampler(lengths, **kw):
+        return LengthGroupedBatchSampler(lengths, **{**kw, "accumulate": 1, "split": True})
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(tr, "LengthGroupedBatchSampler", old_sampler)
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, ref)))
+        cb = StopAt(3)  # mid-epoch: 5 steps an epoch
+        with pytest.raises(Interrupted):
+            train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), cb, cb.stop)
+    last = checkpoint.latest(run)
+    state = json.loads((last / "state.json").read_text())
+    assert state["loop"]["batch"] == 6 and state["loop"]["step_groups"] is True
+    del state["loop"]["step_groups"]  # written before the record existed
+    (last / "state.json").write_text(json.dumps(state))
     resume(run)
     assert _final(run) == _final(ref)
 

@@ -61,6 +61,9 @@ class LoopState:
     # how many processes trained it (None: one, in checkpoints written before this was recorded);
     # ``batch`` counts one process's share of the batches
     processes: int | None = None
+    # True: the sampler grouped rows per optimizer step (None: per micro-batch, in checkpoints
+    # written before), which decides the order a resumed epoch goes on in
+    step_groups: bool | None = None
 
 
 def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

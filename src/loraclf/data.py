@@ -813,6 +813,14 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     Call ``begin_epoch`` before each epoch for a new, reproducible order. ``width``: the padded
     length of a batch from its longest row (:meth:`PadCollator.width`; default: that row's).
 
+    ``accumulate``: micro-batches per optimizer step. Rows are grouped per step: ``batch_size`` x
+    ``accumulate`` rows, or with ``max_tokens`` (a micro-batch's budget) as many rows of similar
+    length as ``accumulate`` micro-batches within the budget hold. A step's group is yielded whole
+    (``split=False``: fused accumulation) or as ``accumulate`` consecutive micro-batches of equal
+    rows (``split=True``), so that fused and unfused accumulation train every step on the same
+    rows. A group too small to split (fewer rows than ``accumulate``: the end of the data) comes
+    last in the epoch, where the training loop expects its one short step.
+
     ``processes``: for a run in several processes, which accelerate deals the batches out to in
     turn, each epoch's list is made a multiple of them by repeating its first batches. accelerate
     would do it otherwise (``even_batches``) by size, taking a short or token-budget batch for the
@@ -826,10 +834,12 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True,
                  mega: int = 50, max_tokens: int | None = None, width: Callable[[int], int] | None = None,
-                 processes: int = 1):
+                 processes: int = 1, accumulate: int = 1, split: bool = True):
         self.lengths = np.asarray(lengths)
         self.rows = batch_size
         self.processes = processes
+        self.accumulate = accumulate
+        self.split = split and accumulate > 1
         self.max_tokens = max_tokens
         self.width = width or (lambda n: n)
         self.seed = seed
@@ -850,24 +860,42 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         """Batches in a full epoch (``skip`` aside): the schedule is planned on full epochs."""
         if self.max_tokens:
             return len(self._batches(self.epoch))
-        return _round_up(math.ceil(len(self.lengths) / self.rows), self.processes)
+        full, rest = divmod(len(self.lengths), self.rows * self.accumulate)
+        whole, short = divmod(rest, self.accumulate)  # the rest: a group of whole micro-batches, then fewer rows
+        if self.split:
+            return _round_up((full + (whole > 0)) * self.accumulate + short, self.processes)
+        return _round_up(full + (whole > 0) + (short > 0), self.processes)
 
     def batches_in_epoch(self, epoch: int) -> int:
         """With a token budget the count varies by epoch; the schedule sums them up front."""
         return len(self._batches(epoch)) if self.max_tokens else len(self)
 
     def _cut(self, rows: np.ndarray) -> list[np.ndarray]:
-        """Consecutive batches of ``rows``: ``batch_size`` rows each, or with ``max_tokens`` as
-        many rows as keep (rows x padded width) within the budget (always at least one row)."""
+        """Consecutive step groups of ``rows``: ``batch_size`` x ``accumulate`` rows each, or with
+        ``max_tokens`` as many as split into ``accumulate`` micro-batches within the budget: at
+        most ``accumulate`` x (budget // padded width of the longest row). Every group holds a
+        multiple of ``accumulate`` rows, so its micro-batches are equal and their mean loss is the
+        group's, except a last group of the remaining rows, fewer than ``accumulate``."""
+        k = self.accumulate
         if not self.max_tokens:
-            return [rows[i : i + self.rows] for i in range(0, len(rows), self.rows)]
-        out, start, longest = [], 0, 0
-        for i, n in enumerate(self.lengths[rows]):
-            longest = max(longest, int(n))
-            if i > start and (i + 1 - start) * self.width(longest) > self.max_tokens:
-                out.append(rows[start:i])
-                start, longest = i, int(n)
-        out.append(rows[start:])
+            step = self.rows * k
+            out = [rows[i : i + step] for i in range(0, len(rows), step)]
+        else:
+            out, start, lengths = [], 0, self.lengths[rows]
+            while start < len(rows):
+                end, longest = start, 0
+                while end < len(rows):
+                    longest = max(longest, int(lengths[end]))
+                    if end > start and end + 1 - start > k * (self.max_tokens // self.width(longest)):
+                        break
+                    end += 1
+                if end < len(rows) and end - start >= k:  # cut by the budget: whole micro-batches
+                    end = start + (end - start) // k * k
+                out.append(rows[start:end])
+                start = end
+        whole = len(out[-1]) // k * k
+        if 0 < whole < len(out[-1]):
+            out[-1:] = [out[-1][:whole], out[-1][whole:]]
         return out
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
@@ -876,13 +904,18 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         if not self.group_by_length:
             batches = self._cut(perm)
         else:
-            size = self.rows * self.mega
-            grouped = []
+            size = self.rows * self.accumulate * self.mega
+            grouped, short = [], perm[:0]
             for start in range(0, len(perm), size):
-                chunk = perm[start : start + size]
-                grouped.extend(self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")]))
+                chunk = np.concatenate([short, perm[start : start + size]])
+                cut = self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
+                # a group too small to split goes on with the next chunk's rows, or last
+                short = cut.pop() if len(cut[-1]) < self.accumulate else perm[:0]
+                grouped.extend(cut)
             order = rng.permutation(len(grouped))
-            batches = [grouped[i] for i in order]
+            batches = [grouped[i] for i in order] + ([short] if len(short) else [])
+        if self.split:
+            batches = [part for group in batches for part in np.array_split(group, min(self.accumulate, len(group)))]
         # (cycled: fewer batches than processes repeat more than once)
         return batches + [batches[i % len(batches)] for i in range(_round_up(len(batches), self.processes) - len(batches))]
 

@@ -375,12 +375,21 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         procs.wait_for_everyone()  # before any process makes a cache of its own there
         loaded = checkpoint.load(ckpt) if ckpt is not None else None
         fuse = loaded.loop.fused if loaded is not None and loaded.loop.fused is not None else fuse_accumulation(tc)
-        batch_size, accumulation = ((tc.batch_size * tc.gradient_accumulation_steps, 1) if fuse
-                                    else (tc.batch_size, tc.gradient_accumulation_steps))
-        # a token budget is per micro-batch: a fused step holds gradient_accumulation_steps of them
-        # (not for a checkpoint written before the choice was recorded: it cut its batches with one budget)
-        scaled = fuse and tc.max_tokens_per_batch and (loaded is None or loaded.loop.fused is not None)
-        max_tokens = tc.max_tokens_per_batch * tc.gradient_accumulation_steps if scaled else tc.max_tokens_per_batch
+        accumulation = 1 if fuse else tc.gradient_accumulation_steps
+        # The sampler groups rows per optimizer step, then splits a group into micro-batches unless
+        # fused. A checkpoint written before that grouped each micro-batch on its own: its epoch
+        # goes on in its own order, or rows would be seen twice and others not at all.
+        step_groups = loaded is None or loaded.loop.step_groups is not None
+        if step_groups:
+            sampling = {"batch_size": tc.batch_size, "max_tokens": tc.max_tokens_per_batch,
+                        "accumulate": tc.gradient_accumulation_steps, "split": not fuse}
+        else:
+            # a token budget is per micro-batch: a fused step held gradient_accumulation_steps of them
+            # (not for a checkpoint written before fusing was recorded: it cut its batches with one budget)
+            scaled = fuse and tc.max_tokens_per_batch and loaded.loop.fused is not None
+            sampling = {"batch_size": tc.batch_size * (tc.gradient_accumulation_steps if fuse else 1),
+                        "max_tokens": tc.max_tokens_per_batch * (tc.gradient_accumulation_steps if scaled else 1)
+                        if tc.max_tokens_per_batch else None}
         use_graphs = tc.cuda_graphs if tc.cuda_graphs is not None else (
             _cuda_graphs_unsupported() is None and accumulation == 1
             and not (tc.compile and tc.compile_mode in COMPILE_MODES_WITH_GRAPHS))
@@ -439,8 +448,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             dataset = TokenizedDataset(train_ids, splits.train.labels)
             collate = PadCollator(tokenizer.pad_token_id, pad_multiple, max_length)
         # the token budget counts the batch as padded (rounded up to pad_multiple), not its rows' lengths
-        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], batch_size, tc.seed, tc.group_by_length,
-                                            max_tokens=max_tokens, width=collate.width, processes=procs.num_processes)
+        sampler = LengthGroupedBatchSampler([len(x) for x in train_ids], seed=tc.seed, group_by_length=tc.group_by_length,
+                                            width=collate.width, processes=procs.num_processes, **sampling)
         # A private generator: every DataLoader iteration draws a seed from its generator, which
         # would otherwise advance the global RNG that dropout uses and break exact resumption.
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, pin_memory=on_cuda,
@@ -476,7 +485,7 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
         # null (auto) falls back to eager when a capture fails; true insists
         step_graphs = StepGraphs(forward_backward, params, strict=tc.cuda_graphs is True) if use_graphs else None
         metrics = _Metrics(run_dir / runs.METRICS_FILE, write=main)
-        loop = checkpoint.LoopState(fused=fuse, precision=precision, processes=procs.num_processes)
+        loop = checkpoint.LoopState(fused=fuse, precision=precision, processes=procs.num_processes, step_groups=True)
         best_state = None
         group_scale = 1.0
         if loaded is not None:
@@ -658,7 +667,11 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             status="complete",
             device=str(accelerator.device),
             processes=procs.num_processes,  # each on its own device, as ``device`` names the main one's
+            # what the config's automatic choices resolved to, and the thread count (float sums in
+            # another order): what rerunning its config.yaml elsewhere needs to get the same bits
+            torch_threads=torch.get_num_threads(),
             precision=precision,
+            fused_accumulation=fuse,
             best_epoch=loop.best_epoch,
             stopped_early_at_epoch=loop.stopped_early,
             optimizer_steps=loop.step,
