@@ -515,6 +515,40 @@ def test_evaluate_keeps_files_of_the_same_name_apart(trained_run, tmp_path, caps
     assert (run / "eval" / "test.csv.json").is_file()  # the first keeps the plain name
 
 
+def test_evaluate_says_when_the_run_s_test_file_changed_since_training(trained_run, agnews_files, tmp_path, capsys):
+    """run.json holds the test file's sha256, but evaluate never compared it: a test file cut to
+    70 rows after training gave other metrics in eval/test.csv.json with nothing said."""
+    import shutil
+
+    import yaml
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    shutil.rmtree(run / "eval", ignore_errors=True)  # (other tests' evaluations of the original)
+    test = shutil.copy(agnews_files["test"], tmp_path / "test.csv")  # the same content elsewhere
+    conf = yaml.safe_load((run / "config.yaml").read_text())
+    conf["data"]["test"] = str(test)
+    (run / "config.yaml").write_text(yaml.safe_dump(conf))
+    base = ["evaluate", str(run), "--precision", "fp32", "--json"]
+    assert main(base) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["same_data_as_training_test"] is True and "warning" not in err
+    lines = Path(test).read_text().splitlines(keepends=True)
+    Path(test).write_text("".join(lines[:70]))
+    for args in (base, base + ["--data.test", str(test)]):
+        assert main(args) == 0
+        out, err = capsys.readouterr()
+        r = json.loads(out)
+        assert r["n"] == 70 and r["same_data_as_training_test"] is False
+        assert err.count("\n") == 1 and "changed since training tested the run on it" in err
+    saved = json.loads((run / "eval" / "test.csv.json").read_text())
+    assert saved["same_data_as_training_test"] is False and len(saved["data_fingerprint"]["sha256"]) == 64
+    other = tmp_path / "other.csv"
+    other.write_text("".join(lines[:30]))
+    assert main(base + ["--data.test", str(other)]) == 0  # another file: nothing to compare it with
+    out, err = capsys.readouterr()
+    assert "same_data_as_training_test" not in json.loads(out) and not err
+
+
 def test_evaluate_reads_another_test_file_by_its_own_format_and_takes_the_text_limit(trained_run, tmp_path, capsys):
     """evaluate --data.test inherited the run's data.format (a Parquet file read as CSV: 'not
     valid UTF-8'); the over-long-text error said to raise --data.max_text_chars, which evaluate

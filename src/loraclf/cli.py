@@ -425,6 +425,10 @@ def cmd_evaluate(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     r = evaluate_run(args.run_dir, data, batch_size=args.batch_size, precision=args.precision,
                      from_checkpoint=args.checkpoint, max_tokens=args.max_tokens)
     _evaluation_output(args, r)
+    if r.get("same_data_as_training_test") is False:
+        print(f"loraclf evaluate: warning: {r['source']} changed since training tested the run on it (its content "
+              "differs from run.json's data fingerprint): these metrics are not comparable to run.json's",
+              file=sys.stderr)
     if r.get("plot_error"):
         print(f"loraclf evaluate: warning: confusion-matrix figure not drawn: {r['plot_error']}", file=sys.stderr)
     if r.get("save_error"):  # the metrics are printed; a read-only run cannot keep them

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from . import plots
 from .config import data_config
-from .data import Examples, is_hub_name, load_eval_split
+from .data import Examples, is_hub_name, load_eval_split, same_data
 from .errors import DataError, brief
 from .predict import Predictor
 from .runs import EVAL_DIR, Run, open_run, write_json
@@ -102,6 +102,16 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
         result["read_as"] = read_as
     if (where := source_path(data_cfg.test)) is not None:
         result["source_path"] = where
+    fingerprint = getattr(examples, "fingerprint", None)
+    if fingerprint:
+        result["data_fingerprint"] = {k: v for k, v in fingerprint.items() if k != "path"}
+        # the run's own test source, changed since training tested on it: metrics that differ
+        # from run.json's then say nothing about the model (a moved copy is compared by content)
+        tested = (run.info.get("data") or {}).get("test")
+        if "test" not in overrides or overrides["test"] == run.cfg.data.test or (
+                where is not None and where == source_path(run.cfg.data.test)):
+            if tested is not None:
+                result["same_data_as_training_test"] = same_data(fingerprint, tested)
     if write:
         # a limit at or above the file's rows took them all: the evaluation is the full one
         subset = len(examples) if examples.sampled_from is not None else None
