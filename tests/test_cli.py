@@ -345,6 +345,19 @@ def test_predict_output_mistakes_are_caught(trained_run, tmp_path, capsys):
     assert main(["predict", run, "--input", str(texts), "--output", str(texts)]) == 2
     assert "is the --input file: the predictions would replace the texts" in _error_line(capsys)
     assert texts.read_text() == "goal\nbank\n"
+    # the run's own files: "wrote 3 predictions" over labels.json broke the run for every later command
+    for own in ("labels.json", "run.json", "adapter/adapter_config.json", "eval/x.jsonl", "checkpoints/p.jsonl"):
+        before = sorted((p, p.stat().st_mtime_ns) for p in trained_run.rglob("*"))
+        assert main(["predict", run, "goal", "--output", str(trained_run / own)]) == 2
+        assert "is one of the run's own files" in _error_line(capsys)
+        assert sorted((p, p.stat().st_mtime_ns) for p in trained_run.rglob("*")) == before
+    mine = trained_run / "predictions.jsonl"  # other files in the run folder are the user's
+    assert main(["predict", run, "goal", "--output", str(mine)]) == 0
+    mine.unlink()
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("x")  # a parent that is a file was "folder ... does not exist"
+    assert main(["predict", run, "goal", "--output", str(tmp_path / "afile" / "o.jsonl")]) == 2
+    assert "afile is a file, not a folder" in _error_line(capsys)
     for argv in (["--input", str(texts)], ["goal"]):
         assert main(["predict", run, *argv, "--text-column", "title"]) == 2
         assert "--text-column applies to CSV/TSV/JSONL/Parquet --input files" in _error_line(capsys)

@@ -264,6 +264,10 @@ def test_token_cache_hits_misses_and_survives_damage(tiny_roberta, tmp_path, mon
     assert tokenize_cached(texts, tok, 64, tmp_path) == first
     assert len(files[0].read_bytes()) > 100  # rewritten whole
     assert tokenize_cached(texts, tok, 64, None) == first  # no cache at all
+    # a cache "folder" that is a file (LORACLF_CACHE set wrong): not an error either (it was:
+    # NotADirectoryError from removing the temporary file that could not be made)
+    (tmp_path / "a-file").write_text("x")
+    assert tokenize_cached(texts, tok, 64, tmp_path / "a-file") == first
 
 
 def test_pad_collator_and_sorted_batches():

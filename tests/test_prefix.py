@@ -142,6 +142,39 @@ def test_spill_file_is_removed_when_the_pass_fails(tiny_roberta, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_disk_too_small_for_the_spill_file_is_an_error_naming_it(tiny_roberta, tmp_path, monkeypatch):
+    """The memory map was a sparse file: on a full disk, writing through it killed training with
+    SIGBUS (no message, run.json left "running", the disk still full). The space is now reserved
+    first, so the disk's refusal is an OSError naming the file, and the folder is removed."""
+    import errno
+    import os
+    import subprocess
+    import sys
+
+    model, mcfg = _model(tiny_roberta, [2, 3])
+    prefix = FrozenPrefix.find(model)
+    ids = tokenize(["war minister says", "goal " * 30, "shares rose"], load_tokenizer(mcfg), 128)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError) as e:
+        prefix.compute(ids, 1, 2, torch.device("cpu"), "fp32", ram_bytes=0, spill_parent=tmp_path)
+    assert e.value.errno == errno.ENOSPC and e.value.filename.endswith("hidden.npy")
+    assert not list(tmp_path.iterdir())
+    # a file size limit (ulimit -f) stops the map's creation itself: named too, nothing left
+    code = (f"import resource, sys, torch; sys.path[:0] = {sys.path!r}; from test_prefix import _model; "
+            f"from loraclf.prefix import FrozenPrefix; m, _ = _model({str(tiny_roberta)!r}, [2, 3]); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); "
+            f"FrozenPrefix.find(m).compute({ids!r}, 1, 2, torch.device('cpu'), 'fp32', 0, "
+            f"__import__('pathlib').Path({str(tmp_path)!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent)
+    assert done.returncode != 0 and "File too large" in done.stderr and "hidden.npy" in done.stderr.splitlines()[-1]
+    assert not list(tmp_path.iterdir())
+
+
 def _other_arch(tiny_roberta: Path, dest: Path, kind: str) -> Path:
     """A tiny random DeBERTa-v2 or ELECTRA-small-shaped model (embeddings narrower than the
     layers) with the tiny RoBERTa's tokenizer."""

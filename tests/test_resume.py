@@ -74,6 +74,45 @@ def reference(tmp_path_factory, tiny_roberta, agnews_files):
     return _final(out)
 
 
+def test_metrics_jsonl_is_rewritten_whole_on_resume_and_lost_records_are_said(reference, tiny_roberta, agnews_files,
+                                                                              tmp_path, monkeypatch):
+    """Resume rewrote metrics.jsonl in place: a full disk or a kill mid-write left it cut off
+    mid-record (every later --resume: a JSONDecodeError traceback) or empty (the run completed
+    with most of its learning curve gone and nothing said)."""
+    import loraclf.runs as runs_mod
+
+    run = tmp_path / "run"
+    cb = StopAt(7)
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run)), cb, cb.stop)
+    log = run / "metrics.jsonl"
+    before = log.read_bytes()
+    real = runs_mod.os.replace
+
+    def disk_full(src, dst):  # the new file was written, but the disk filled before it took the old one's place
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs_mod.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        resume(run)
+    monkeypatch.setattr(runs_mod.os, "replace", real)
+    assert log.read_bytes() == before and not list(run.glob(".metrics*"))  # the old file, whole
+    resume(run)
+    assert _final(run) == reference
+    assert "metrics_records_lost" not in json.loads((run / "run.json").read_text())
+    # records lost from the file (cut short, a damaged line) since: the run goes on and says how many
+    run2 = tmp_path / "run2"
+    cb = StopAt(7)
+    with pytest.raises(Interrupted):
+        train(load_config(SEED, _overrides(tiny_roberta, agnews_files, run2)), cb, cb.stop)
+    lines = (run2 / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run2 / "metrics.jsonl").write_text("".join(lines[:2]) + lines[2][:10] + "\n")
+    resume(run2)
+    info = json.loads((run2 / "run.json").read_text())
+    assert info["status"] == "complete" and info["metrics_records_lost"] == len(lines) - 2
+    assert _final(run2)[:3] == reference[:3]  # the adapter and metrics are the run's all the same
+
+
 def _kill_at(marker: str, nth: int, run: Path, overrides: dict) -> None:
     """Start a training child process and SIGKILL it at the nth line equal to ``marker``."""
     p = subprocess.Popen([sys.executable, "-c", CHILD, str(SEED), json.dumps(overrides)], stdout=subprocess.PIPE,
@@ -416,6 +455,18 @@ def test_a_full_disk_during_a_checkpoint_is_an_oserror_and_leaves_no_half_checkp
     with pytest.raises(OSError, match="No space left"):
         checkpoint.save(tmp_path, checkpoint.LoopState(step=1), dict(model.named_parameters()), None, opt, sched, keep=2)
     monkeypatch.undo()
+    assert not list((tmp_path / "checkpoints").iterdir())
+    # a full disk found by write() or fsync() names no file: the error named none ("error: No
+    # space left on device", nothing else); it names the checkpoint now
+
+    def full_at_sync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full_at_sync)
+    with pytest.raises(OSError) as e:
+        checkpoint.save(tmp_path, checkpoint.LoopState(step=1), dict(model.named_parameters()), None, opt, sched, keep=2)
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC and e.value.filename.endswith("step-00000001")
     assert not list((tmp_path / "checkpoints").iterdir())
 
 

@@ -136,13 +136,14 @@ def save(run_dir: Path, loop: LoopState, trainable: dict[str, torch.Tensor],
             save_file(opt_tensors, tmp / "optimizer.safetensors")
             for process, (rng_tensors, _) in enumerate(rng):
                 save_file(rng_tensors, tmp / _rng_file(process))
-        state = {"loop": asdict(loop), "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng[0][1]}
-        if len(rng) > 1:
-            state["rng_processes"] = [meta for _, meta in rng[1:]]
-        with open(tmp / _DONE, "w", encoding="utf-8") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+            state = {"loop": asdict(loop), "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                     "rng": rng[0][1]}
+            if len(rng) > 1:
+                state["rng_processes"] = [meta for _, meta in rng[1:]]
+            with open(tmp / _DONE, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give back what the half checkpoint took
         raise

@@ -496,6 +496,23 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
     return split_lines(sys.stdin.read().removeprefix("\ufeff"), "stdin")
 
 
+def _part_of_run(run_dir: str, path: str) -> bool:
+    """Is ``path`` one of the files a run is made of (or in one of its folders)? Other files in
+    the run folder (``RUN_DIR/predictions.jsonl``) are the user's."""
+    from . import runs
+    from .checkpoint import CHECKPOINT_DIR
+    from .report import CONFUSION_FILE, HTML_FILE, MD_FILE
+
+    try:
+        rel = Path(path).resolve().relative_to(Path(run_dir).resolve())
+    except (OSError, ValueError):
+        return False
+    files = {runs.RUN_FILE, runs.CONFIG_FILE, runs.LABELS_FILE, runs.METRICS_FILE, runs.CURVE_FILE, runs.LOCK_FILE,
+             runs.EXAMPLES_FILE, HTML_FILE, MD_FILE, CONFUSION_FILE}
+    folders = {runs.ADAPTER_DIR, runs.TOKENIZER_DIR, runs.EVAL_DIR, CHECKPOINT_DIR}
+    return bool(rel.parts) and (rel.parts[0] in folders or (len(rel.parts) == 1 and rel.name in files))
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
@@ -547,6 +564,9 @@ def _check_output(path: str | None, flag: str) -> None:
         if not os.access(p, os.W_OK):
             raise ConfigError([f"{flag} {path} is not writable"], where="command line", fix=f"choose another {flag}")
         return
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError([f"{flag} {path}: {parent} is a file, not a folder"], where="command line",
+                          fix=f"choose another {flag}")
     if not parent.is_dir():
         raise ConfigError([f"{flag} {path}: folder {parent} does not exist"], where="command line",
                           fix=f"create {parent} first, or choose another {flag}")
@@ -570,6 +590,9 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.top_k < 1:
         raise ConfigError([f"--top-k must be >= 1 (got {args.top_k})"], where="command line",
                           fix="give --top-k 1 (the label only) or more")
+    if args.output and _part_of_run(args.run_dir, args.output):
+        raise ConfigError([f"--output {args.output} is one of the run's own files: the predictions would replace it"],
+                          where="command line", fix="write the predictions to another file")
     _check_output(args.output, "--output")
     if args.output and args.input and args.input != "-" and _same_file(args.output, args.input):
         raise ConfigError([f"--output {args.output} is the --input file: the predictions would replace the texts"],

@@ -750,7 +750,8 @@ def tokenize_cached(texts: Sequence[str], tokenizer: Any, max_length: int,
         np.savez(tmp, ids=flat, offsets=offsets)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+        with contextlib.suppress(OSError):  # (a cache "folder" that is a file fails here too)
+            tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
     return ids
 
 

@@ -20,6 +20,8 @@ silently trained wrong.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -67,6 +69,22 @@ class PrefixStore:
         if self.spill_dir is not None:
             shutil.rmtree(self.spill_dir, ignore_errors=True)
             self.spill_dir = None
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks before writing it. The map is a sparse file: on a
+    disk that cannot hold it, a write through the map kills the process (SIGBUS), where
+    reserving the space first gives an OSError (ENOSPC) that can be reported."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: as before, unreserved
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # (a file system that cannot)
+            raise
+    finally:
+        os.close(fd)
 
 
 class FrozenPrefix:
@@ -129,8 +147,13 @@ class FrozenPrefix:
         spill_dir = None
         if shape[0] * hidden_size * 4 > ram_bytes:
             spill_dir = Path(tempfile.mkdtemp(prefix=".prefix-cache-", dir=spill_parent))
-            data: np.ndarray = np.lib.format.open_memmap(spill_dir / "hidden.npy", mode="w+", dtype=np.float32,
-                                                         shape=shape)
+            spill = spill_dir / "hidden.npy"
+            try:
+                data: np.ndarray = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=shape)
+                _reserve(spill)
+            except OSError as e:  # a full disk or a file size limit: named, and nothing left behind
+                shutil.rmtree(spill_dir, ignore_errors=True)
+                raise OSError(e.errno, e.strerror or str(e), str(spill)) from None
         else:
             data = np.empty(shape, dtype=np.float32)
         captured: list[torch.Tensor] = []

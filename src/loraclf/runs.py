@@ -176,12 +176,15 @@ def _held_elsewhere(e: OSError) -> bool:
 def write_errors_as_oserror(where: Path) -> Iterator[None]:
     """safetensors (SafetensorError) and tokenizers (a plain Exception: "... (os error 28)") report
     a failed write (a full disk) in types of their own, which escaped the CLI's one-line disk
-    errors as a traceback: made the OSError they are, naming ``where``."""
+    errors as a traceback: made the OSError they are, naming ``where`` (as is an OSError that
+    names no file)."""
     from safetensors import SafetensorError
 
     try:
         yield
-    except OSError:
+    except OSError as e:
+        if e.filename is None:  # a failed write() or fsync() names no file: the one being written
+            raise OSError(e.errno, e.strerror or str(e), str(where)) from None
         raise
     except Exception as e:  # noqa: BLE001 - only what reads as an operating-system error is converted
         message = str(e)

@@ -86,19 +86,26 @@ class _Metrics:
         self.write = write
         self.records: list[dict[str, Any]] = []
 
-    def truncate(self, n: int) -> None:
-        """Keep the first ``n`` records (those a checkpoint knows about); drop the rest."""
+    def truncate(self, n: int) -> int:
+        """Keep the first ``n`` records (those a checkpoint knows about); drop the rest. Returns how
+        many of those ``n`` are missing or unreadable (a file damaged or cut short since): the
+        run goes on without them, and says so."""
         if not self.write:
-            return
-        lines = self.path.read_text(encoding="utf-8").splitlines()[:n] if self.path.exists() else []
-        self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        self.records = [json.loads(line) for line in lines]
+            return 0
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()[:n] if self.path.exists() else []
+        self.records = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                self.records.append(json.loads(line))
+        # replaced whole: a kill or a full disk mid-write leaves the old file, not half of one
+        runs.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        return n - len(self.records)
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if not self.write:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with runs.write_errors_as_oserror(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -493,7 +500,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             checkpoint.restore(loaded, optimizer, scheduler, procs.process_index)
             loop, best_state = loaded.loop, loaded.best
             loop.fused, loop.precision, loop.processes = fuse, precision, procs.num_processes
-            metrics.truncate(loop.metrics_lines)  # records written after the checkpoint are redone
+            lost = metrics.truncate(loop.metrics_lines)  # records written after the checkpoint are redone
+            if lost:
+                info["metrics_records_lost"] = info.get("metrics_records_lost", 0) + lost
         loop.train_time += cache_seconds  # the cache is part of what training costs
         cache_seconds_left = cache_seconds
         cb.on_start(total_steps, {"device": str(accelerator.device), "precision": precision,
