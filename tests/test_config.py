@@ -227,3 +227,16 @@ def test_a_config_that_is_not_utf8_says_so(tmp_path):
     f.write_text("lora:\n  r: 5\n", encoding="utf-16")  # what some Windows editors save
     with pytest.raises(ConfigError, match=r"not UTF-8 text .*save the file as UTF-8"):
         load_config(f)
+
+
+def test_a_full_disk_writing_config_yaml_names_the_file(tmp_path, monkeypatch):
+    """write() reports ENOSPC without a file name: the CLI's line said only "No space left on device"."""
+    import errno
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as e:
+        save_config(load_config(None), tmp_path / "config.yaml")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "config.yaml")

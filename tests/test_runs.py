@@ -25,6 +25,26 @@ def test_overwrite_replaces_an_earlier_run(tmp_path):
     assert run.is_dir() and not any(run.iterdir())
 
 
+def test_an_old_run_that_cannot_be_deleted_is_one_error_naming_it(tmp_path, monkeypatch):
+    """On a read-only run --train.overwrite said only "Read-only file system (run.json)": rmtree
+    names files relative to the folder, so the line did not say which run."""
+    import errno
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runs.RUN_FILE).write_text('{"status": "complete"}')
+
+    def read_only(path, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", "run.json")
+
+    monkeypatch.setattr(shutil, "rmtree", read_only)
+    with pytest.raises(RunError) as e:
+        runs.prepare_dir(run, overwrite=True)
+    assert e.value.where == str(run) and "Read-only file system: run.json" in e.value.what
+    assert "\n" not in str(e.value)
+
+
 def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)

@@ -249,7 +249,11 @@ def prepare_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Non
         if inside:
             raise RunError(f"holds {inside[0]}, which this run reads; --train.overwrite will not delete it",
                            where=str(path), fix="move it out of the old run first, or choose another --train.output_dir")
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as e:  # rmtree names files relative to the folder ("run.json")
+            raise RunError(f"--train.overwrite cannot delete the old run ({e.strerror or e}: {e.filename})",
+                           where=str(path), fix="make it writable, or choose another --train.output_dir") from None
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
