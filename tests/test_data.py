@@ -579,3 +579,28 @@ def test_accumulation_micro_batches_are_the_fused_steps_split(group, budget, acc
     # one step per micro-batch: the grouping of a run without accumulation is unchanged
     one = LengthGroupedBatchSampler(lengths, batch_size=16, seed=5, group_by_length=group, mega=8, max_tokens=budget)
     assert list(one) == list(LengthGroupedBatchSampler(lengths, split=False, **{**kw, "accumulate": 1}))
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+@pytest.mark.parametrize("budget", [None, 600])
+@pytest.mark.parametrize("group", [True, False])
+def test_every_process_trains_the_group_a_fused_run_gives_it(processes, budget, group):
+    """With several processes the epoch's micro-batches were padded and dealt out one by one, so
+    in an epoch's last step the processes of an unfused run trained other rows (a repeat of the
+    first micro-batch, the short tail's rows at another weight) than those of a fused run."""
+    lengths = np.random.default_rng(6).integers(3, 120, size=73)
+    for accumulate in (2, 3):
+        kw = dict(batch_size=4, seed=5, group_by_length=group, mega=8, max_tokens=budget, accumulate=accumulate,
+                  processes=processes)
+        fused, split = LengthGroupedBatchSampler(lengths, split=False, **kw), LengthGroupedBatchSampler(lengths, **kw)
+        for epoch in (1, 2):
+            fused.begin_epoch(epoch)
+            split.begin_epoch(epoch)
+            steps, parts = list(fused), list(split)
+            assert len(steps) % processes == 0 and len(parts) == len(steps) * accumulate
+            assert set(i for b in parts for i in b) == set(range(73))
+            for q in range(processes):  # accelerate deals batches out in turn: process q's share
+                mine, theirs = parts[q::processes], steps[q::processes]
+                assert [sum(mine[j * accumulate : (j + 1) * accumulate], []) for j in range(len(theirs))] == theirs
+                assert all(len({len(p) for p in mine[j * accumulate : (j + 1) * accumulate]}) == 1
+                           for j in range(len(theirs)))

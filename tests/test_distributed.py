@@ -70,10 +70,12 @@ def two_process_run(tmp_path_factory, tiny_roberta, agnews_files) -> tuple[Path,
 
 @pytest.fixture(scope="module")
 def token_budget_run(tmp_path_factory, tiny_roberta, agnews_files) -> tuple[Path, subprocess.CompletedProcess]:
-    """Batches of as many rows as 160 padded tokens hold: their number and sizes vary by epoch."""
+    """Batches of as many rows as 160 padded tokens hold: their number and sizes vary by epoch;
+    two of them (one step group) per optimizer step."""
     out = tmp_path_factory.mktemp("dist-budget") / "run"
     return _train(out, _overrides(tiny_roberta, agnews_files, out, **{"train.max_tokens_per_batch": 160,
-                                                                      "train.epochs": 4}))
+                                                                      "train.epochs": 4,
+                                                                      "train.gradient_accumulation_steps": 2}))
 
 
 def test_two_processes_train_one_run(two_process_run):
@@ -116,6 +118,28 @@ def test_a_token_budget_gives_every_process_as_many_batches(token_budget_run):
     assert train_records[-1]["step"] == info["optimizer_steps"] and train_records[-1]["lr"] == 0.0
     t = info["throughput"]
     assert round(t["train_examples_per_s"] * t["train_seconds"]) >= 4 * 180
+
+
+@pytest.mark.parametrize("budget", [None, 90], ids=["rows", "token-budget"])
+def test_fused_and_unfused_accumulation_train_alike_in_two_processes(budget, tiny_roberta, agnews_files, tmp_path):
+    """Each process's step is one whole group either way. The epoch's micro-batches were padded
+    and dealt out one by one: in every epoch's last step the unfused processes trained a repeat
+    of the first micro-batch and the short tail's row at half its weight (adapters 0.03 apart)."""
+    from test_train import _without_dropout
+
+    model = _without_dropout(tiny_roberta, tmp_path / "no-dropout")
+    weights, steps = {}, {}
+    for fused in (False, True):
+        out = tmp_path / str(fused)
+        _train(out, tiny_overrides(model, agnews_files, out, **{
+            "train.fuse_accumulation": fused, "train.epochs": 2, "train.batch_size": 4,
+            "train.gradient_accumulation_steps": 2, "data.max_train_samples": 73, "lora.dropout": 0.0,
+            "train.max_grad_norm": None, "train.max_tokens_per_batch": budget}))
+        weights[fused] = load_file(out / "adapter" / "adapter_model.safetensors")
+        steps[fused] = json.loads((out / "run.json").read_text())["optimizer_steps"]
+    assert steps[True] == steps[False] >= 8
+    for k in weights[True]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-5, rtol=1e-4)
 
 
 def _cut_back(run: Path, copy: Path, step: int) -> None:

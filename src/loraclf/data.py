@@ -823,10 +823,13 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     last in the epoch, where the training loop expects its one short step.
 
     ``processes``: for a run in several processes, which accelerate deals the batches out to in
-    turn, each epoch's list is made a multiple of them by repeating its first batches. accelerate
-    would do it otherwise (``even_batches``) by size, taking a short or token-budget batch for the
-    end of the data; here every process gets as many batches, every row is seen, and the list
-    does not depend on where a resumed epoch starts.
+    turn, each epoch's step groups are made a multiple of them by repeating its first groups (and
+    a short last group up to ``accumulate`` rows by repeating its first rows), and the parts of
+    each round of groups are interleaved so that every process trains one whole group per step,
+    the group a fused run gives it. accelerate would even the batches out otherwise
+    (``even_batches``) by size, taking a short or token-budget batch for the end of the data;
+    here every process gets as many batches, every row is seen, and the list does not depend on
+    where a resumed epoch starts.
     """
 
     # Not the rows per batch (``rows``): accelerate reads a batch sampler's ``batch_size`` as the
@@ -848,6 +851,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.mega = mega
         self.epoch = 0
         self.skip = 0
+        self._memo: tuple[int | None, list[np.ndarray]] = (None, [])  # one epoch's batches, made once
 
     def begin_epoch(self, epoch: int, skip: int = 0) -> None:
         """Order for ``epoch``; ``skip`` leaves out its first batches (resuming mid-epoch).
@@ -859,17 +863,11 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         """Batches in a full epoch (``skip`` aside): the schedule is planned on full epochs."""
-        if self.max_tokens:
-            return len(self._batches(self.epoch))
-        full, rest = divmod(len(self.lengths), self.rows * self.accumulate)
-        whole, short = divmod(rest, self.accumulate)  # the rest: a group of whole micro-batches, then fewer rows
-        if self.split:
-            return _round_up((full + (whole > 0)) * self.accumulate + short, self.processes)
-        return _round_up(full + (whole > 0) + (short > 0), self.processes)
+        return len(self._batches(self.epoch))
 
     def batches_in_epoch(self, epoch: int) -> int:
         """With a token budget the count varies by epoch; the schedule sums them up front."""
-        return len(self._batches(epoch)) if self.max_tokens else len(self)
+        return len(self._batches(epoch))
 
     def _cut(self, rows: np.ndarray) -> list[np.ndarray]:
         """Consecutive step groups of ``rows``: ``batch_size`` x ``accumulate`` rows each, or with
@@ -900,25 +898,42 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         return out
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
+        if self._memo[0] == epoch:
+            return self._memo[1]
+        k, n = self.accumulate, self.processes
         rng = np.random.default_rng((self.seed, epoch))
         perm = rng.permutation(len(self.lengths))
         if not self.group_by_length:
-            batches = self._cut(perm)
+            groups = self._cut(perm)
         else:
-            size = self.rows * self.accumulate * self.mega
+            size = self.rows * k * self.mega
             grouped, short = [], perm[:0]
             for start in range(0, len(perm), size):
                 chunk = np.concatenate([short, perm[start : start + size]])
                 cut = self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
                 # a group too small to split goes on with the next chunk's rows, or last
-                short = cut.pop() if len(cut[-1]) < self.accumulate else perm[:0]
+                short = cut.pop() if len(cut[-1]) < k else perm[:0]
                 grouped.extend(cut)
             order = rng.permutation(len(grouped))
-            batches = [grouped[i] for i in order] + ([short] if len(short) else [])
+            groups = [grouped[i] for i in order] + ([short] if len(short) else [])
+        if n > 1:
+            # Several processes: every process's step must be one whole group (as when fused),
+            # so the short last group is made up to `accumulate` rows with the epoch's first
+            # rows, and the groups to a multiple of the processes by repeating the first groups
+            # (cycled: fewer groups than processes repeat more than once).
+            if len(groups[-1]) < k:
+                groups[-1] = np.concatenate([groups[-1], np.resize(perm, k - len(groups[-1]))])
+            groups += [groups[i % len(groups)] for i in range(_round_up(len(groups), n) - len(groups))]
+        batches = groups
         if self.split:
-            batches = [part for group in batches for part in np.array_split(group, min(self.accumulate, len(group)))]
-        # (cycled: fewer batches than processes repeat more than once)
-        return batches + [batches[i % len(batches)] for i in range(_round_up(len(batches), self.processes) - len(batches))]
+            # accelerate deals batches out to the processes in turn: the parts of each round of
+            # n groups are interleaved so that process q gets every part of the round's group q
+            batches = []
+            for r in range(0, len(groups), n):
+                parts = [np.array_split(g, min(k, len(g))) for g in groups[r : r + n]]
+                batches += [p[j] for j in range(max(map(len, parts))) for p in parts if j < len(p)]
+        self._memo = (epoch, batches)
+        return batches
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in self._batches(self.epoch)[self.skip :]:
