@@ -60,6 +60,25 @@ def test_markdown_cells_show_text_as_written():
         "\\<script\\> a\\|b \\*\\*x\\*\\* my\\_run \\&amp; y"
 
 
+def test_importing_and_drawing_leave_the_user_s_matplotlib_backend_alone(tmp_path):
+    """plots.py called matplotlib.use("Agg") at import: `from loraclf.train import train` in a
+    notebook turned its inline plots off, silently. Figures are now drawn without pyplot."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import matplotlib, sys; import loraclf.train, loraclf.evaluate; from loraclf import plots; "
+            f"plots.confusion_matrix([[1, 0], [0, 1]], ['a', 'b'], __import__('pathlib').Path({str(tmp_path)!r}) / 'c.png', 't'); "
+            "plots.learning_curve([{'event': 'train', 'step': 1, 'loss': 1.0}], "
+            f"__import__('pathlib').Path({str(tmp_path)!r}) / 'l.png'); "
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MPLBACKEND": "svg"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "False"]
+    assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in ("c.png", "l.png"))
+
+
 def test_plots_take_class_names_as_plain_text(tmp_path):
     # "$$" (a price tier) was read as mathtext: evaluate and report ended in a ParseException traceback
     from loraclf import plots

@@ -655,3 +655,37 @@ def test_training_leaves_every_base_weight_untouched(tiny_roberta, agnews_files,
     base = [n for n, _ in fresh.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
     assert len(base) > 10 and [n for n in base if not torch.equal(trained[n], fresh.get_parameter(n))] == []
     assert any(not torch.equal(trained[n], p) for n, p in fresh.named_parameters() if "lora_B" in n)
+
+
+def test_a_notebook_s_earlier_accelerator_and_seeds_neither_change_training_nor_are_changed(
+        tiny_roberta, agnews_files, tmp_path):
+    """In one long-lived process (a notebook): an Accelerator made earlier for bf16 (a
+    Trainer(bf16=True) cell) wrapped training's forward in bf16 autocast while run.json said fp32,
+    and training's Accelerator then stopped the caller from making their own; training also left
+    the caller's random generators reseeded (every run's next draw the same)."""
+    import random
+
+    import numpy as np
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def run(name):
+        out = tmp_path / name
+        train(load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, out,
+                                               **{"train.epochs": 1, "data.max_train_samples": 48})))
+        return load_file(out / "adapter" / "adapter_model.safetensors")
+
+    plain = run("plain")
+    AcceleratorState._reset_state()
+    theirs = Accelerator(mixed_precision="bf16", cpu=True)
+    random.seed(999), np.random.seed(999), torch.manual_seed(999)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(999), np.random.seed(999), torch.manual_seed(999)
+    beside = run("beside")
+    assert all(torch.equal(plain[k], beside[k]) for k in plain)  # fp32, as recorded
+    assert theirs.state.mixed_precision == "bf16" and theirs.mixed_precision == "bf16"  # theirs, as it was
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    AcceleratorState._reset_state()
+    run("after")
+    assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"  # not "already initialized"
+    AcceleratorState._reset_state()

@@ -100,9 +100,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                      "python": [py_state[0], list(py_state[1]), py_state[2]]}
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Put back generator states :func:`rng_state` took."""
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     n = meta["numpy"]
@@ -266,4 +267,4 @@ def restore(loaded: Loaded, optimizer: Any, scheduler: Any, process: int = 0) ->
     optimizer.load_state_dict(_join_optimizer(_read(loaded.path / "optimizer.safetensors"), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     meta = state["rng"] if process == 0 else state["rng_processes"][process - 1]
-    _set_rng_state(_read(loaded.path / _rng_file(process)), meta)
+    set_rng_state(_read(loaded.path / _rng_file(process)), meta)

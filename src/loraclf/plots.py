@@ -6,27 +6,27 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: runs on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
+from .runs import atomic_file
 
-from .runs import atomic_file  # noqa: E402
+# Figures are drawn without pyplot: no backend is chosen or changed (a notebook's inline plots
+# stay as they were: matplotlib.use("Agg") at import turned them off), nothing is kept in
+# pyplot's list of open figures, and no display is needed (servers, CI).
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    """PNG, written atomically like every other file of a run; the figure is closed either way."""
-    try:
-        with atomic_file(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+def _save(fig: Figure, path: Path) -> None:
+    """PNG, written atomically like every other file of a run."""
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def learning_curve(records: Sequence[dict[str, Any]], path: Path) -> None:
     """Train loss per logged step and validation accuracy per epoch, on a shared step axis."""
     train = [r for r in records if r.get("event") == "train"]
     val = [r for r in records if r.get("event") == "eval" and r.get("split") == "validation"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
     ax.set_xlabel("optimizer step")
@@ -59,7 +59,8 @@ MAX_TICK_NAMES = 80
 def _confusion_matrix(matrix: Sequence[Sequence[int]], label_names: Sequence[str], path: Path, title: str) -> None:
     n = len(label_names)
     side = min(1.2 * n + 2.5, MAX_SIDE_INCHES)
-    fig, ax = plt.subplots(figsize=(side, min(1.2 * n + 2, MAX_SIDE_INCHES)))
+    fig = Figure(figsize=(side, min(1.2 * n + 2, MAX_SIDE_INCHES)))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     peak = max((max(r) for r in matrix), default=0)
     if n <= MAX_CELL_COUNTS:

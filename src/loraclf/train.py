@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -361,6 +362,27 @@ def _reopen(run: runs.Run) -> tuple[Config, dict[str, Any], Path, tuple[Splits, 
     return cfg, info, ckpt, (splits, tokenizer, model_config, counts)
 
 
+_ACCELERATE_SINGLETONS = (AcceleratorState, GradientState)
+
+
+def _set_aside_accelerate_state() -> list[dict[str, Any]]:
+    """Clear accelerate's process-wide state and return what it held. An Accelerator made earlier
+    in this process (a notebook's ``Trainer(bf16=True)``) would otherwise impose its settings on
+    training's: bf16 autocast wrapped around the forward of a run that records fp32. Precision
+    is loraclf's own (``autocast``), so training's Accelerator starts afresh without mixed
+    precision; :func:`_restore_accelerate_state` gives the caller's objects their state back."""
+    saved = [dict(cls._shared_state) for cls in _ACCELERATE_SINGLETONS]
+    for cls in _ACCELERATE_SINGLETONS:
+        cls._shared_state.clear()
+    return saved
+
+
+def _restore_accelerate_state(saved: list[dict[str, Any]]) -> None:
+    for cls, state in zip(_ACCELERATE_SINGLETONS, saved):
+        cls._shared_state.clear()
+        cls._shared_state.update(state)
+
+
 def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts: budget.Breakdown,
          info: dict[str, Any], callback: Callback | None, stop: threading.Event | None,
          ckpt: Path | None, t_start: float) -> TrainResult:
@@ -373,6 +395,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     wall_before = info.get("wall_time_s", 0.0)
     procs = distributed.state()
     main = procs.is_main_process
+    # the caller's generators: training seeds them (set_seed), a notebook's next cell expects its own
+    caller_rng = checkpoint.rng_state()
+    callers_accelerate = None
     if main:
         for stale in run_dir.glob(".prefix-cache-*"):
             # the disk cache of a session that was killed (an OOM kill leaves no chance to clean up);
@@ -402,7 +427,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             and not (tc.compile and tc.compile_mode in COMPILE_MODES_WITH_GRAPHS))
         # non_blocking + pinned memory: batch copies overlap the previous step's kernels on a GPU
         # even_batches off: the sampler evens the batches out itself (LengthGroupedBatchSampler)
-        accelerator = Accelerator(gradient_accumulation_steps=accumulation,
+        callers_accelerate = _set_aside_accelerate_state()
+        accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=accumulation,
                                   dataloader_config=DataLoaderConfiguration(non_blocking=True, even_batches=False))
         on_cuda = accelerator.device.type == "cuda"
         if loaded is not None and loaded.loop.precision is not None:
@@ -714,6 +740,9 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     finally:
         for store in locals().get("stores") or []:
             store.close()  # a memory-mapped cache is deleted with its folder
+        if callers_accelerate is not None:
+            _restore_accelerate_state(callers_accelerate)
+        checkpoint.set_rng_state(*caller_rng)
 
 
 def write_extras(run_dir: Path, splits: Splits, info: dict[str, Any], per_class: int = 3) -> None:
