@@ -268,6 +268,17 @@ def test_token_cache_hits_misses_and_survives_damage(tiny_roberta, tmp_path, mon
     # NotADirectoryError from removing the temporary file that could not be made)
     (tmp_path / "a-file").write_text("x")
     assert tokenize_cached(texts, tok, 64, tmp_path / "a-file") == first
+    # temporaries of writers killed mid-write stayed forever; a day-old one is swept at the next
+    # write, a younger one (maybe another process's write in progress) is left alone
+    import os
+    import time
+
+    stale, fresh = tmp_path / "tokens" / ".dead.123.npz", tmp_path / "tokens" / ".busy.456.npz"
+    for f in (stale, fresh):
+        f.write_bytes(b"half a cache file")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    tokenize_cached(["a text not cached yet"], tok, 64, tmp_path)
+    assert not stale.exists() and fresh.exists()
 
 
 def test_pad_collator_and_sorted_batches():

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -725,6 +726,17 @@ def _token_cache_key(texts: Sequence[str], tokenizer: Any, max_length: int) -> s
     return h.hexdigest()[:32]
 
 
+def _sweep_stale_temporaries(folder: Path, older_than_s: float = 24 * 3600) -> None:
+    """Remove the temporaries of cache writers killed mid-write (kill -9, an OOM kill): never
+    renamed into place, never read, each the size of a dataset's tokens. Only old ones: a younger
+    one may be another process's write in progress."""
+    cutoff = time.time() - older_than_s
+    for tmp in folder.glob(".*.npz"):
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+
+
 def tokenize_cached(texts: Sequence[str], tokenizer: Any, max_length: int,
                     cache_dir: Path | None) -> list[list[int]]:
     """``tokenize`` through an on-disk cache keyed by tokenizer, max_length and the texts
@@ -747,6 +759,7 @@ def tokenize_cached(texts: Sequence[str], tokenizer: Any, max_length: int,
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale_temporaries(path.parent)
         np.savez(tmp, ids=flat, offsets=offsets)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except OSError:
