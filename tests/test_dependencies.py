@@ -42,3 +42,11 @@ def test_lowest_pins_are_the_declared_lower_bounds():
 
 def test_ci_installs_the_lowest_pins():
     assert "-c .ci/lowest.txt" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_package_version_is_one_number():
+    """run.json records loraclf.__version__ to say which release trained a run (a release may cut
+    batches differently); pip reads pyproject.toml's. They must be the same number."""
+    import loraclf
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == loraclf.__version__

@@ -138,8 +138,8 @@ def test_fused_and_unfused_accumulation_train_alike_in_two_processes(budget, tin
         weights[fused] = load_file(out / "adapter" / "adapter_model.safetensors")
         steps[fused] = json.loads((out / "run.json").read_text())["optimizer_steps"]
     assert steps[True] == steps[False] >= 8
-    for k in weights[True]:
-        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-5, rtol=1e-4)
+    for k in weights[True]:  # (float rounding: up to 1.5e-5 apart under accelerate 1.0; 7e-3 before the fix)
+        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-4, rtol=1e-3)
 
 
 def _cut_back(run: Path, copy: Path, step: int) -> None:

@@ -1,3 +1,3 @@
 """loraclf: LoRA text classifiers on a frozen pretrained encoder, under a trainable-parameter budget."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -265,13 +266,24 @@ def _undo_new_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir / runs.TOKENIZER_DIR, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _callers_generators() -> Iterator[None]:
+    """The caller's random generators (python, NumPy, torch), given back as they were: training
+    seeds them (set_seed) and draws from them, and a notebook's next cell expects its own."""
+    taken = checkpoint.rng_state()
+    try:
+        yield
+    finally:
+        checkpoint.set_rng_state(*taken)
+
+
 def train(cfg: Config, callback: Callback | None = None, stop: threading.Event | None = None) -> TrainResult:
     """Train a new run. ``stop``: when set (e.g. by a signal handler), the loop writes a
     checkpoint at the next optimizer step and raises :class:`Interrupted`."""
     t_start = time.perf_counter()
     run_dir = Path(cfg.train.output_dir)
     prepared: list[tuple[Splits, Any, Any, budget.Breakdown]] = []  # the main process's, not sent to the others
-    with contextlib.ExitStack() as held:  # the main process's training lock, held until the run ends
+    with _callers_generators(), contextlib.ExitStack() as held:  # held: the main process's training lock
 
         def new_run() -> tuple[Config, dict[str, Any]]:
             pinned = cfg
@@ -304,7 +316,7 @@ def resume(run_dir: str | Path, callback: Callback | None = None, stop: threadin
     t_start = time.perf_counter()
     path = runs.open_run(run_dir, allow_incomplete=True).path
     prepared: list[tuple[Splits, Any, Any, budget.Breakdown]] = []  # the main process's, not sent to the others
-    with contextlib.ExitStack() as held:  # the main process's training lock, held until the run ends
+    with _callers_generators(), contextlib.ExitStack() as held:  # held: the main process's training lock
 
         def reopen() -> tuple[Config, dict[str, Any], Path, list[str]]:
             held.enter_context(runs.training_lock(path))
@@ -395,8 +407,6 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
     wall_before = info.get("wall_time_s", 0.0)
     procs = distributed.state()
     main = procs.is_main_process
-    # the caller's generators: training seeds them (set_seed), a notebook's next cell expects its own
-    caller_rng = checkpoint.rng_state()
     callers_accelerate = None
     if main:
         for stale in run_dir.glob(".prefix-cache-*"):
@@ -742,7 +752,6 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             store.close()  # a memory-mapped cache is deleted with its folder
         if callers_accelerate is not None:
             _restore_accelerate_state(callers_accelerate)
-        checkpoint.set_rng_state(*caller_rng)
 
 
 def write_extras(run_dir: Path, splits: Splits, info: dict[str, Any], per_class: int = 3) -> None:
