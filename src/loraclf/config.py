@@ -421,12 +421,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    try:
+    from .runs import write_errors_as_oserror  # (runs imports this module)
+
+    with write_errors_as_oserror(Path(path)):  # a full disk's write() names no file: this one
         Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    except OSError as e:  # a full disk's write() names no file
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def config_keys() -> list[tuple[str, str, Any]]:

@@ -108,10 +108,10 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
         # the run's own test source, changed since training tested on it: metrics that differ
         # from run.json's then say nothing about the model (a moved copy is compared by content)
         tested = (run.info.get("data") or {}).get("test")
-        if "test" not in overrides or overrides["test"] == run.cfg.data.test or (
-                where is not None and where == source_path(run.cfg.data.test)):
-            if tested is not None:
-                result["same_data_as_training_test"] = same_data(fingerprint, tested)
+        own = "test" not in overrides or overrides["test"] == run.cfg.data.test or (
+            where is not None and where == source_path(run.cfg.data.test))
+        if own and tested is not None:
+            result["same_data_as_training_test"] = same_data(fingerprint, tested)
     if write:
         # a limit at or above the file's rows took them all: the evaluation is the full one
         subset = len(examples) if examples.sampled_from is not None else None

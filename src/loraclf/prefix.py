@@ -34,6 +34,7 @@ import torch
 from .data import PadCollator, sorted_batches
 from .model import find_blocks, num_layers
 from .precision import autocast
+from .runs import write_errors_as_oserror
 
 
 class _Captured(Exception):
@@ -149,11 +150,12 @@ class FrozenPrefix:
             spill_dir = Path(tempfile.mkdtemp(prefix=".prefix-cache-", dir=spill_parent))
             spill = spill_dir / "hidden.npy"
             try:
-                data: np.ndarray = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=shape)
-                _reserve(spill)
-            except OSError as e:  # a full disk or a file size limit: named, and nothing left behind
-                shutil.rmtree(spill_dir, ignore_errors=True)
-                raise OSError(e.errno, e.strerror or str(e), str(spill)) from None
+                with write_errors_as_oserror(spill):  # a full disk or a file size limit: named
+                    data: np.ndarray = np.lib.format.open_memmap(spill, mode="w+", dtype=np.float32, shape=shape)
+                    _reserve(spill)
+            except OSError:
+                shutil.rmtree(spill_dir, ignore_errors=True)  # and nothing left behind
+                raise
         else:
             data = np.empty(shape, dtype=np.float32)
         captured: list[torch.Tensor] = []
