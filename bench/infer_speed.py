@@ -6,8 +6,10 @@ Contenders (``--contenders``):
   * ``loraclf:fp32`` / ``loraclf:bf16`` / ``loraclf:auto`` - ``loraclf.predict.Predictor.from_run``
     (base loaded in fp32, LoRA merged into the weights, rows sorted by length, batches of
     ``batch_size``), timed on ``Predictor.predict(texts)``: tokenization, inference, softmax and
-    the result dicts; ``:graphs`` appended (GPU only): each batch shape's forward replayed from a
-    CUDA graph (``Predictor(cuda_graphs=True)``; pair with ``--warm-pass``);
+    the result dicts, with CUDA graphs off (``cuda_graphs=False``: the eager forward); ``:graphs``
+    appended (GPU only): each batch shape's forward replayed from a CUDA graph
+    (``Predictor(cuda_graphs=True)``, what ``loraclf predict`` does on a GPU by default since GPU
+    check 4; pair with ``--warm-pass``);
   * ``pipeline`` - the same base + adapter loaded with transformers / PEFT directly
     (``PeftModel.from_pretrained(...).merge_and_unload()``: the pipeline gets the *merged* plain
     model, so both sides run the same weights and LoRA costs nothing on either), then

@@ -463,6 +463,27 @@ def test_predict_table_input_rows_are_checked(row, expected, trained_run, tmp_pa
     assert expected in line and "in.jsonl" in line
 
 
+def test_predict_cuda_graphs_flag(trained_run, capsys, monkeypatch):
+    """--cuda-graphs reaches the Predictor: auto (None: on for a CUDA GPU), on, off; on on this
+    CPU is one error line."""
+    assert main(["predict", str(trained_run), "--cuda-graphs", "on", "bank shares rise"]) == 2
+    err = _error_line(capsys)
+    assert "CUDA graphs need a CUDA device, not cpu" in err and "auto or off" in err
+    assert main(["predict", str(trained_run), "--cuda-graphs", "off", "bank shares rise"]) == 0
+    off = capsys.readouterr().out
+    assert main(["predict", str(trained_run), "bank shares rise"]) == 0
+    assert capsys.readouterr().out == off
+    import loraclf.predict
+
+    seen = []
+    real = loraclf.predict.Predictor.from_run.__func__
+    monkeypatch.setattr(loraclf.predict.Predictor, "from_run",
+                        classmethod(lambda cls, *a, **k: seen.append(k["cuda_graphs"]) or real(cls, *a, **k)))
+    for flag in ("auto", "on", "off"):
+        main(["predict", str(trained_run), "--cuda-graphs", flag, "x"])
+    assert seen == [None, True, False]
+
+
 def test_predict_texts_after_double_dash(trained_run, capsys):
     assert main(["predict", str(trained_run), "--top-k", "2", "--", "-5% shares fall", "--data.x 1"]) == 0
     assert _predicted_texts(capsys) == ["-5% shares fall", "--data.x 1"]

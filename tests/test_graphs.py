@@ -225,9 +225,27 @@ def test_inference_graphs_give_the_same_logits(trained_run):
     assert backend.captures > 0 and graphed.graphs.replays > 0
 
 
-def test_inference_graphs_refused_on_cpu(trained_run):
+def test_inference_graphs_refused_on_cpu_and_off_there_by_default(trained_run):
     from loraclf.predict import Predictor
 
-    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device"):
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device, not cpu") as e:
         Predictor.from_run(trained_run, precision="fp32", cuda_graphs=True)
+    assert "auto or off" in e.value.fix
+    assert Predictor.from_run(trained_run, precision="fp32").graphs is None
+
+
+def test_inference_graphs_default_on_for_cuda_but_not_as_trained():
+    """None (the default of Predictor, `loraclf predict` and `serve`): graphs on a CUDA device
+    (3.5-3.9x the eager forward on an H200), never for as_trained, which must compute as
+    training's evaluation did (unrounded lengths)."""
+    from loraclf.predict import use_cuda_graphs
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert use_cuda_graphs(None, cuda) is True
+    assert use_cuda_graphs(None, cuda, as_trained=True) is False
+    assert use_cuda_graphs(None, cpu) is False and use_cuda_graphs(False, cpu) is False
+    assert use_cuda_graphs(False, cuda) is False and use_cuda_graphs(True, cuda) is True
+    assert use_cuda_graphs(True, cuda, as_trained=True) is True  # asked for: as asked
+    with pytest.raises(ConfigError):
+        use_cuda_graphs(True, cpu)
 

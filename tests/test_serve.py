@@ -85,6 +85,7 @@ def test_health_and_info(client, trained_run):
     assert info["trainable_params"] == run["params"]["trainable"] > 0
     assert info["metrics"]["test"]["accuracy"] == run["metrics"]["test"]["accuracy"]
     assert info["limits"]["max_texts"] == LIMITS.max_texts
+    assert info["device"] == "cpu" and info["cuda_graphs"] is False
 
 
 def test_predict_one_and_many_match_predictor(client, predictor):
@@ -601,6 +602,12 @@ def test_run_server_passes_the_graceful_timeout_and_logs_requests_at_info(predic
     with socket.socket() as sock:
         run_server(create_app(predictor), sock, log_level=level, graceful_timeout_s=3.5)
     assert seen["timeout_graceful_shutdown"] == 3.5 and seen["access_log"] is logged
+
+
+def test_cli_serve_cuda_graphs_on_without_a_gpu_is_one_line(trained_run, capsys):
+    assert cli.main(["serve", str(trained_run), "--port", "0", "--cuda-graphs", "on"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CUDA graphs need a CUDA device, not cpu" in err and "\n" not in err and "serving" not in err
 
 
 def test_cli_serve_on_a_busy_port_fails_before_loading_the_model(trained_run, capsys, monkeypatch):

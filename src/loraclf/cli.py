@@ -100,6 +100,10 @@ def _unicode(encoding: str | None) -> bool:
         return False
 
 
+_CUDA_GRAPHS_HELP = ("replay each batch shape's forward from a CUDA graph once the shape has been seen "
+                     "(auto: on a CUDA GPU; on: insist, an error elsewhere; off: every batch eager)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraclf", description="LoRA text classifiers under a trainable-parameter budget.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -165,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     pr.add_argument("--max-tokens", type=int, default=None,
                     help="also cap each batch at this many padded tokens (rows x longest row)")
+    pr.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                    help=_CUDA_GRAPHS_HELP)
     pr.add_argument("--checkpoint", action="store_true",
                     help="use an unfinished run's newest checkpoint (its best epoch so far)")
 
@@ -186,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "dropped; 408 for a body)")
     sv.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     sv.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    sv.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                    help=_CUDA_GRAPHS_HELP)
     sv.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning",
                     help="info and debug also log a line per request")
     sv.add_argument("--graceful-timeout", type=float, default=30,
@@ -581,6 +589,10 @@ def _write_output(path: str, text: str) -> None:
     write_text(path, text)  # the machine's failure (disk full, file too large): an OSError naming the file
 
 
+# --cuda-graphs: Predictor's cuda_graphs (None: on where the predictor runs on a CUDA GPU)
+_CUDA_GRAPHS = {"auto": None, "on": True, "off": False}
+
+
 def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .predict import Predictor
 
@@ -605,7 +617,8 @@ def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
                         fix="give texts as arguments, a non-empty --input FILE, or lines on stdin")
     _check_max_tokens(args)
     predictor = Predictor.from_run(args.run_dir, batch_size=args.batch_size, precision=args.precision,
-                                   from_checkpoint=args.checkpoint, max_tokens=args.max_tokens)
+                                   from_checkpoint=args.checkpoint, max_tokens=args.max_tokens,
+                                   cuda_graphs=_CUDA_GRAPHS[args.cuda_graphs])
     results = predictor.predict(texts, top_k=args.top_k)
     buf = io.StringIO()
     if args.format == "jsonl":
@@ -677,7 +690,7 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     try:
         app = build_app(run, micro_batching=not args.no_micro_batching, max_batch=args.max_batch,
                         max_wait_ms=args.max_wait_ms, limits=limits, batch_size=args.batch_size,
-                        precision=args.precision)
+                        precision=args.precision, cuda_graphs=_CUDA_GRAPHS[args.cuda_graphs])
     except BaseException:
         sock.close()
         raise

@@ -34,6 +34,19 @@ def forward_graphs(model: torch.nn.Module, device: torch.device, precision: str,
     return StepGraphs(forward, [], backend=backend, strict=False)
 
 
+def use_cuda_graphs(requested: bool | None, device: torch.device, as_trained: bool = False) -> bool:
+    """Whether a Predictor replays each batch shape's forward from a CUDA graph (a shape runs
+    eagerly the first time it is seen, then from its graph; lengths round up to PAD_MULTIPLE).
+    ``requested`` None: on for a CUDA device, as on an H200 that was 3.5x the eager forward at
+    batch 32 on a first pass over the rows and 3.9x on a second (BENCHMARKS.md, GPU check 4);
+    but not ``as_trained``, which reproduces training's own evaluation (unrounded lengths).
+    True insists: a ConfigError elsewhere than on CUDA."""
+    if requested and device.type != "cuda":
+        raise ConfigError([f"CUDA graphs need a CUDA device, not {device}"], where="predict",
+                          fix="leave CUDA graphs at auto or off on a machine without a CUDA GPU")
+    return device.type == "cuda" and not as_trained if requested is None else requested
+
+
 def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device,
             precision: str) -> torch.Tensor:
     """float32 logits [B, C] of one batch: the one forward that eager and graphed inference share."""
@@ -93,11 +106,13 @@ class Predictor:
     rather than every weight in bf16; with :meth:`from_run` also LoRA not merged and batches of
     the run's ``train.eval_batch_size``. Then a run's own test split gives the metrics run.json
     recorded (bf16 inference differs by ~1e-3 in the logits: enough to move some rows; a run
-    trained with ``train.compile`` is reproduced to float rounding)."""
+    trained with ``train.compile`` is reproduced to float rounding).
+
+    ``cuda_graphs``: see :func:`use_cuda_graphs` (None: on for a CUDA device unless ``as_trained``)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, label_names: list[str], max_length: int,
                  batch_size: int = 64, device: torch.device | str | None = None, precision: str = "auto",
-                 max_tokens: int | None = None, cuda_graphs: bool = False, as_trained: bool = False):
+                 max_tokens: int | None = None, cuda_graphs: bool | None = None, as_trained: bool = False):
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.precision = choose_precision(precision, self.device)
@@ -116,17 +131,13 @@ class Predictor:
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.checkpoint: Path | None = None  # the checkpoint folder the weights came from (from_run)
-        # Experimental (unmeasured on a GPU yet): replays of each batch shape's forward; a shape
-        # runs eagerly the first time it is seen, then from its graph
-        if cuda_graphs and self.device.type != "cuda":
-            raise ConfigError([f"cuda_graphs needs a CUDA device, not {self.device}"], where="predict",
-                              fix="leave CUDA graphs off on this machine")
-        self.graphs = forward_graphs(model, self.device, self.precision) if cuda_graphs else None
+        use = use_cuda_graphs(cuda_graphs, self.device, as_trained)
+        self.graphs = forward_graphs(model, self.device, self.precision) if use else None
 
     @classmethod
     def from_run(cls, run: Run | str | Path, batch_size: int | None = None, device: torch.device | str | None = None,
                  precision: str = "auto", merge: bool = True, from_checkpoint: bool = False,
-                 max_tokens: int | None = None, cuda_graphs: bool = False, as_trained: bool = False) -> Predictor:
+                 max_tokens: int | None = None, cuda_graphs: bool | None = None, as_trained: bool = False) -> Predictor:
         """Load a finished run; ``from_checkpoint``: an unfinished one, with the best weights of its
         newest checkpoint (the current weights when no epoch has been evaluated yet), whose folder
         is then the predictor's ``checkpoint``. ``batch_size``: None = 64, or with ``as_trained``

@@ -124,6 +124,7 @@ class InfoResponse(BaseModel):
     run_dir: str | None
     device: str
     precision: str
+    cuda_graphs: bool = Field(description="each batch shape's forward replayed from a CUDA graph")
     micro_batching: dict[str, Any]
     limits: dict[str, int]
 
@@ -626,7 +627,7 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
         return {"labels": list(predictor.label_names), "base_model": info.get("base_model"),
                 "trainable_params": info.get("trainable_params"), "params": info.get("params"),
                 "metrics": info.get("metrics"), "run_dir": info.get("run_dir"), "device": str(predictor.device),
-                "precision": predictor.precision,
+                "precision": predictor.precision, "cuda_graphs": predictor.graphs is not None,
                 "micro_batching": {"enabled": batcher.enabled, "max_batch": batcher.max_batch,
                                    "max_wait_ms": batcher.max_wait_s * 1000, "batches": batcher.batches,
                                    "texts": batcher.texts_done},
@@ -761,12 +762,13 @@ _PAGE = """<!doctype html>
 
 
 def build_app(run: Run | str | Path, *, micro_batching: bool = True, max_batch: int = 64, max_wait_ms: float = 5.0,
-              limits: Limits | None = None, batch_size: int = 64, precision: str = "auto") -> Any:
-    """Open a finished run (a folder, or one already opened), load its Predictor (LoRA merged)
-    and build the app."""
+              limits: Limits | None = None, batch_size: int = 64, precision: str = "auto",
+              cuda_graphs: bool | None = None) -> Any:
+    """Open a finished run (a folder, or one already opened), load its Predictor (LoRA merged;
+    ``cuda_graphs`` as for :class:`Predictor`) and build the app."""
     if not isinstance(run, Run):
         run = open_run(run)
-    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision)
+    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision, cuda_graphs=cuda_graphs)
     return create_app(predictor, info=run_info(run), examples=load_examples(run.path), limits=limits,
                       micro_batching=micro_batching, max_batch=max_batch, max_wait_ms=max_wait_ms)
 
