@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import make_rows, write_agnews_csv
 from loraclf.config import DataConfig
@@ -286,7 +287,11 @@ def test_pad_collator_and_sorted_batches():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [0, 2]
-    assert batch["n_tokens"] == 4
+    assert batch["n_tokens"] == 4 and type(batch["n_tokens"]) is int
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["labels"].dtype == torch.long
+    # rows as NumPy arrays (the token cache's) pad the same
+    same = PadCollator(pad_id=1)([(np.array([5, 6, 7]), 0), (np.array([8]), 2)])
+    assert all(torch.equal(same[k], batch[k]) for k in ("input_ids", "attention_mask", "labels"))
     assert sorted_batches([3, 9, 1, 5], 2) == [[1, 3], [0, 2]]
 
 

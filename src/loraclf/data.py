@@ -807,15 +807,18 @@ class PadCollator:
 
     def __call__(self, items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
         """``items``: (token ids, label, ...) tuples; fields after the label are left to subclasses."""
-        width = self.width(max(len(it[0]) for it in items))
-        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        # Filled in NumPy, the mask in one comparison: a torch tensor and two indexed writes per
+        # row cost ~13 us a row, ~5x this, which on a GPU is host time in every batch
+        # (BENCHMARKS.md, "Host cost of a prediction").
+        lengths = np.fromiter((len(it[0]) for it in items), dtype=np.int64, count=len(items))
+        width = self.width(int(lengths.max()))
+        input_ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
         for row, it in enumerate(items):
-            input_ids[row, : len(it[0])] = torch.as_tensor(it[0], dtype=torch.long)
-            attention_mask[row, : len(it[0])] = 1
+            input_ids[row, : lengths[row]] = it[0]
+        attention_mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
         labels = torch.tensor([it[1] for it in items], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "n_tokens": sum(len(it[0]) for it in items)}
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
+                "labels": labels, "n_tokens": int(lengths.sum())}
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
