@@ -102,13 +102,18 @@ def test_macro_f1_counts_only_the_classes_that_occur():
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.0 + 1.0) / 3)
 
 
-def test_evaluate_run_matches_training_test_metrics(trained_run):
-    r = evaluate_run(trained_run, precision="fp32")
-    info = json.loads((trained_run / "run.json").read_text())
+def test_evaluate_run_matches_training_test_metrics(trained_run, tmp_path):
+    import shutil
+
+    # a copy: evaluate writes eval/ into the run, and other modules' tests check the shared run
+    # has none (run in another order, they failed)
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    r = evaluate_run(run, precision="fp32")
+    info = json.loads((run / "run.json").read_text())
     assert r["split"] == "test" and r["n"] == 80
     assert r["accuracy"] == pytest.approx(info["metrics"]["test"]["accuracy"])
-    assert (trained_run / "eval" / "test.csv.json").is_file()
-    assert (trained_run / "eval" / "test.csv_confusion.png").stat().st_size > 1000
+    assert (run / "eval" / "test.csv.json").is_file()
+    assert (run / "eval" / "test.csv_confusion.png").stat().st_size > 1000
 
 
 def test_open_run_refuses_broken_runs(trained_run, tmp_path):
