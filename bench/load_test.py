@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="the server's --cuda-graphs (auto: on a GPU since GPU check 4; off: as earlier load tests)")
     p.add_argument("--texts", type=int, default=2000, help="distinct texts to draw requests from")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as an error")
     p.add_argument("--name", default="load_test")
@@ -139,7 +141,7 @@ class Server:
     def __init__(self, run: Path, batching: bool, args: argparse.Namespace):
         cmd = [sys.executable, "-m", "loraclf.cli", "serve", str(run), "--port", "0", "--max-batch",
                str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--precision", args.precision,
-               "--log-level", "error"]
+               "--cuda-graphs", args.cuda_graphs, "--log-level", "error"]
         if not batching:
             cmd.append("--no-micro-batching")
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"{args.clients} keep-alive clients on loopback, {args.warmup:g} s warm-up then {args.duration:g} s "
              f"measured per mode; one text per request (AG News test texts when available); server "
              f"`loraclf serve --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g} "
-             f"--precision {args.precision}`; load generator in the same machine "
+             f"--precision {args.precision} --cuda-graphs {args.cuda_graphs}`; load generator in the same machine "
              f"({'uvloop' if _loop_factory() else 'asyncio'} event loop)."]
     if "on" in by and "off" in by and by["off"]["requests_per_s"]:
         speedup = by["on"]["requests_per_s"] / by["off"]["requests_per_s"]

@@ -9,6 +9,8 @@ inputs, the in-place gradients and the loop's use of them are tested for real.
 import functools
 import json
 
+import fastapi.testclient as fastapi_testclient
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -223,6 +225,126 @@ def test_inference_graphs_give_the_same_logits(trained_run):
     for _ in range(3):
         torch.testing.assert_close(torch.from_numpy(graphed.logits(texts)), expected, atol=1e-5, rtol=1e-4)
     assert backend.captures > 0 and graphed.graphs.replays > 0
+
+
+def _graphed(trained_run, backend=None, batch_size=8):
+    from loraclf.predict import Predictor, forward_graphs
+
+    pred = Predictor.from_run(trained_run, precision="fp32", batch_size=batch_size)
+    pred.graphs = forward_graphs(pred.model, pred.device, pred.precision, backend=backend or Rerun())
+    return pred
+
+
+def test_inference_graphs_round_every_batch_even_a_call_of_one_batch(trained_run):
+    """The widest batch of a call was left at its longest row's length, so a call of one batch
+    (one text, a server's micro-batch) never rounded: almost every call a new shape, few replays."""
+    pred = _graphed(trained_run)
+    words = "bank shares rise after the match report".split()
+    for n in range(1, 15):
+        pred.logits(" ".join(words[: n % 7 + 1]) + f" number {n}")
+    widths = {key[0][1][1] for key in pred.graphs.seen}  # (("attention_mask", (B, T), dtype), ...)
+    assert widths and all(w % 16 == 0 or w == pred.max_length for w in widths), widths
+    assert pred.graphs.replays > pred.graphs.eager_steps
+    # never past the model's longest input (position embeddings end there)
+    long = " ".join(["shares"] * 400)
+    pred.logits(long)
+    assert max(key[0][1][1] for key in pred.graphs.seen) == pred.max_length
+
+
+def test_a_predictor_with_graphs_can_be_shared_by_threads(trained_run):
+    """Two threads predicting the same shape with other texts: one thread's batch was copied into
+    the graph's inputs between the other's copy and replay, which then returned its logits."""
+    import threading
+
+    from loraclf.predict import Predictor
+
+    plain = Predictor.from_run(trained_run, precision="fp32", batch_size=8)
+    texts = {"a": ["bank shares rise after the report"] * 8, "b": ["the report rise after bank shares"] * 8}
+    want = {k: plain.logits(v) for k, v in texts.items()}
+    assert np.abs(want["a"] - want["b"]).max() > 1e-4
+    pred = _graphed(trained_run)
+    for k in ("a", "a", "b"):  # warm-up and capture of the one shape
+        pred.logits(texts[k])
+    wrong = {"a": 0, "b": 0}
+
+    def work(k):
+        for _ in range(150):
+            wrong[k] += not np.allclose(pred.logits(texts[k]), want[k], atol=1e-5)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in texts]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert wrong == {"a": 0, "b": 0} and pred.graphs.replays >= 300
+
+
+def test_a_failed_inference_capture_stops_graphs_and_their_rounding(trained_run):
+    from loraclf.serve import create_app
+
+    pred = _graphed(trained_run, backend=Refuses())
+    texts = ["bank shares rise after the match report number 7"] * 3
+    first = pred.logits(texts)
+    np.testing.assert_allclose(pred.logits(texts), first, atol=1e-6)  # the failed capture ran it eagerly
+    assert not pred.graphs.active and "capturing the step" in pred.graphs.disabled
+    n = len(pred.graphs.seen)
+    pred.logits(texts)
+    assert len(pred.graphs.seen) == n  # no longer even asked: eager, unrounded
+    with fastapi_testclient.TestClient(create_app(pred)) as c:
+        info = c.get("/info").json()
+    assert info["cuda_graphs"] is False and "capturing the step" in info["cuda_graphs_stopped"]
+
+
+def test_cuda_graph_backend_works_on_the_step_s_gpu_not_the_current_one(monkeypatch):
+    """Predictor(device="cuda:1") with cuda:0 current: the side stream and the capture were on
+    cuda:0 while the kernels went to cuda:1, which records an empty graph (replays do nothing)."""
+    import contextlib
+    import types
+
+    import loraclf.graphs as g
+
+    current = {"device": 0}
+    log = []
+
+    class Stream:
+        def __init__(self, device=None, priority=0):
+            self.device = torch.device("cuda", current["device"]) if device is None else device
+            log.append(("stream", self.device))
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def device(d):
+        before, current["device"] = current["device"], d.index
+        try:
+            yield
+        finally:
+            current["device"] = before
+
+    @contextlib.contextmanager
+    def graph(graph, pool=None):
+        log.append(("capture on", current["device"]))
+        yield
+
+    class CUDAGraph:
+        def pool(self):
+            return "pool"
+
+        def replay(self):
+            pass
+
+    fake = types.SimpleNamespace(
+        Stream=Stream, device=device, graph=graph, CUDAGraph=CUDAGraph, current_device=lambda: current["device"],
+        current_stream=lambda d=None: log.append(("current stream of", d)) or Stream(d),
+        stream=lambda s: device(s.device), set_stream=lambda s: None)
+    monkeypatch.setattr(g.torch, "cuda", fake)
+    backend = g.CudaGraphBackend(torch.device("cuda", 1))
+    ran_on = []
+    backend.eager(lambda: ran_on.append(current["device"]))
+    backend.capture(lambda: torch.zeros(1))
+    assert ran_on == [1] and current["device"] == 0
+    assert ("stream", torch.device("cuda", 1)) in log and ("capture on", 1) in log
+    assert all(d == torch.device("cuda", 1) for what, d in log if what == "current stream of")
+    assert g.CudaGraphBackend().device == torch.device("cuda", 0)  # none given: the current one
 
 
 def test_inference_graphs_refused_on_cpu_and_off_there_by_default(trained_run):

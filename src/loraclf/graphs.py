@@ -20,12 +20,14 @@ memory pool: nothing a graph allocates outlives its replay except its output (th
 the caller consumes (enqueues work on) before the next replay can overwrite it.
 
 The same class replays inference forwards (``loraclf.predict.forward_graphs``: no parameters,
-logits out, cloned by the caller).
+logits out, cloned before the next call can refill them). A Predictor may be shared by threads,
+so a call holds a lock from copying its batch into the graph's inputs until its output is safe.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -52,23 +54,29 @@ class Backend(Protocol):
 
 
 class CudaGraphBackend:
-    def __init__(self) -> None:
-        self.stream = torch.cuda.Stream()
+    """``device``: the GPU the step's tensors live on (None: the current one). Streams and the
+    capture must be on that GPU: a capture on another (the current device's side stream) while the
+    kernels go to this one's records an empty graph, whose replays would do nothing."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None or device.index is None \
+            else device
+        self.stream = torch.cuda.Stream(device=self.device)
         self.pool: object | None = None
 
     def eager(self, fn: Callable[[], T]) -> T:
-        current = torch.cuda.current_stream()
+        current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream):  # (also makes the stream's device the current one)
             out = fn()
         current.wait_stream(self.stream)
         return out
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream()
+        current = torch.cuda.current_stream(self.device)
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=self.pool):
                 out = fn()
         except BaseException:
             # when capture_end raises, torch.cuda.graph's exit skips restoring the stream
@@ -96,16 +104,21 @@ class StepGraphs:
     data-dependent Python branches), or the capture fails. At most ``max_graphs`` shapes are
     captured; rarer shapes beyond that stay eager. A failed capture raises
     :class:`TrainingError` when ``strict``; otherwise capturing stops (``disabled`` says why)
-    and every step from then on runs eagerly.
+    and every step from then on runs eagerly. ``clone_output``: return a copy of a replay's
+    output, made before another call (another thread's) can refill it; otherwise the output is
+    the graph's own tensor, valid until the next call. ``device``: for the default backend.
     """
 
     def __init__(self, step: Callable[[Batch], torch.Tensor], params: list[torch.Tensor],
-                 backend: Backend | None = None, warmup: int = 1, max_graphs: int = 32, strict: bool = True):
+                 backend: Backend | None = None, warmup: int = 1, max_graphs: int = 32, strict: bool = True,
+                 clone_output: bool = False, device: torch.device | None = None):
         self.strict = strict
         self.disabled: str | None = None  # why capturing stopped (strict=False only)
         self.step = step
         self.params = params
-        self.backend = backend if backend is not None else CudaGraphBackend()
+        self.backend = backend if backend is not None else CudaGraphBackend(device)
+        self.clone_output = clone_output
+        self._lock = threading.Lock()
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, _Captured] = {}
@@ -132,8 +145,17 @@ class StepGraphs:
         return self.backend.eager(lambda: self._run(batch))
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        """``step`` over ``batch``; returns its output (a tensor that the next call may
-        overwrite: read, accumulate or clone it before calling again)."""
+        """``step`` over ``batch``; returns its output (unless ``clone_output``, a tensor that
+        the next call may overwrite: read, accumulate or clone it before calling again)."""
+        with self._lock:
+            return self._call(batch)
+
+    @property
+    def active(self) -> bool:
+        """Whether steps are (still) captured and replayed: False once a failed capture stopped it."""
+        return self.disabled is None
+
+    def _call(self, batch: Batch) -> torch.Tensor:
         key = self.shape_key(batch)
         captured = self.graphs.get(key)
         if captured is None:
@@ -159,7 +181,7 @@ class StepGraphs:
             captured.inputs[name].copy_(t, non_blocking=True)
         captured.replay()
         self.replays += 1
-        return captured.output
+        return captured.output.clone() if self.clone_output else captured.output
 
     def summary(self) -> dict[str, object]:
         """What happened, for run.json: graphs captured, steps replayed / run eagerly, and why

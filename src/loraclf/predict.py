@@ -31,7 +31,8 @@ def forward_graphs(model: torch.nn.Module, device: torch.device, precision: str,
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return _logits(model, batch, device, precision)
 
-    return StepGraphs(forward, [], backend=backend, strict=False)
+    return StepGraphs(forward, [], backend=backend, strict=False, clone_output=True,
+                      device=device if backend is None else None)
 
 
 def use_cuda_graphs(requested: bool | None, device: torch.device, as_trained: bool = False) -> bool:
@@ -57,17 +58,20 @@ def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: tor
 @torch.no_grad()
 def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
                device: torch.device, precision: str = "fp32", prefix: tuple[Any, Any] | None = None,
-               max_tokens: int | None = None, graphs: StepGraphs | None = None) -> np.ndarray:
+               max_tokens: int | None = None, graphs: StepGraphs | None = None,
+               max_width: int | None = None) -> np.ndarray:
     """Class logits, float32 [N, C], in the order of ``input_ids``; batches of at most
     ``batch_size`` rows and ``max_tokens`` padded tokens. ``prefix``: (FrozenPrefix,
     PrefixStore) holding these rows' hidden states below the first trained layer (training's
     validation; see loraclf.prefix). ``graphs``: :func:`forward_graphs` of this model, to run
-    each batch shape from a CUDA graph (lengths then round up to multiples of ``PAD_MULTIPLE``)."""
+    each batch shape from a CUDA graph (lengths then round up to multiples of ``PAD_MULTIPLE``,
+    but not past ``max_width``, the model's longest input, where position embeddings end; None:
+    the longest row's length, which leaves the widest batch unrounded)."""
     was_training = model.training
     model.eval()
-    # (rounding stops at the longest row: never past max_length, where position embeddings end)
-    collate = PadCollator(pad_id, PAD_MULTIPLE if graphs is not None else None,
-                          max((len(x) for x in input_ids), default=None))
+    graphed = graphs is not None and graphs.active and prefix is None
+    collate = PadCollator(pad_id, PAD_MULTIPLE if graphed else None,
+                          max_width or max((len(x) for x in input_ids), default=None))
     # Logits stay on the device until the end: reading each batch back would make the host wait
     # for the GPU before it can pad and launch the next batch.
     parts: list[tuple[list[int], torch.Tensor]] = []
@@ -78,8 +82,8 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
                 if prefix is not None:
                     prefix[0].feed(prefix[1].batch(idx, batch["input_ids"].shape[1]).to(device))
                 inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-                if graphs is not None and prefix is None:
-                    logits = graphs(inputs).clone()  # the graph's output is refilled by its next replay
+                if graphed:
+                    logits = graphs(inputs)  # (a copy: forward_graphs clones what its next replay refills)
                 else:
                     logits = _logits(model, inputs, device, precision)
                 parts.append((idx, logits))
@@ -182,7 +186,8 @@ class Predictor:
         if not texts:
             return np.empty((0, len(self.label_names)), dtype=np.float32)
         return logits_for(self.model, self.encode(texts), self.tokenizer.pad_token_id, self.batch_size,
-                          self.device, self.precision, max_tokens=self.max_tokens, graphs=self.graphs)
+                          self.device, self.precision, max_tokens=self.max_tokens, graphs=self.graphs,
+                          max_width=self.max_length)
 
     def predict(self, texts: Sequence[str] | str, top_k: int = 1) -> list[dict[str, Any]]:
         """Per text: label, probabilities of every class, and the ``top_k`` classes. A single

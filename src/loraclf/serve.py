@@ -125,6 +125,8 @@ class InfoResponse(BaseModel):
     device: str
     precision: str
     cuda_graphs: bool = Field(description="each batch shape's forward replayed from a CUDA graph")
+    cuda_graphs_stopped: str | None = Field(
+        None, description="why CUDA graphs were turned off while serving (a capture failed), else null")
     micro_batching: dict[str, Any]
     limits: dict[str, int]
 
@@ -627,7 +629,8 @@ def create_app(predictor: Predictor, *, info: dict[str, Any] | None = None,
         return {"labels": list(predictor.label_names), "base_model": info.get("base_model"),
                 "trainable_params": info.get("trainable_params"), "params": info.get("params"),
                 "metrics": info.get("metrics"), "run_dir": info.get("run_dir"), "device": str(predictor.device),
-                "precision": predictor.precision, "cuda_graphs": predictor.graphs is not None,
+                "precision": predictor.precision, "cuda_graphs": predictor.graphs is not None and predictor.graphs.active,
+                "cuda_graphs_stopped": predictor.graphs.disabled if predictor.graphs is not None else None,
                 "micro_batching": {"enabled": batcher.enabled, "max_batch": batcher.max_batch,
                                    "max_wait_ms": batcher.max_wait_s * 1000, "batches": batcher.batches,
                                    "texts": batcher.texts_done},

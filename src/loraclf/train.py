@@ -526,7 +526,8 @@ def _fit(cfg: Config, splits: Splits, tokenizer: Any, model_config: Any, counts:
             return loss.detach().float()
 
         # null (auto) falls back to eager when a capture fails; true insists
-        step_graphs = StepGraphs(forward_backward, params, strict=tc.cuda_graphs is True) if use_graphs else None
+        step_graphs = StepGraphs(forward_backward, params, strict=tc.cuda_graphs is True,
+                                 device=accelerator.device) if use_graphs else None
         metrics = _Metrics(run_dir / runs.METRICS_FILE, write=main)
         loop = checkpoint.LoopState(fused=fuse, precision=precision, processes=procs.num_processes, step_groups=True)
         best_state = None
