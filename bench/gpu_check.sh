@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One GPU check for issue 3, to run in a single device call (about 7.5 minutes; step limits add up
-# to 405 s):
+# One GPU check for issue 3, to run in a single device call (about 8 minutes; step limits add up
+# to 445 s):
 #
-#   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=520)
+#   run(command="bash bench/gpu_check.sh", carry=[".bench"], timeout_s=540)
 #
 # after building .bench/ here (absent from a fresh clone): bash bench/prepare_bench.sh
 #
@@ -25,6 +25,9 @@
 #     its eager forward, and pipeline at batch 1, 32, 256, each timed twice in its process (cold:
 #     first sight of every batch shape; warm: a server's steady state)
 #     (target >= 25,000 examples/s)                     -> infer_speed_roberta.{json,md}
+# (d) the host's share of a prediction on this machine's CPUs: Predictor.predict with a model that
+#     costs ~nothing (bench/host_cost.py), phase by phase: the ceiling the host puts on (c)
+#                                                       -> host_cost_gpu_machine.{json,md}
 # Progress, with timestamps, goes to stdout and $OUT/gpu_check.log.
 # Each step has its own time limit; a failed step is logged and the next one runs.
 #
@@ -39,11 +42,13 @@ if [ "$SMOKE" = 1 ]; then
   A2_LIMIT=200; A2_ARGS=(--rows 96 --val-rows 32 --epochs 2)
   B_LIMIT=200; B_ARGS=(--rows 64); B_GRAPHS=false
   C_LIMIT=400; C_ARGS=(--rows 64 --rows-bs1 4 --batch-sizes 1,32)
+  D_LIMIT=200; D_ARGS=(--rows 256 --repeats 2)
 else
   A_LIMIT=180; A_ARGS=(--rows 4000 --val-rows 500 --epochs 3); A_EACH=90
   A2_LIMIT=75; A2_ARGS=(--rows 20000 --val-rows 500 --epochs 3)
   B_LIMIT=50; B_ARGS=(--rows 800); B_GRAPHS=true
   C_LIMIT=100; C_ARGS=(--rows 4000 --rows-bs1 64 --batch-sizes 1,32,256)
+  D_LIMIT=40; D_ARGS=(--rows 4000 --repeats 3)
 fi
 
 report_env
@@ -76,5 +81,10 @@ if [ -f "$RUN_A/run.json" ]; then
 else
   say "(c) skipped: no run from (a)"
 fi
+
+# ---------------------------------------------------------------- (d) the host's share of a prediction
+step "$D_LIMIT" "(d) host cost of Predictor.predict on this machine's CPUs (model cost ~0)" \
+  "$PY" bench/host_cost.py --tokenizer "$ROBERTA" --test "$TEST" --batch-sizes 32,256 \
+  --out "$OUT/host_cost_gpu_machine.json" "${D_ARGS[@]}"
 
 finish

@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--name", default=None, help="write bench/results/<name>.{json,md}")
+    ap.add_argument("--out", default=None, help="write this JSON path (and the .md beside it) instead")
     args = ap.parse_args()
 
     import torch
@@ -83,15 +84,15 @@ def main() -> None:
         rec["predict_examples_per_s"] = round(len(texts) / statistics.median(times["predict"]), 1)
         records.append(rec)
         print(rec, flush=True)
-    if args.name:
+    if args.name or args.out:
         machine = common.machine_info()
         notes = (f"loraclf from {Path(loraclf.__file__).parent}; {args.repeats} repeats, medians; a 1-layer 32-wide "
                  f"random RoBERTa (model cost ~0) with the tokenizer from {args.tokenizer}, fp32 on the CPU, "
                  f"{len(texts)} rows of {test}.\n")
         cols = ["batch_size", "rows", "encode_us_per_row", "collate_us_per_row", "logits_us_per_row",
                 "predict_us_per_row", "predict_examples_per_s"]
-        jp, mp = common.write_results(args.name, records, cols, title="Host cost of a prediction", notes=notes,
-                                      machine=machine)
+        jp, mp = common.write_results(args.name or Path(args.out).stem, records, cols, title="Host cost of a prediction",
+                                      notes=notes, machine=machine, json_path=args.out)
         print(f"wrote {jp} and {mp}")
 
 
