@@ -277,6 +277,39 @@ def test_a_predictor_with_graphs_can_be_shared_by_threads(trained_run):
     assert wrong == {"a": 0, "b": 0} and pred.graphs.replays >= 300
 
 
+def test_a_prediction_with_graphs_keeps_other_threads_off_the_gpu_while_it_captures(trained_run, monkeypatch):
+    """A capture refuses other threads' GPU calls: another thread's batch copies while one thread
+    captured would have failed the capture (and stopped graphs). Now a whole prediction holds
+    the graphs' lock, so the other thread waits before it even pads a batch."""
+    import threading
+    import time
+
+    import loraclf.predict as lp
+
+    events, capturing = [], threading.Event()
+
+    class SlowCapture(Rerun):
+        def capture(self, fn):
+            capturing.set()
+            time.sleep(0.3)
+            try:
+                return super().capture(fn)
+            finally:
+                capturing.clear()
+
+    real = lp.PadCollator.__call__
+    monkeypatch.setattr(lp.PadCollator, "__call__", lambda self, items: (
+        events.append((threading.current_thread().name, capturing.is_set())), real(self, items))[1])
+    pred = _graphed(trained_run, backend=SlowCapture())
+    texts = ["bank shares rise after the report"] * 8
+    pred.logits(texts)  # first sight: eager; the next call captures
+    threads = [threading.Thread(target=pred.logits, args=(texts,), name=n) for n in ("a", "b")]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert pred.graphs.replays >= 1 and len(pred.graphs.graphs) == 1
+    assert not any(busy for _, busy in events), events
+
+
 def test_a_failed_inference_capture_stops_graphs_and_their_rounding(trained_run):
     from loraclf.serve import create_app
 
@@ -320,9 +353,13 @@ def test_cuda_graph_backend_works_on_the_step_s_gpu_not_the_current_one(monkeypa
         finally:
             current["device"] = before
 
+    # torch.cuda.graph: its own default capture stream is one per process, made on the GPU current
+    # at the first capture; a stream passed in is the one captured (and becomes the current one)
+    default_capture_stream = Stream(torch.device("cuda", 0))
+
     @contextlib.contextmanager
-    def graph(graph, pool=None):
-        log.append(("capture on", current["device"]))
+    def graph(graph, pool=None, stream=None):
+        log.append(("capture on", (stream or default_capture_stream).device.index))
         yield
 
     class CUDAGraph:
@@ -343,6 +380,7 @@ def test_cuda_graph_backend_works_on_the_step_s_gpu_not_the_current_one(monkeypa
     backend.capture(lambda: torch.zeros(1))
     assert ran_on == [1] and current["device"] == 0
     assert ("stream", torch.device("cuda", 1)) in log and ("capture on", 1) in log
+    assert ("capture on", 0) not in log
     assert all(d == torch.device("cuda", 1) for what, d in log if what == "current stream of")
     assert g.CudaGraphBackend().device == torch.device("cuda", 0)  # none given: the current one
 

@@ -21,7 +21,9 @@ the caller consumes (enqueues work on) before the next replay can overwrite it.
 
 The same class replays inference forwards (``loraclf.predict.forward_graphs``: no parameters,
 logits out, cloned before the next call can refill them). A Predictor may be shared by threads,
-so a call holds a lock from copying its batch into the graph's inputs until its output is safe.
+so a call holds ``lock`` from copying its batch into the graph's inputs until its output is safe
+(and ``loraclf.predict.logits_for`` holds it for a whole prediction: a capture fails if another
+thread uses the GPU meanwhile).
 """
 
 from __future__ import annotations
@@ -75,13 +77,16 @@ class CudaGraphBackend:
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.device)
-        try:
-            with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=self.pool):
-                out = fn()
-        except BaseException:
-            # when capture_end raises, torch.cuda.graph's exit skips restoring the stream
-            torch.cuda.set_stream(current)
-            raise
+        # On this backend's own stream: torch.cuda.graph's default capture stream is one per
+        # process, made on whichever GPU was current at the first capture
+        with torch.cuda.device(self.device):
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                    out = fn()
+            except BaseException:
+                # when capture_end raises, torch.cuda.graph's exit skips restoring the stream
+                torch.cuda.set_stream(current)
+                raise
         self.pool = graph.pool()
         return graph.replay, out
 
@@ -118,7 +123,7 @@ class StepGraphs:
         self.params = params
         self.backend = backend if backend is not None else CudaGraphBackend(device)
         self.clone_output = clone_output
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # (re-entrant: logits_for holds it around its calls)
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, _Captured] = {}
@@ -147,7 +152,7 @@ class StepGraphs:
     def __call__(self, batch: Batch) -> torch.Tensor:
         """``step`` over ``batch``; returns its output (unless ``clone_output``, a tensor that
         the next call may overwrite: read, accumulate or clone it before calling again)."""
-        with self._lock:
+        with self.lock:
             return self._call(batch)
 
     @property

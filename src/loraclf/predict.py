@@ -67,32 +67,35 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
     each batch shape from a CUDA graph (lengths then round up to multiples of ``PAD_MULTIPLE``,
     but not past ``max_width``, the model's longest input, where position embeddings end; None:
     the longest row's length, which leaves the widest batch unrounded)."""
-    was_training = model.training
-    model.eval()
     graphed = graphs is not None and graphs.active and prefix is None
     collate = PadCollator(pad_id, PAD_MULTIPLE if graphed else None,
                           max_width or max((len(x) for x in input_ids), default=None))
     # Logits stay on the device until the end: reading each batch back would make the host wait
     # for the GPU before it can pad and launch the next batch.
     parts: list[tuple[list[int], torch.Tensor]] = []
-    try:
-        with prefix[0].active() if prefix is not None else contextlib.nullcontext():
-            for idx in sorted_batches([len(x) for x in input_ids], batch_size, max_tokens, collate.width):
-                batch = collate([(input_ids[i], -1) for i in idx])
-                if prefix is not None:
-                    prefix[0].feed(prefix[1].batch(idx, batch["input_ids"].shape[1]).to(device))
-                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-                if graphed:
-                    logits = graphs(inputs)  # (a copy: forward_graphs clones what its next replay refills)
-                else:
-                    logits = _logits(model, inputs, device, precision)
-                parts.append((idx, logits))
-    finally:
-        model.train(was_training)
-    if not parts:
-        return np.empty((0, 0), dtype=np.float32)
-    out = np.empty((len(input_ids), parts[0][1].shape[-1]), dtype=np.float32)
-    out[np.concatenate([idx for idx, _ in parts])] = torch.cat([t for _, t in parts]).cpu().numpy()
+    # With graphs the whole call holds their lock: another thread's copies or allocations on the
+    # GPU while a shape is being captured would fail the capture (it refuses other threads' calls)
+    with graphs.lock if graphed else contextlib.nullcontext():
+        was_training = model.training
+        model.eval()
+        try:
+            with prefix[0].active() if prefix is not None else contextlib.nullcontext():
+                for idx in sorted_batches([len(x) for x in input_ids], batch_size, max_tokens, collate.width):
+                    batch = collate([(input_ids[i], -1) for i in idx])
+                    if prefix is not None:
+                        prefix[0].feed(prefix[1].batch(idx, batch["input_ids"].shape[1]).to(device))
+                    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+                    if graphed:
+                        logits = graphs(inputs)  # (a copy: forward_graphs clones what its next replay refills)
+                    else:
+                        logits = _logits(model, inputs, device, precision)
+                    parts.append((idx, logits))
+        finally:
+            model.train(was_training)
+        if not parts:
+            return np.empty((0, 0), dtype=np.float32)
+        out = np.empty((len(input_ids), parts[0][1].shape[-1]), dtype=np.float32)
+        out[np.concatenate([idx for idx, _ in parts])] = torch.cat([t for _, t in parts]).cpu().numpy()
     return out
 
 
