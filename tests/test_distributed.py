@@ -247,3 +247,20 @@ def test_processes_that_would_train_alone_are_refused(monkeypatch, tiny_roberta,
     with pytest.raises(ConfigError, match=r"launched as 2 processes, but accelerate joins 1.*ACCELERATE_USE_CPU=1"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_cli_leaves_the_process_group_before_exiting(tmp_path, monkeypatch):
+    """Without destroy_process_group, gloo's threads could abort a process at interpreter exit
+    after a run that succeeded ("terminate called without an active exception"): two of this
+    file's launches in one CI run. The CLI leaves the group on every way out."""
+    import torch.distributed as dist
+
+    from loraclf.cli import main
+
+    left = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: left.append(group))
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert left == [None]
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: 1 / 0)
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2  # a failure there keeps the exit code

@@ -827,6 +827,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"{_prog(command)}: error: {e.strerror or e}{where}{_os_fix(e, command)}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Several processes (accelerate launch, torchrun): leave the process group before the
+    interpreter exits. Left to finalization, gloo's worker threads can still hold tensors there
+    and abort the process after a run that succeeded ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#190489), which failed two two-process tests in one CI run."""
+    dist = sys.modules.get("torch.distributed")  # (never imported: nothing to leave)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # exiting anyway: a failure here must not replace the exit code
+            dist.destroy_process_group()
 
 
 def _os_fix(e: OSError, command: str) -> str:
