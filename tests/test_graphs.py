@@ -214,12 +214,11 @@ def test_auto_graphs_stay_off_on_cpu(trained_run):
 def test_inference_graphs_give_the_same_logits(trained_run):
     """Predictor with CUDA graphs (stand-in capture): lengths padded to 16, each shape eager once,
     then replayed; the logits equal plain inference's, call after call."""
-    from loraclf.predict import Predictor, forward_graphs
+    from loraclf.predict import Predictor
 
     plain = Predictor.from_run(trained_run, precision="fp32", batch_size=8)
-    graphed = Predictor.from_run(trained_run, precision="fp32", batch_size=8)
     backend = Rerun()
-    graphed.graphs = forward_graphs(graphed.model, graphed.device, graphed.precision, backend=backend)
+    graphed = _graphed(trained_run, backend)
     texts = [f"{w} shares rise after the match report number {i}" for i, w in enumerate(["bank", "team", "chip"] * 7)]
     expected = torch.from_numpy(plain.logits(texts))
     for _ in range(3):

@@ -20,10 +20,10 @@ memory pool: nothing a graph allocates outlives its replay except its output (th
 the caller consumes (enqueues work on) before the next replay can overwrite it.
 
 The same class replays inference forwards (``loraclf.predict.forward_graphs``: no parameters,
-logits out, cloned before the next call can refill them). A Predictor may be shared by threads,
-so a call holds ``lock`` from copying its batch into the graph's inputs until its output is safe
-(and ``loraclf.predict.logits_for`` holds it for a whole prediction: a capture fails if another
-thread uses the GPU meanwhile).
+logits out, cloned by the caller). A Predictor may be shared by threads, so a call holds
+``lock`` from copying its batch into the graph's inputs through the replay, and
+``loraclf.predict.logits_for`` holds it for a whole prediction, the clones of the outputs
+included (a capture also fails if another thread uses the GPU meanwhile).
 """
 
 from __future__ import annotations
@@ -109,20 +109,17 @@ class StepGraphs:
     data-dependent Python branches), or the capture fails. At most ``max_graphs`` shapes are
     captured; rarer shapes beyond that stay eager. A failed capture raises
     :class:`TrainingError` when ``strict``; otherwise capturing stops (``disabled`` says why)
-    and every step from then on runs eagerly. ``clone_output``: return a copy of a replay's
-    output, made before another call (another thread's) can refill it; otherwise the output is
-    the graph's own tensor, valid until the next call. ``device``: for the default backend.
+    and every step from then on runs eagerly. ``device``: for the default backend.
     """
 
     def __init__(self, step: Callable[[Batch], torch.Tensor], params: list[torch.Tensor],
                  backend: Backend | None = None, warmup: int = 1, max_graphs: int = 32, strict: bool = True,
-                 clone_output: bool = False, device: torch.device | None = None):
+                 device: torch.device | None = None):
         self.strict = strict
         self.disabled: str | None = None  # why capturing stopped (strict=False only)
         self.step = step
         self.params = params
         self.backend = backend if backend is not None else CudaGraphBackend(device)
-        self.clone_output = clone_output
         self.lock = threading.RLock()  # (re-entrant: logits_for holds it around its calls)
         self.warmup = warmup
         self.max_graphs = max_graphs
@@ -150,8 +147,8 @@ class StepGraphs:
         return self.backend.eager(lambda: self._run(batch))
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        """``step`` over ``batch``; returns its output (unless ``clone_output``, a tensor that
-        the next call may overwrite: read, accumulate or clone it before calling again)."""
+        """``step`` over ``batch``; returns its output (a tensor that the next call may
+        overwrite: read, accumulate or clone it before calling again)."""
         with self.lock:
             return self._call(batch)
 
@@ -186,7 +183,7 @@ class StepGraphs:
             captured.inputs[name].copy_(t, non_blocking=True)
         captured.replay()
         self.replays += 1
-        return captured.output.clone() if self.clone_output else captured.output
+        return captured.output
 
     def summary(self) -> dict[str, object]:
         """What happened, for run.json: graphs captured, steps replayed / run eagerly, and why

@@ -31,8 +31,7 @@ def forward_graphs(model: torch.nn.Module, device: torch.device, precision: str,
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return _logits(model, batch, device, precision)
 
-    return StepGraphs(forward, [], backend=backend, strict=False, clone_output=True,
-                      device=device if backend is None else None)
+    return StepGraphs(forward, [], backend=backend, strict=False, device=device if backend is None else None)
 
 
 def use_cuda_graphs(requested: bool | None, device: torch.device, as_trained: bool = False) -> bool:
@@ -86,7 +85,7 @@ def logits_for(model: torch.nn.Module, input_ids: Sequence[Sequence[int]], pad_i
                         prefix[0].feed(prefix[1].batch(idx, batch["input_ids"].shape[1]).to(device))
                     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
                     if graphed:
-                        logits = graphs(inputs)  # (a copy: forward_graphs clones what its next replay refills)
+                        logits = graphs(inputs).clone()  # the graph's output is refilled by its next replay
                     else:
                         logits = _logits(model, inputs, device, precision)
                     parts.append((idx, logits))
