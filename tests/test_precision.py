@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import tiny_overrides
@@ -53,15 +54,18 @@ def test_bf16_training_keeps_trainable_weights_fp32_and_learns(tiny_roberta, agn
     assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
-def test_evaluate_and_report_reproduce_a_bf16_run_s_metrics(tiny_roberta, agnews_files, tmp_path):
+@pytest.mark.parametrize("variant", [{}, {"lora.use_dora": True, "model.head": "linear"}])
+def test_evaluate_and_report_reproduce_a_bf16_run_s_metrics(tiny_roberta, agnews_files, tmp_path, variant):
     """evaluate and the report computed with merged weights held in bf16, training with fp32
     weights under autocast: other logits (~3e-3 here), so another accuracy than run.json's, and a
-    report whose per-class section contradicted its own metrics table."""
+    report whose per-class section contradicted its own metrics table. With DoRA, the loaded
+    (frozen) LoRA matrices were cast to bf16 along with the base weights, where training held
+    them in fp32: the loss differed in the 6th digit."""
     from loraclf.evaluate import evaluate_run
 
     cfg = load_config(SEED, tiny_overrides(tiny_roberta, agnews_files, tmp_path / "r",
                                            **{"train.precision": "bf16", "train.epochs": 3,
-                                              "train.learning_rate": 3e-2}))
+                                              "train.learning_rate": 3e-2, **variant}))
     train(cfg)
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     test = info["metrics"]["test"]

@@ -61,13 +61,23 @@ def cast_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype = torc
     cast only for tensors that require grad: a frozen base weight is cast again in every forward
     (the profile showed aten::copy_ at 6 % of CPU time on roberta-base, and on a GPU each cast
     is a kernel launch). Autocast would hand the matmul exactly these bf16 values, so results
-    do not change; LoRA matrices, the head, embeddings and LayerNorm stay float32."""
+    do not change; LoRA matrices, the head, embeddings and LayerNorm stay float32.
+
+    An adapter loaded for inference is frozen too, yet stays float32, as training held it: DoRA
+    reads its LoRA matrices outside a matrix product (the norm of W + BA), where their dtype
+    changes the result (evaluate missed a DoRA run's recorded loss by 2e-6)."""
     cast = 0
-    for module in model.modules():
-        if type(module) is not torch.nn.Linear:
+    for name, module in model.named_modules():
+        if type(module) is not torch.nn.Linear or _adapter_owned(name):
             continue
         for p in module.parameters(recurse=False):
             if not p.requires_grad and p.dtype != dtype:
                 p.data = p.data.to(dtype)
                 cast += 1
     return cast
+
+
+def _adapter_owned(module_name: str) -> bool:
+    """Whether PEFT trains this module: a LoRA matrix (``...lora_A.default``) or the trained copy
+    of a head (``...modules_to_save.default...``), as opposed to the frozen base model."""
+    return any(part.startswith("lora_") or part == "modules_to_save" for part in module_name.split("."))
