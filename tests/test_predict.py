@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from loraclf.errors import DataError, RunError
+from loraclf.errors import ConfigError, DataError, RunError
 from loraclf.evaluate import classification_metrics, evaluate_run
 from loraclf.predict import Predictor
 
@@ -44,6 +44,42 @@ def test_predict_output_shape(predictor):
         assert [t["label"] for t in r["top_k"]][0] == r["label"] and len(r["top_k"]) == 3
         probs = [t["probability"] for t in r["top_k"]]
         assert probs == sorted(probs, reverse=True)
+
+
+def test_as_trained_computes_in_the_run_s_precision_unless_told(trained_run, monkeypatch):
+    """Predictor.from_run(as_trained=True) took "auto" (the hardware's choice: bf16 on these CPUs)
+    for a run trained in fp32, so its logits were not the ones the run's metrics came from."""
+    import loraclf.precision
+
+    monkeypatch.setattr(loraclf.precision, "cpu_has_native_bf16", lambda: True)  # auto would pick bf16
+    assert json.loads((trained_run / "run.json").read_text())["precision"] == "fp32"
+    assert Predictor.from_run(trained_run, as_trained=True).precision == "fp32"
+    assert Predictor.from_run(trained_run).precision == "bf16"  # not as trained: the fastest
+    assert Predictor.from_run(trained_run, as_trained=True, precision="auto").precision == "bf16"  # asked for
+
+
+@pytest.mark.parametrize("texts, kind", [(b"bytes of a text", "bytes"), ({"a text": 1}, "a mapping"),
+                                         ({"one", "two"}, "a set"), (frozenset({"one"}), "a set")])
+def test_texts_that_would_not_line_up_are_refused(predictor, texts, kind):
+    # bytes were read as integers ("text 1 is not a string (int)"), a dict as its keys, a set in no fixed order
+    with pytest.raises(DataError, match=f"texts are {kind}, not a string or a sequence of strings"):
+        predictor.predict(texts)
+
+
+def test_a_zero_dimensional_array_is_one_text(predictor):
+    # np.array("text") cannot be iterated: a TypeError from deep inside
+    np.testing.assert_array_equal(predictor.logits(np.array(TEXTS[0])), predictor.logits([TEXTS[0]]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"device": "nonsense"}, "device 'nonsense' is not a device"),
+    ({"device": "cuda:7"}, "device 'cuda:7' is not available"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"max_tokens": -5}, "max_tokens must be an integer >= 1")])
+def test_predictor_arguments_are_checked_at_construction(trained_run, kwargs, match):
+    # a RuntimeError or AssertionError from torch, or a ValueError at the first predict
+    with pytest.raises(ConfigError, match=match):
+        Predictor.from_run(trained_run, **kwargs)
 
 
 def test_empty_text_rejected(predictor):

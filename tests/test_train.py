@@ -689,3 +689,10 @@ def test_a_notebook_s_earlier_accelerator_and_seeds_neither_change_training_nor_
     run("after")
     assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"  # not "already initialized"
     AcceleratorState._reset_state()
+
+
+def test_train_given_a_path_instead_of_a_config_says_so(tmp_path):
+    # train("recipe.yaml") failed with AttributeError: 'str' object has no attribute 'train'
+    with pytest.raises(TypeError, match=r"train\(\) takes a loraclf.config.Config, not str"):
+        train(str(tmp_path / "recipe.yaml"))
+    assert not any(tmp_path.iterdir())

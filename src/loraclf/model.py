@@ -411,7 +411,7 @@ def build_model(mcfg: ModelConfig, lcfg: LoraSettings, config: PretrainedConfig,
     _check_targets(base, lcfg)
     try:
         # LoRA matrices on the meta device too: counting an oversized rank must not allocate it
-        with _no_peft_deprecation(), torch.device("meta") if meta else contextlib.nullcontext():
+        with _quiet_peft(), torch.device("meta") if meta else contextlib.nullcontext():
             model = get_peft_model(base, peft_config(lcfg, _layers_pattern(base, config, lcfg), mcfg.revision))
     except (ValueError, TypeError) as e:  # PEFT's NoMatchingPeftModuleError and its other refusals of a LoraConfig
         if "no modules were targeted" in str(e).lower():
@@ -468,7 +468,7 @@ def load_adapter(base: torch.nn.Module, adapter_dir: Path) -> PeftModel:
         raise ModelError("adapter weights missing (adapter_model.safetensors)", where=str(adapter_dir),
                          fix="train the run again; loraclf reads adapter weights from safetensors only")
     try:
-        with _no_peft_deprecation():
+        with _quiet_peft():
             return PeftModel.from_pretrained(base, str(adapter_dir), use_safetensors=True)
     except SafetensorError as e:
         raise ModelError(f"adapter weights are damaged ({brief(e, 120)})",
@@ -602,11 +602,15 @@ def _quiet(logger: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _no_peft_deprecation() -> Iterator[None]:
+def _quiet_peft() -> Iterator[None]:
     """PEFT reads transformers' deprecated ``is_gradient_checkpointing``; the FutureWarning is
-    addressed to PEFT, not to loraclf's users."""
+    addressed to PEFT, not to loraclf's users. PEFT's warning that a rank_pattern / alpha_pattern
+    key matched nothing reached stderr although :func:`_check_patterns` then refuses the
+    configuration with its own error line (the library prints nothing)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*",
+                                category=RuntimeWarning)
         yield
 
 

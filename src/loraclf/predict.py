@@ -6,7 +6,7 @@ weights so inference costs exactly what the base model costs.
 from __future__ import annotations
 
 import contextlib
-
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,7 +15,7 @@ import torch
 
 from . import checkpoint
 from .data import PadCollator, sorted_batches, tokenize, unicode_problem
-from .errors import ConfigError, DataError, RunError
+from .errors import ConfigError, DataError, RunError, brief
 from .graphs import PAD_MULTIPLE, StepGraphs
 from .model import (build_model, check_base, load_adapter, load_base, load_model_config, load_tokenizer, load_trained,
                     usable_length)
@@ -119,8 +119,12 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, label_names: list[str], max_length: int,
                  batch_size: int = 64, device: torch.device | str | None = None, precision: str = "auto",
                  max_tokens: int | None = None, cuda_graphs: bool | None = None, as_trained: bool = False):
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = _device(device)
+        for name, value, least in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or value < least):
+                raise ConfigError([f"{name} must be an integer >= {least} (got {value!r})"], where=name,
+                                  fix=f"give {name} as a positive integer")
         self.precision = choose_precision(precision, self.device)
         model = model.to(self.device).eval()
         if self.precision == "bf16" and as_trained:
@@ -142,16 +146,20 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: Run | str | Path, batch_size: int | None = None, device: torch.device | str | None = None,
-                 precision: str = "auto", merge: bool = True, from_checkpoint: bool = False,
+                 precision: str | None = None, merge: bool = True, from_checkpoint: bool = False,
                  max_tokens: int | None = None, cuda_graphs: bool | None = None, as_trained: bool = False) -> Predictor:
         """Load a finished run; ``from_checkpoint``: an unfinished one, with the best weights of its
         newest checkpoint (the current weights when no epoch has been evaluated yet), whose folder
         is then the predictor's ``checkpoint``. ``batch_size``: None = 64, or with ``as_trained``
-        (see :class:`Predictor`, which implies ``merge=False``) the run's ``train.eval_batch_size``."""
+        (see :class:`Predictor`, which implies ``merge=False``) the run's ``train.eval_batch_size``.
+        ``precision``: None = "auto" (the fastest this hardware runs well), or with ``as_trained``
+        the precision the run trained in."""
         if not isinstance(run, Run):
             run = open_run(run, allow_incomplete=from_checkpoint)
         if batch_size is None:
             batch_size = run.cfg.train.eval_batch_size if as_trained else 64
+        if precision is None:
+            precision = (run.info.get("precision") if as_trained else None) or "auto"
         merge = merge and not as_trained
         check_base(run.cfg.model, run.info.get("base_model_files"), run.path)
         config = load_model_config(run.cfg.model, run.label_names)
@@ -214,7 +222,36 @@ class Predictor:
 def _as_list(texts: Sequence[str] | str) -> list[str]:
     """A single string is one text (as in transformers' pipelines); any other sequence — a list, a
     NumPy array, a pandas Series — its texts (``if not texts`` is ambiguous on the last two)."""
-    return [texts] if isinstance(texts, str) else list(texts)
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, np.ndarray) and texts.ndim == 0:  # np.array("text"): one text, not iterable
+        return [texts.item()]
+    # bytes iterate as integers, a dict as its keys, a set in no fixed order: outputs that would
+    # not line up with what the caller meant
+    kind = ("bytes" if isinstance(texts, (bytes, bytearray, memoryview)) else
+            "a mapping" if isinstance(texts, Mapping) else
+            "a set" if isinstance(texts, (set, frozenset)) else None)
+    if kind is not None:
+        raise DataError(f"texts are {kind}, not a string or a sequence of strings", where="input",
+                        fix="decode bytes to str; pass a list (a dict's values, or sorted(a set))")
+    return list(texts)
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch.device (None: the GPU if there is one); one that is not a device name,
+    or a GPU this torch cannot reach, is a ConfigError (torch raised RuntimeError or AssertionError)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError([f"device {device!r} is not a device ({brief(e, 120)})"], where="device",
+                          fix="use 'cpu', 'cuda', 'cuda:N' or None (the GPU if there is one)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError([f"device {device!r} is not available: this torch sees "
+                           f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s)"],
+                          where="device", fix="use device='cpu', or None for the GPU if there is one")
+    return dev
 
 
 def _model_from_checkpoint(run: Run, config: Any) -> tuple[torch.nn.Module, Path]:

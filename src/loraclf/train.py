@@ -280,6 +280,9 @@ def _callers_generators() -> Iterator[None]:
 def train(cfg: Config, callback: Callback | None = None, stop: threading.Event | None = None) -> TrainResult:
     """Train a new run. ``stop``: when set (e.g. by a signal handler), the loop writes a
     checkpoint at the next optimizer step and raises :class:`Interrupted`."""
+    if not isinstance(cfg, Config):  # a path passed where the loaded config belongs failed as an AttributeError
+        raise TypeError(f"train() takes a loraclf.config.Config, not {type(cfg).__name__}: "
+                        "load it first, train(load_config('recipe.yaml'))")
     t_start = time.perf_counter()
     run_dir = Path(cfg.train.output_dir)
     prepared: list[tuple[Splits, Any, Any, budget.Breakdown]] = []  # the main process's, not sent to the others
