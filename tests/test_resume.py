@@ -312,7 +312,8 @@ def test_non_finite_loss_stops_and_names_last_checkpoint(tiny_roberta, agnews_fi
     assert checkpoint.latest(run).name == "step-00000001"
 
 
-def test_cli_uses_checkpoint_when_asked_then_resumes(tiny_roberta, agnews_files, tmp_path, capsys):
+def test_cli_uses_checkpoint_when_asked_then_resumes(tiny_roberta, agnews_files, tmp_path, capsys, monkeypatch):
+    import loraclf.precision
     from loraclf.cli import main
 
     run = tmp_path / "run"
@@ -327,6 +328,13 @@ def test_cli_uses_checkpoint_when_asked_then_resumes(tiny_roberta, agnews_files,
     assert r["weights"].endswith("step-00000001") and r["n"] == 24  # data.max_eval_samples
     # saved under the checkpoint's name: after the run finishes it must not pass for the final evaluation
     assert Path(r["saved_to"]).name == "test.csv.n24.step-00000001.json"
+    # without --precision: the one the run trained in (fp32), which an unfinished run's run.json does
+    # not hold yet but its checkpoint does; it took "auto" (bf16 on CPUs with AMX) and saved the
+    # bf16 metrics under the fp32 evaluation's name
+    monkeypatch.setattr(loraclf.precision, "cpu_has_native_bf16", lambda: True)
+    assert main(["evaluate", str(run), "--checkpoint", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["precision"] == "fp32" and again["saved_to"] == r["saved_to"] and again["loss"] == r["loss"]
     assert main(["predict", str(run), "--checkpoint", "a goal"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == "a goal"
     assert main(["train", "--resume", str(run), "--lora.r", "2"]) == 2

@@ -87,9 +87,9 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
     named = None if "test" in (data_overrides or {}) else "data.test in the run's config.yaml, or pass --data.test PATH"
     examples = load_eval_split(data_cfg, data_cfg.test, run.label_names, flag=named,
                                int_labels=run.info.get("int_labels", True))
-    trained_in = run.info.get("precision")
-    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision or trained_in or "auto",
+    predictor = Predictor.from_run(run, batch_size=batch_size, precision=precision,
                                    from_checkpoint=from_checkpoint, max_tokens=max_tokens, as_trained=True)
+    trained_in = predictor.trained_in
     result = evaluate_examples(predictor, examples)
     # the checkpoint the predictor loaded (a training still running may have written a newer one since)
     ckpt = predictor.checkpoint

@@ -141,6 +141,7 @@ class Predictor:
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.checkpoint: Path | None = None  # the checkpoint folder the weights came from (from_run)
+        self.trained_in: str | None = None  # the precision the weights trained in, where known (from_run)
         use = use_cuda_graphs(cuda_graphs, self.device, as_trained)
         self.graphs = forward_graphs(model, self.device, self.precision) if use else None
 
@@ -153,27 +154,31 @@ class Predictor:
         is then the predictor's ``checkpoint``. ``batch_size``: None = 64, or with ``as_trained``
         (see :class:`Predictor`, which implies ``merge=False``) the run's ``train.eval_batch_size``.
         ``precision``: None = "auto" (the fastest this hardware runs well), or with ``as_trained``
-        the precision the run trained in."""
+        the precision the run trained in (the predictor's ``trained_in``: run.json's, or for an
+        unfinished run its checkpoint's)."""
         if not isinstance(run, Run):
             run = open_run(run, allow_incomplete=from_checkpoint)
         if batch_size is None:
             batch_size = run.cfg.train.eval_batch_size if as_trained else 64
-        if precision is None:
-            precision = (run.info.get("precision") if as_trained else None) or "auto"
         merge = merge and not as_trained
         check_base(run.cfg.model, run.info.get("base_model_files"), run.path)
         config = load_model_config(run.cfg.model, run.label_names)
-        ckpt = None
+        ckpt, trained_in = None, run.info.get("precision")
         if from_checkpoint:
-            model, ckpt = _model_from_checkpoint(run, config)
+            # an interrupted run's run.json has no precision yet; its checkpoint knows it
+            model, ckpt, ckpt_precision = _model_from_checkpoint(run, config)
+            trained_in = trained_in or ckpt_precision
         else:
             model = load_adapter(load_base(run.cfg.model, config), run.adapter_dir)
+        if precision is None:
+            precision = (trained_in if as_trained else None) or "auto"
         if merge:
             model = model.merge_and_unload()
         tokenizer = load_tokenizer(run.cfg.model, path=str(run.tokenizer_dir))
         predictor = cls(model, tokenizer, run.label_names, run.cfg.data.max_length, batch_size, device, precision,
                         max_tokens, cuda_graphs, as_trained)
         predictor.checkpoint = ckpt
+        predictor.trained_in = trained_in
         return predictor
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -254,7 +259,9 @@ def _device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
-def _model_from_checkpoint(run: Run, config: Any) -> tuple[torch.nn.Module, Path]:
+def _model_from_checkpoint(run: Run, config: Any) -> tuple[torch.nn.Module, Path, str | None]:
+    """The model with the newest checkpoint's best (else current) weights, that checkpoint's
+    folder, and the precision the run trained in (None in checkpoints older than that record)."""
     path = checkpoint.latest(run.path)
     if path is None:
         raise RunError("run has no checkpoint", where=str(run.path), fix="use a run that trained at least one step")
@@ -265,4 +272,4 @@ def _model_from_checkpoint(run: Run, config: Any) -> tuple[torch.nn.Module, Path
     loaded = checkpoint.load(path)
     model = build_model(run.cfg.model, run.cfg.lora, config)
     load_trained(model, loaded.best if loaded.best is not None else loaded.trainable, path)
-    return model, path
+    return model, path, loaded.loop.precision

@@ -132,7 +132,6 @@ def write_report(run_dir: str | Path, *, info: dict[str, Any] | None = None, exa
     run = open_run(run_dir, allow_incomplete=info is not None)
     if info is not None:
         run.info = info
-    precision = precision or run.info.get("precision") or "auto"
     analysis, problem = None, None
     try:
         if examples is None:
