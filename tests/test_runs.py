@@ -49,6 +49,11 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
     (mine / "notes.txt").write_text("precious")
+    # without --train.overwrite the fix offered it, and then it was refused: it is not offered here
+    with pytest.raises(RunError, match=r"directory already exists and is not empty \(not a loraclf run: no "
+                                       r"run.json\) — fix: choose another --train.output_dir, or empty this "
+                                       r"folder yourself$"):
+        runs.prepare_dir(mine, overwrite=False)
     with pytest.raises(RunError, match=r"not a loraclf run \(no run.json\)"):
         runs.prepare_dir(mine, overwrite=True)
     assert (mine / "notes.txt").read_text() == "precious" and (mine / "sub").is_dir()
@@ -63,6 +68,9 @@ def test_overwrite_never_deletes_the_current_directory_or_its_parents(where, tmp
     monkeypatch.chdir(cwd)
     with pytest.raises(RunError, match="is the current directory or holds it"):
         runs.prepare_dir(Path(where), overwrite=True)
+    with pytest.raises(RunError, match=r"already exists and is not empty — fix: choose another "
+                                       r"--train.output_dir, e.g. runs/NAME$"):  # not: "pass --train.overwrite"
+        runs.prepare_dir(Path(where), overwrite=False)
     assert (cwd / runs.RUN_FILE).is_file()
 
 

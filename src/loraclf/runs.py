@@ -232,11 +232,17 @@ def prepare_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Non
     # A finished run's lock file is left behind (deleting it would race a process taking it); alone,
     # it does not make a folder the user emptied with `rm -rf run/*` "not empty".
     if path.is_dir() and any(p.name != LOCK_FILE or is_training(path) for p in path.iterdir()):
-        if not overwrite:
-            raise RunError("run directory already exists and is not empty", where=str(path),
-                           fix="choose another --train.output_dir, or pass --train.overwrite true to replace it")
         cwd, target = Path.cwd().resolve(), path.resolve()
-        if target == cwd or target in cwd.parents:
+        holds_cwd = target == cwd or target in cwd.parents
+        if not overwrite:
+            # offer --train.overwrite only where it would be accepted (below): an earlier run
+            is_run = (path / RUN_FILE).is_file() and not holds_cwd
+            raise RunError(("run directory" if is_run else "directory") + " already exists and is not empty" +
+                           ("" if is_run or holds_cwd else f" (not a loraclf run: no {RUN_FILE})"), where=str(path),
+                           fix="choose another --train.output_dir, " + (
+                               "or pass --train.overwrite true to replace it" if is_run else
+                               "e.g. runs/NAME" if holds_cwd else "or empty this folder yourself"))
+        if holds_cwd:
             raise RunError("is the current directory or holds it; --train.overwrite will not delete it",
                            where=str(path), fix="choose a subdirectory as --train.output_dir, e.g. runs/NAME")
         if not (path / RUN_FILE).is_file():
