@@ -257,13 +257,17 @@ def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys, monk
     assert "--pick chooses what --write writes" in capsys.readouterr().err
 
     # what would fit, not "raise --budget" where that cannot help
+    # the smallest plan's total, which fits exactly, not the cheapest head's 3,076 (3,077 did not fit either)
     assert main(base + ["--budget", "2000"]) == 2
-    assert ("nothing fits a budget of 2,000 with LoRA rank >= 4 — fix: raise --budget above 3,076, what the "
-            "cheapest head (linear) costs alone") in capsys.readouterr().err
+    assert ("nothing fits a budget of 2,000 with LoRA rank >= 4 — fix: raise --budget to at least 39,940 (the "
+            "smallest plan: linear head, LoRA r=4 on qv, top 3 layers), or lower --min-rank") in capsys.readouterr().err
+    assert main(base + ["--budget", "39939"]) == 2 and "at least 39,940" in capsys.readouterr().err
+    assert main(base + ["--budget", "39940", "--top", "1"]) == 0
+    assert "39,940" in capsys.readouterr().out
     assert main(base + ["--min-rank", "1000", "--max-rank", "1000"]) == 2
     assert "fix: lower --min-rank to at most 768, the largest LoRA rank" in capsys.readouterr().err
     assert main(base + ["--budget", "3500"]) == 2
-    assert "fix: raise --budget, or lower --min-rank" in capsys.readouterr().err
+    assert "fix: raise --budget to at least 39,940" in capsys.readouterr().err
     assert main(base + ["--heads", "pooled"]) == 2
     assert "unknown head 'pooled'" in capsys.readouterr().err
     assert main(base + ["--budget", "1000000", "--write", str(path), "--pick", "100000", "--overwrite"]) == 2

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Ctrl-C again: stop now, answering waiting requests 503 (exit 130).")
     sv.add_argument("run_dir", metavar="RUN_DIR", type=_path)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    sv.add_argument("--port", type=int, default=8000, help="0 picks a free port [default: 8000]")
     sv.add_argument("--no-micro-batching", action="store_true", help="answer requests one at a time")
     sv.add_argument("--max-batch", type=int, default=64, help="most texts in one micro-batch")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a micro-batch")
@@ -379,7 +379,8 @@ def cmd_plan(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     arch, plans = planner.make_plans(cfg, names, budget, heads, args.min_rank, args.max_rank)
     if not plans:
         raise BudgetError(f"nothing fits a budget of {budget:,} with LoRA rank >= {args.min_rank}",
-                          where="--budget", fix=planner.nothing_fits_fix(arch, budget, heads, args.min_rank))
+                          where="--budget", fix=planner.nothing_fits_fix(arch, budget, heads, args.min_rank,
+                                                              cfg.lora.use_dora))
     shown = plans if args.top == 0 else plans[: args.top]
     written = None
     if args.write:
@@ -814,7 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraclfError as e:
         who = _process_label(e)
         if who is not None:
-            print(f"{_prog(command)}{who}: error: {e}", file=sys.stderr)
+            # a stop the user asked for (Ctrl-C, SIGTERM: exit 130) is not an error
+            print(f"{_prog(command)}{who}:{'' if e.exit_code == 130 else ' error:'} {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{_prog(command)}: interrupted", file=sys.stderr)

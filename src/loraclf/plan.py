@@ -471,15 +471,16 @@ def unusable_heads(cfg: Config, label_names: list[str], heads: tuple[str, ...]) 
     return out
 
 
-def nothing_fits_fix(arch: Architecture, budget: int, heads: tuple[str, ...], min_rank: int) -> str:
-    """What would let a plan fit, where :func:`enumerate_plans` found none."""
-    cheapest = min(heads, key=lambda h: arch.heads[h])
-    if arch.heads[cheapest] >= budget:
-        return f"raise --budget above {arch.heads[cheapest]:,}, what the cheapest head ({cheapest}) costs alone"
+def nothing_fits_fix(arch: Architecture, budget: int, heads: tuple[str, ...], min_rank: int,
+                     use_dora: bool = False) -> str:
+    """What would let a plan fit, where :func:`enumerate_plans` found none: the smallest plan
+    there is (the cheapest head alone understated it: LoRA at ``min_rank`` costs more)."""
     largest = max((min(s.in_features, s.out_features) for s in arch.sites), default=0)
     if min_rank > largest:
         return f"lower --min-rank to at most {largest}, the largest LoRA rank this model's layers allow"
-    return "raise --budget, or lower --min-rank"
+    smallest = min(enumerate_plans(arch, 2**62, heads, min_rank, min_rank, use_dora), key=lambda p: p.trainable)
+    return (f"raise --budget to at least {smallest.trainable:,} (the smallest plan: {smallest.head_label} head, "
+            f"LoRA r={min_rank} on {smallest.role_set}, {smallest.layer_set}), or lower --min-rank")
 
 
 def make_plans(cfg: Config, label_names: list[str], budget: int, heads: tuple[str, ...] = DEFAULT_HEADS,
