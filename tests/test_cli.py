@@ -765,3 +765,21 @@ def test_error_lines_name_the_command_not_an_override_value(capsys):
     assert _error_line(capsys).startswith("loraclf params: error: ")
     assert main(["--lora.r", "=", "params"]) == 2  # broken before the command is parsed: named all the same
     assert _error_line(capsys).startswith("loraclf params: error: ")
+
+
+def test_a_requested_stop_of_training_is_not_reported_as_an_error(tiny_roberta, agnews_files, tmp_path, capsys,
+                                                                   monkeypatch):
+    # Ctrl-C during training printed "loraclf train: error: ... interrupted at step 1"
+    import loraclf.train
+
+    real = loraclf.train.train
+
+    def stopped_at_once(cfg, callback=None, stop=None):
+        stop.set()  # main()'s stop event, as its Ctrl-C / SIGTERM handler sets it
+        return real(cfg, callback, stop)
+
+    monkeypatch.setattr(loraclf.train, "train", stopped_at_once)
+    argv = ["train", "--config", SEED, "--quiet"] + _args(tiny_overrides(tiny_roberta, agnews_files, tmp_path / "run"))
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the "training N rows ..." line
+    assert err.startswith("loraclf train: ") and "interrupted at step 1" in err and ": error:" not in err

@@ -1,5 +1,6 @@
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -437,6 +438,17 @@ def test_local_path_in_an_existing_folder_is_not_a_hub_name(tmp_path):
     assert data_mod.is_hub_name("org/dataset")  # no such local folder: a hub name
     with pytest.raises(DataError, match="file not found"):
         load_splits(_cfg(train=str(tmp_path / "data" / "missing")))
+
+
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    # a relative data path in a YAML config is read from the working directory, not the YAML's
+    # folder: the error said only "check the path given to --data.train"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"read from the working directory, {re.escape(str(tmp_path))}\)$"):
+        load_splits(_cfg(train="train.csv"))
+    with pytest.raises(DataError) as e:
+        load_splits(_cfg(train=str(tmp_path / "train.csv")))
+    assert "working directory" not in str(e.value)
 
 
 def test_token_cache_key_tells_apart_text_boundaries_and_truncation_side(tiny_roberta, tmp_path):

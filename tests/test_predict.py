@@ -82,6 +82,18 @@ def test_predictor_arguments_are_checked_at_construction(trained_run, kwargs, ma
         Predictor.from_run(trained_run, **kwargs)
 
 
+def test_evaluating_on_a_file_of_texts_without_labels_says_what_it_needs(trained_run, tmp_path, capsys):
+    # the fix was "set --data.text_columns to existing columns", naming the first text as a column
+    from loraclf.cli import main
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    assert main(["evaluate", str(trained_run), "--data.test", str(texts)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "texts without labels are for loraclf predict --input" in err
+    assert "set --data.text_columns" not in err
+
+
 def test_empty_text_rejected(predictor):
     with pytest.raises(DataError, match="text 2 is empty"):
         predictor.predict(["fine", "   "])

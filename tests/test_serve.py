@@ -107,6 +107,10 @@ def test_predict_one_and_many_match_predictor(client, predictor):
     # top_k beyond the number of classes lists every class
     r = client.post("/predict", json={"text": TEXTS[1], "top_k": 10})
     assert len(r.json()["predictions"][0]["top_k"]) == len(predictor.label_names)
+    # null, as many clients send an optional field left unset, is the default (it was a 422)
+    r = client.post("/predict", json={"text": TEXTS[0], "top_k": None})
+    assert r.status_code == 200, r.text
+    assert_same(r.json()["predictions"][0], predictor.predict([TEXTS[0]])[0])
 
 
 @pytest.mark.parametrize("body, status, needle", [

@@ -391,7 +391,9 @@ def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None,
         raise DataError("no file named (the value is empty)", where=flag, fix=f"give {flag} a file")
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}")
+        # a relative path in a YAML config is read from where loraclf runs, not from the YAML's folder
+        relative = "" if path.is_absolute() else f" (a relative path is read from the working directory, {Path.cwd()})"
+        raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}{relative}")
     if path.is_dir():
         raise DataError("is a directory, not a data file", where=str(path), fix=f"give a file to {flag}")
     fmt = cfg.format if cfg.format != "auto" else detect_format(path, format_fix)
@@ -426,8 +428,13 @@ def unicode_problem(text: str) -> str | None:
 def _texts(table: Table, cfg: DataConfig) -> list[str]:
     missing = [c for c in cfg.text_columns if c not in table.columns]
     if missing:
-        raise DataError(f"no column(s) {missing} (columns: {list(table.columns)})", where=table.source,
-                        fix="set --data.text_columns to existing columns")
+        fix = "set --data.text_columns to existing columns"
+        if len(table.columns) == 1 and table.source.lower().removesuffix(".gz").endswith(".txt"):
+            # a text per line, read as a table whose first text is its header: naming columns cannot help
+            fix = ("a .txt file is read as a CSV table here, its first line naming the columns; texts without "
+                   "labels are for loraclf predict --input: give training and evaluation a table with text and "
+                   "label columns (CSV, TSV, JSONL or Parquet)")
+        raise DataError(f"no column(s) {missing} (columns: {list(table.columns)})", where=table.source, fix=fix)
     texts = table_texts(table, cfg.text_columns)
     for i, text in enumerate(texts, start=1):
         if len(text) > cfg.max_text_chars:

@@ -45,7 +45,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .data import unicode_problem
@@ -81,10 +81,16 @@ class PredictRequest(BaseModel):
 
     text: str | None = Field(None, description="a single text to classify")
     texts: list[str] | None = Field(None, description="several texts to classify, answered in order")
-    # strict: "2" or true are client mistakes, not 2 and 1
-    top_k: int = Field(1, ge=1, strict=True,
-                       description="how many of the most probable classes to list per text (more than the "
-                                   "number of classes lists them all)")
+    # strict: "2" or true are client mistakes, not 2 and 1; null (what many clients send for an
+    # optional field they leave unset) is the default
+    top_k: int | None = Field(1, ge=1, strict=True,
+                              description="how many of the most probable classes to list per text (more than the "
+                                          "number of classes lists them all; null: 1)")
+
+    @field_validator("top_k", mode="after")
+    @classmethod
+    def _unset_top_k(cls, value: int | None) -> int:
+        return 1 if value is None else value
 
 
 class ClassProbability(BaseModel):
