@@ -783,3 +783,40 @@ def test_a_requested_stop_of_training_is_not_reported_as_an_error(tiny_roberta, 
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the "training N rows ..." line
     assert err.startswith("loraclf train: ") and "interrupted at step 1" in err and ": error:" not in err
+
+
+def _edit_adapter_config(run, **changes):
+    path = run / "adapter" / "adapter_config.json"
+    settings = json.loads(path.read_text())
+    settings.update(changes)
+    path.write_text(json.dumps(settings))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda run: (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA",'),
+     "adapter settings are damaged"),  # a copy cut short: JSONDecodeError
+    (lambda run: (run / "adapter" / "adapter_config.json").write_text("{}"), "adapter settings are damaged"),  # KeyError
+    (lambda run: (run / "adapter" / "adapter_config.json").unlink(), "run is missing adapter/adapter_config.json"),
+    (lambda run: _edit_adapter_config(run, r=7), "the adapter's settings do not match its weights"),  # size mismatch
+    (lambda run: _edit_adapter_config(run, target_modules=["no_such_module"]),
+     "the adapter's settings do not match its weights"),  # PEFT's NoMatchingPeftModuleError
+    (lambda run: (run / "config.yaml").write_text("lora: ["), "config.yaml is not valid YAML"),  # ParserError
+    (lambda run: (run / "config.yaml").write_text("- 1\n"), "config.yaml holds a list"),  # AttributeError
+    (lambda run: (run / "run.json").write_text("[]"), "run.json is corrupted (a JSON list, not an object)"),
+    (lambda run: (run / "labels.json").write_text("[]"), "labels.json is not a list of class names"),
+    # two classes for a head trained on four: a size mismatch, or test rows blamed as "out of range"
+    (lambda run: (run / "labels.json").write_text('["a", "b"]'), "labels.json lists a, b, run.json the run's classes"),
+])
+def test_a_damaged_run_folder_is_one_error_line(trained_run, tmp_path, capsys, damage, needle):
+    """Files of a run cut short by a copy, or edited, ended predict/evaluate/serve/--resume in a
+    traceback (exit 1): JSONDecodeError, KeyError, yaml's ParserError, AttributeError, or PEFT's
+    size mismatch deep in loading."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    damage(run)
+    for command in (["predict", str(run), "a goal"], ["evaluate", str(run)]):
+        assert main(command) == 2
+        err = _error_line(capsys)
+        assert needle in err, err

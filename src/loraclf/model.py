@@ -467,6 +467,17 @@ def load_adapter(base: torch.nn.Module, adapter_dir: Path) -> PeftModel:
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise ModelError("adapter weights missing (adapter_model.safetensors)", where=str(adapter_dir),
                          fix="train the run again; loraclf reads adapter weights from safetensors only")
+    settings = adapter_dir / "adapter_config.json"
+    try:  # read here first: PEFT fails on a file cut short with a traceback (JSONDecodeError, KeyError)
+        peft_type = json.loads(settings.read_text(encoding="utf-8")).get("peft_type")
+    except FileNotFoundError:
+        raise ModelError("adapter settings missing (adapter_config.json)", where=str(adapter_dir),
+                         fix="restore the file from a copy, or train the run again") from None
+    except (ValueError, AttributeError):  # not JSON, not UTF-8, or not a JSON object
+        peft_type = None
+    if peft_type is None:
+        raise ModelError("adapter settings are damaged (not PEFT's JSON object with a peft_type)", where=str(settings),
+                         fix="restore the file from a copy, or train the run again")
     try:
         with _quiet_peft():
             return PeftModel.from_pretrained(base, str(adapter_dir), use_safetensors=True)
@@ -474,6 +485,14 @@ def load_adapter(base: torch.nn.Module, adapter_dir: Path) -> PeftModel:
         raise ModelError(f"adapter weights are damaged ({brief(e, 120)})",
                          where=str(adapter_dir / "adapter_model.safetensors"),
                          fix="restore the file from a copy, or train the run again") from None
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        # settings edited after training (another rank or target_modules): PEFT builds another
+        # adapter than the weights hold; other RuntimeErrors (out of memory) are not about the files
+        if isinstance(e, RuntimeError) and "state_dict" not in str(e) and "size mismatch" not in str(e):
+            raise
+        raise ModelError(f"the adapter's settings do not match its weights or the model ({brief(e, 160)})",
+                         where=str(adapter_dir), fix="restore adapter_config.json and adapter_model.safetensors "
+                         "as training wrote them, or train the run again") from None
 
 
 def check_weights(mcfg: ModelConfig, config: PretrainedConfig) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
 from .config import Config, build_config
-from .errors import ConfigError, RunError, first_few
+from .errors import ConfigError, RunError, brief, first_few
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -323,6 +323,9 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
                        fix="give the --train.output_dir of a loraclf run") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RunError("run.json is corrupted", where=str(path), fix="train the run again") from None
+    if not isinstance(info, dict):
+        raise RunError(f"run.json is corrupted (a JSON {type(info).__name__}, not an object)", where=str(path),
+                       fix="restore it from a copy, or train the run again")
     if info.get("status") != "complete" and not allow_incomplete:
         if is_training(path):
             raise RunError("run is still training (another process is writing it)", where=str(path),
@@ -334,13 +337,26 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
     try:
         import yaml
 
-        cfg = build_config(yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {},
-                           where=str(path / CONFIG_FILE))
+        try:
+            raw = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:  # a copy cut short
+            raise ValueError(f"{CONFIG_FILE} is not valid YAML: {brief(e, 120)}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{CONFIG_FILE} holds a {type(raw).__name__}, not the sections of a config")
+        cfg = build_config(raw, where=str(path / CONFIG_FILE))
         labels = json.loads((path / LABELS_FILE).read_text(encoding="utf-8"))
+        if not (isinstance(labels, list) and labels and all(isinstance(n, str) for n in labels)):
+            raise ValueError(f"{LABELS_FILE} is not a list of class names")
+        if isinstance(info.get("label_names"), list) and labels != info["label_names"]:
+            # other classes than the head was trained for: a size mismatch deep in loading, or data
+            # rows blamed for labels "out of range"
+            raise ValueError(f"{LABELS_FILE} lists {first_few(labels)}, run.json the run's classes "
+                             f"{first_few(info['label_names'])}")
     except FileNotFoundError as e:
         raise RunError(f"run is missing {Path(e.filename).name}", where=str(path), fix="train the run again") from None
     except (ConfigError, ValueError) as e:
-        raise RunError(f"run files are corrupted ({e})", where=str(path), fix="train the run again") from None
+        raise RunError(f"run files are corrupted ({e})", where=str(path),
+                       fix="restore them from a copy, or train the run again") from None
     then = info.get("recipe")  # runs trained before it was recorded: loading the weights checks their shapes
     changes = recipe_changes(cfg, then) if isinstance(then, dict) else []
     if changes:
