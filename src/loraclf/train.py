@@ -29,7 +29,7 @@ from . import budget, checkpoint, distributed, plots, runs
 from .config import COMPILE_MODES_WITH_GRAPHS, Config, TrainConfig, save_config
 from .data import (IndexedDataset, LengthGroupedBatchSampler, PadCollator, Splits, TokenizedDataset, cache_root,
                    is_hub_name, load_splits, same_data, tokenize_cached)
-from .errors import ConfigError, DataError, LoraclfError, RunError, TrainingError
+from .errors import ConfigError, DataError, LoraclfError, ModelError, RunError, TrainingError
 from .evaluate import logits_metrics
 from .graphs import PAD_MULTIPLE, StepGraphs
 from .model import (base_fingerprint, build_model, check_base, check_weights, compile_in_place, hub_commit,
@@ -311,7 +311,15 @@ def train(cfg: Config, callback: Callback | None = None, stop: threading.Event |
         # then load the same data and the same commit of the base.
         resolved, info = distributed.on_main(new_run)
         splits, tokenizer, model_config, counts = prepared[0] if prepared else prepare(resolved)
-        return _fit(resolved, splits, tokenizer, model_config, counts, info, callback, stop, None, t_start)
+        try:
+            return _fit(resolved, splits, tokenizer, model_config, counts, info, callback, stop, None, t_start)
+        except (ConfigError, DataError, ModelError):
+            # a mistake only found once training set up (a token budget below the longest row, bf16 on
+            # a device without it) before anything trained: the folder goes back to as it was found,
+            # so that the corrected command runs without --train.overwrite
+            if distributed.state().is_main_process and checkpoint.latest(run_dir) is None:
+                _undo_new_run(run_dir)
+            raise
 
 
 def resume(run_dir: str | Path, callback: Callback | None = None, stop: threading.Event | None = None) -> TrainResult:
