@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 import re
 from pathlib import Path
 
@@ -155,6 +156,11 @@ BAD_INPUTS = [
     ("utfline.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n{"text": "\xff", "label": 0}\n', {},
      "line 3 is not valid UTF-8 (byte 62 of the file)"),
     ("badarr.json", '[{"text": "a", "label": 0}, 5]', {}, "element 2 of the array is a JSON int"),
+    # Python's JSON parser recurses per level: a RecursionError traceback, exit 1
+    ("deep.jsonl", '{"text": "a", "label": 0}\n' + "[" * 200_000 + "\n", {}, "line 2 is nested too deeply to read"),
+    ("deep.json", "[" * 200_000, {}, "JSON nested too deeply to read"),
+    # a named pipe was opened again after the format check had drained it: hung for ever
+    ("pipe.csv|", None, {}, "is not a regular file (a named pipe or a device)"),
 ]
 
 
@@ -162,6 +168,9 @@ BAD_INPUTS = [
 def test_bad_inputs_give_one_clear_line(tmp_path, name, content, kw, expected):
     if name.endswith("/"):
         (tmp_path / name).mkdir()
+    if name.endswith("|"):
+        name = name[:-1]
+        os.mkfifo(tmp_path / name)  # nothing writes to it: opening it to read would block
     path = str(tmp_path / name) if content is None else _write(tmp_path, name, content)
     cfg = _cfg(train=path, **kw)
     with pytest.raises(DataError) as e:

@@ -255,6 +255,9 @@ def _read_jsonl(path: Path) -> dict[str, list[Any]]:
         except json.JSONDecodeError as e:
             raise DataError(f"line {line_no} is not valid JSON ({e.msg})", where=str(path),
                             fix="write one JSON object per line") from None
+        except RecursionError:  # Python's parser recurses per nesting level: "[[[[..." ended in a traceback
+            raise DataError(f"line {line_no} is nested too deeply to read", where=str(path),
+                            fix="write one flat JSON object per line") from None
         if not isinstance(obj, dict):
             raise DataError(f"line {line_no} is a JSON {type(obj).__name__}, not an object", where=str(path),
                             fix="write one JSON object per line, e.g. {\"text\": ..., \"label\": ...}")
@@ -268,6 +271,9 @@ def _read_json_array(path: Path, text: str) -> list[dict[str, Any]]:
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON at line {e.lineno} ({e.msg})", where=str(path),
                         fix="give a JSON array of objects, or JSON Lines (one object per line)") from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", where=str(path),
+                        fix="give a JSON array of flat objects, or JSON Lines (one object per line)") from None
     for i, obj in enumerate(records, start=1):
         if not isinstance(obj, dict):
             raise DataError(f"element {i} of the array is a JSON {type(obj).__name__}, not an object", where=str(path),
@@ -396,6 +402,11 @@ def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None,
         raise DataError("file not found", where=str(path), fix=f"check the path given to {flag}{relative}")
     if path.is_dir():
         raise DataError("is a directory, not a data file", where=str(path), fix=f"give a file to {flag}")
+    if not path.is_file():
+        # a table is read more than once (its format, its rows, its fingerprint): a named pipe hung
+        # at the second open, and <(process substitution) was fingerprinted as empty
+        raise DataError("is not a regular file (a named pipe or a device)", where=str(path),
+                        fix=f"save the data to a file and give that to {flag}")
     fmt = cfg.format if cfg.format != "auto" else detect_format(path, format_fix)
     try:
         if fmt in ("csv", "tsv", "agnews"):
