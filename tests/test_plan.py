@@ -262,6 +262,13 @@ def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys, monk
     assert ("nothing fits a budget of 2,000 with LoRA rank >= 4 — fix: raise --budget to at least 39,940 (the "
             "smallest plan: linear head, LoRA r=4 on qv, top 3 layers), or lower --min-rank") in capsys.readouterr().err
     assert main(base + ["--budget", "39939"]) == 2 and "at least 39,940" in capsys.readouterr().err
+    # a budget as people write one (argparse's int refused all three)
+    for spelled in ("1e6", "1_000_000", "1,000,000"):
+        assert main(base + ["--budget", spelled, "--top", "1", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["budget"] == 1_000_000
+    with pytest.raises(SystemExit) as e:  # argparse's own exit, usage and the error
+        main(base + ["--budget", "1.5e-3"])
+    assert e.value.code == 2 and "invalid count: '1.5e-3' is not a whole number" in capsys.readouterr().err
     assert main(base + ["--budget", "39940", "--top", "1"]) == 0
     assert "39,940" in capsys.readouterr().out
     assert main(base + ["--min-rank", "1000", "--max-rank", "1000"]) == 2

@@ -78,6 +78,19 @@ def _path(value: str) -> str:
     return value if value == "-" else os.path.expanduser(value)
 
 
+def _count(value: str) -> int:
+    """A parameter count as people write one: 1000000, 1_000_000, 1,000,000 or 1e6 (argparse's
+    int refused the last three, the ones a budget is most often written as)."""
+    text = value.strip().replace("_", "").replace(",", "")
+    try:
+        number = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count: {value!r} (e.g. 1000000 or 1e6)") from None
+    if number != number or number in (float("inf"), float("-inf")) or number != int(number):
+        raise argparse.ArgumentTypeError(f"invalid count: {value!r} is not a whole number")
+    return int(number)
+
+
 def _refuse_empty_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """An empty path ("$RUN" with RUN unset) means Path("."), so a run directory would be the working
     directory, --resume would start a new run, --input would read stdin: one check for every path option."""
@@ -129,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="base config keys may be overridden with --section.key value (e.g. --model.name_or_path)",
         formatter_class=fmt)
     pl.add_argument("--config", type=_path, help="base YAML recipe: its model, data and train sections are kept")
-    pl.add_argument("--budget", type=int, help="trainable-parameter budget [default: train.max_trainable_params]")
+    pl.add_argument("--budget", type=_count, help="trainable-parameter budget [default: train.max_trainable_params]")
     pl.add_argument("--top", type=int, default=10, help="show the best N (0 = all) [default: 10]")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.add_argument("--write", type=_path, metavar="FILE", help="write the chosen configuration as a YAML config")
