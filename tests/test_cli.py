@@ -806,6 +806,9 @@ def _edit_adapter_config(run, **changes):
     (lambda run: (run / "labels.json").write_text("[]"), "labels.json is not a list of class names"),
     # two classes for a head trained on four: a size mismatch, or test rows blamed as "out of range"
     (lambda run: (run / "labels.json").write_text('["a", "b"]'), "labels.json lists a, b, run.json the run's classes"),
+    (lambda run: (run / "run.json").write_text(json.dumps({**json.loads((run / "run.json").read_text()),
+                                                           "label_names": [0, 1, 2, 3]})),
+     "run.json the run's classes 0, 1, 2 and 1 more"),  # not strings: a TypeError in the message itself
 ])
 def test_a_damaged_run_folder_is_one_error_line(trained_run, tmp_path, capsys, damage, needle):
     """Files of a run cut short by a copy, or edited, ended predict/evaluate/serve/--resume in a

@@ -184,7 +184,10 @@ def test_a_misspelt_exclusion_is_refused_not_ignored(tiny_roberta):
 
 
 @pytest.mark.parametrize("field, key", [("rank_pattern", "key"), ("alpha_pattern", "querry"),
-                                        ("rank_pattern", r"layer\.3\.attention\.self\.query")])
+                                        ("rank_pattern", r"layer\.3\.attention\.self\.query"),
+                                        # the PeftModel's own name for it: PEFT matches the base model's
+                                        # names, so the key was ignored while this check passed it
+                                        ("rank_pattern", r"base_model\.model\.roberta\.encoder\.layer\.1\.attention\.self\.query")])
 def test_a_pattern_key_matching_no_adapted_module_is_refused(tiny_roberta, field, key):
     """A key naming a linear layer LoRA does not adapt ('key' with target_modules [query], or a
     layer outside lora.layers) or none at all changed nothing, and the count was at the base rank."""

@@ -269,6 +269,10 @@ def test_cli_plan_table_top_and_errors(roberta_base_arch, tmp_path, capsys, monk
     with pytest.raises(SystemExit) as e:  # argparse's own exit, usage and the error
         main(base + ["--budget", "1.5e-3"])
     assert e.value.code == 2 and "invalid count: '1.5e-3' is not a whole number" in capsys.readouterr().err
+    for decimal_comma in ("1,5", "1,5e6", "10,00"):  # not 15, 15,000,000, 1,000
+        with pytest.raises(SystemExit):
+            main(base + ["--budget", decimal_comma])
+        assert "commas only between groups of three digits" in capsys.readouterr().err
     assert main(base + ["--budget", "39940", "--top", "1"]) == 0
     assert "39,940" in capsys.readouterr().out
     assert main(base + ["--min-rank", "1000", "--max-rank", "1000"]) == 2

@@ -59,7 +59,9 @@ def test_as_trained_computes_in_the_run_s_precision_unless_told(trained_run, mon
 
 
 @pytest.mark.parametrize("texts, kind", [(b"bytes of a text", "bytes"), ({"a text": 1}, "a mapping"),
-                                         ({"one", "two"}, "a set"), (frozenset({"one"}), "a set")])
+                                         ({"one", "two"}, "a set"), (frozenset({"one"}), "a set"),
+                                         # a DataFrame iterates as its column names: "text" was classified
+                                         (__import__("pandas").DataFrame({"text": TEXTS[:2]}), "a table")])
 def test_texts_that_would_not_line_up_are_refused(predictor, texts, kind):
     # bytes were read as integers ("text 1 is not a string (int)"), a dict as its keys, a set in no fixed order
     with pytest.raises(DataError, match=f"texts are {kind}, not a string or a sequence of strings"):

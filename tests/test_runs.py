@@ -103,6 +103,24 @@ def test_a_trained_run_is_readable_by_others_under_the_usual_umask(trained_run):
         str(f.relative_to(trained_run)): want for f in files}
 
 
+def test_overwrite_is_not_offered_for_a_run_it_would_refuse_to_replace(tmp_path):
+    # a run in training, or one holding this run's data: the fix said "pass --train.overwrite true",
+    # which was then refused
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / runs.RUN_FILE).write_text("{}")
+    (run / "train.csv").write_text("text,label\na,0\n")
+    with pytest.raises(RunError) as e:
+        runs.prepare_dir(run, overwrite=False, inputs=[run / "train.csv"])
+    assert "--train.overwrite" not in str(e.value)
+    with runs.training_lock(run):
+        with pytest.raises(RunError) as e:
+            runs.prepare_dir(run, overwrite=False)
+    assert "--train.overwrite" not in str(e.value)
+    with pytest.raises(RunError, match="pass --train.overwrite true to replace it"):  # an earlier run, idle
+        runs.prepare_dir(run, overwrite=False)
+
+
 def test_a_finished_runs_lock_file_alone_does_not_make_its_folder_not_empty(tmp_path):
     """`rm -rf run/*` leaves the hidden .lock of the finished run; train then refused the folder
     as "not empty" (and, with --train.overwrite, as "not a loraclf run")."""

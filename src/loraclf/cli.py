@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -81,7 +82,13 @@ def _path(value: str) -> str:
 def _count(value: str) -> int:
     """A parameter count as people write one: 1000000, 1_000_000, 1,000,000 or 1e6 (argparse's
     int refused the last three, the ones a budget is most often written as)."""
-    text = value.strip().replace("_", "").replace(",", "")
+    text = value.strip()
+    if "," in text:  # thousands separators only: "1,5" is no count (a decimal comma would read as 15)
+        if not re.fullmatch(r"\d{1,3}(,\d{3})+", text):
+            raise argparse.ArgumentTypeError(f"invalid count: {value!r} (commas only between groups of "
+                                             "three digits, e.g. 1,000,000)")
+        text = text.replace(",", "")
+    text = text.replace("_", "")
     try:
         number = float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:

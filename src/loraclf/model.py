@@ -374,7 +374,9 @@ def _check_patterns(model: PeftModel, lcfg: LoraSettings) -> None:
     """Every rank_pattern / alpha_pattern key must match a module LoRA adapts: a misspelt key, or
     one naming a layer outside target_modules / lora.layers, changed nothing, and the budget was
     counted at a rank the user did not mean."""
-    adapted = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    # the names PEFT matches keys against: the base model's, without the wrapper's prefix (a key
+    # written with it matched here, and PEFT ignored it)
+    adapted = [n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")]
     problems = [f"{field} key '{key}' matches no module LoRA adapts" for field in ("rank_pattern", "alpha_pattern")
                 for key in getattr(lcfg, field) or {}
                 if not any(re.match(rf"(.*\.)?({key})$", n) for n in adapted)]  # PEFT's matching rule

@@ -235,10 +235,12 @@ def _as_list(texts: Sequence[str] | str) -> list[str]:
     # not line up with what the caller meant
     kind = ("bytes" if isinstance(texts, (bytes, bytearray, memoryview)) else
             "a mapping" if isinstance(texts, Mapping) else
-            "a set" if isinstance(texts, (set, frozenset)) else None)
+            "a set" if isinstance(texts, (set, frozenset)) else
+            "a table" if hasattr(texts, "columns") else None)  # a DataFrame iterates as its column names
     if kind is not None:
         raise DataError(f"texts are {kind}, not a string or a sequence of strings", where="input",
-                        fix="decode bytes to str; pass a list (a dict's values, or sorted(a set))")
+                        fix="decode bytes to str; pass a list (a dict's values, sorted(a set), a DataFrame's "
+                            "text column: df['text'])")
     return list(texts)
 
 

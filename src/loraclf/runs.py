@@ -234,9 +234,11 @@ def prepare_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Non
     if path.is_dir() and any(p.name != LOCK_FILE or is_training(path) for p in path.iterdir()):
         cwd, target = Path.cwd().resolve(), path.resolve()
         holds_cwd = target == cwd or target in cwd.parents
+        inside = [str(p) for p in inputs if target == p.resolve() or target in p.resolve().parents]
         if not overwrite:
-            # offer --train.overwrite only where it would be accepted (below): an earlier run
-            is_run = (path / RUN_FILE).is_file() and not holds_cwd
+            # offer --train.overwrite only where it would be accepted (below): an earlier run, not in
+            # training, holding none of this run's inputs (those refusals come with overwrite)
+            is_run = (path / RUN_FILE).is_file() and not holds_cwd and not inside and not is_training(path)
             raise RunError(("run directory" if is_run else "directory") + " already exists and is not empty" +
                            ("" if is_run or holds_cwd else f" (not a loraclf run: no {RUN_FILE})"), where=str(path),
                            fix="choose another --train.output_dir, " + (
@@ -251,7 +253,6 @@ def prepare_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Non
         if is_training(path):
             raise RunError("run is being trained by another process; --train.overwrite will not delete it",
                            where=str(path), fix="choose another --train.output_dir, or wait for that training to end")
-        inside = [str(p) for p in inputs if target == p.resolve() or target in p.resolve().parents]
         if inside:
             raise RunError(f"holds {inside[0]}, which this run reads; --train.overwrite will not delete it",
                            where=str(path), fix="move it out of the old run first, or choose another --train.output_dir")
@@ -351,7 +352,7 @@ def open_run(path: str | Path, allow_incomplete: bool = False) -> Run:
             # other classes than the head was trained for: a size mismatch deep in loading, or data
             # rows blamed for labels "out of range"
             raise ValueError(f"{LABELS_FILE} lists {first_few(labels)}, run.json the run's classes "
-                             f"{first_few(info['label_names'])}")
+                             f"{first_few([str(n) for n in info['label_names']])}")
     except FileNotFoundError as e:
         raise RunError(f"run is missing {Path(e.filename).name}", where=str(path), fix="train the run again") from None
     except (ConfigError, ValueError) as e:
