@@ -661,14 +661,14 @@ def test_empty_text_row_in_training_data(tiny_roberta, agnews_files, tmp_path, c
     o = tiny_overrides(tiny_roberta, {"train": bad, "test": agnews_files["test"]}, tmp_path / "run")
     assert main(["train", "--config", SEED, *_args(o)]) == 2
     line = _error_line(capsys)
-    assert "bad.csv" in line and "row 2: empty text" in line
+    assert "bad.csv" in line and "row 2 (line 3): empty text" in line
 
 
 def test_unknown_label_in_eval_data(trained_run, tmp_path, capsys):
     bad = tmp_path / "eval.csv"
     bad.write_text("text,label\nfine text,World\nother,Weather\n")
     assert main(["evaluate", str(trained_run), "--data.test", str(bad)]) == 2
-    assert "row 2: label 'Weather' is not one of the classes" in _error_line(capsys)
+    assert "row 2 (line 3): label 'Weather' is not one of the classes" in _error_line(capsys)
 
 
 def test_disk_full_while_writing_the_run_is_one_line(tiny_roberta, agnews_files, tmp_path, capsys, monkeypatch):

@@ -95,7 +95,7 @@ def test_label_names_written_as_yaml_numbers_are_names():
 def test_eval_split_rejects_unseen_label(tmp_path):
     p = tmp_path / "e.csv"
     p.write_text("text,label\nok,a\nbad,zzz\n")
-    with pytest.raises(DataError, match=r"row 2: label 'zzz' is not one of the classes"):
+    with pytest.raises(DataError, match=r"row 2 \(line 3\): label 'zzz' is not one of the classes"):
         load_eval_split(_cfg(), str(p), ["a", "b"])
 
 
@@ -112,16 +112,16 @@ BAD_INPUTS = [
     ("missing.csv", None, {}, "file not found"),
     ("empty.csv", "", {}, "file is empty"),
     ("header.csv", "text,label\n", {}, "no data rows"),
-    ("ragged.csv", "text,label\na,1\nb,1,extra\n", {}, "row 2 has 3 fields"),
+    ("ragged.csv", "text,label\na,1\nb,1,extra\n", {}, "row 2 (line 3) has 3 fields"),
     ("semi.csv", "text;label\na;1\n", {}, "looks delimited by ';'"),
     ("tabs.csv", "text\tlabel\na\t1\n", {}, "looks delimited by '\\t'"),
-    ("huge.csv", "text,label\n" + "x" * 1_000_001 + ",0\n", {}, "row 1: text is 1,000,001 characters"),
+    ("huge.csv", "text,label\n" + "x" * 1_000_001 + ",0\n", {}, "row 1 (line 2): text is 1,000,001 characters"),
     ("ws.jsonl", '{"text": " \\t ", "label": 0}\n', {}, "row 1: empty text"),
     ("nulltext.jsonl", '{"text": null, "label": 0}\n', {}, "holds NoneType"),
     ("nolabel.jsonl", '{"text": "a", "label": 0}\n{"text": "b"}\n', {}, "row 2: label None is not a class"),
     ("boollabel.jsonl", '{"text": "a", "label": true}\n', {}, "label True is not a class"),
-    ("neg.csv", "text,label\na,-1\nb,0\n", {"label_names": ["x", "y"]}, "row 1: label -1 out of range"),
-    ("emptylabel.csv", "text,label\na,\n", {}, "row 1: empty label"),
+    ("neg.csv", "text,label\na,-1\nb,0\n", {"label_names": ["x", "y"]}, "row 1 (line 2): label -1 out of range"),
+    ("emptylabel.csv", "text,label\na,\n", {}, "row 1 (line 2): empty label"),
     ("dir.csv/", None, {}, "is a directory"),
     ("utf.csv", b"text,label\n\xff\xfe,1\n", {}, "not valid UTF-8"),
     ("nul.csv", "text,label\na\x00b,1\n", {}, "NUL bytes"),
@@ -129,9 +129,9 @@ BAD_INPUTS = [
     ("dup.csv", "text,text,label\na,b,1\n", {}, "duplicate column"),
     ("nocol.csv", "body,label\na,1\n", {}, "no column(s) ['text']"),
     ("nolabel.csv", "text,y\na,1\n", {}, "no label column 'label'"),
-    ("emptytext.csv", "text,label\na,0\n   ,1\n", {}, "row 2: empty text"),
+    ("emptytext.csv", "text,label\na,0\n   ,1\n", {}, "row 2 (line 3): empty text"),
     ("mixed.csv", "text,label\na,0\nb,sports\n", {}, "mixed label types"),
-    ("range.csv", "text,label\na,0\nb,7\n", {"label_names": ["x", "y"]}, "row 2: label 7 out of range"),
+    ("range.csv", "text,label\na,0\nb,7\n", {"label_names": ["x", "y"]}, "row 2 (line 3): label 7 out of range"),
     ("gaps.csv", "text,label\na,0\nb,2\n", {}, "no training row has class [1]"),
     ("bad.jsonl", '{"text": "a", "label": 0}\n{oops\n', {}, "line 2 is not valid JSON"),
     ("arr.jsonl", '[1, 2]\n', {}, "not an object"),
@@ -428,11 +428,25 @@ def test_unquoted_tsv_whose_text_starts_with_a_quote(tmp_path):
         read_table(bad, "train", _cfg())
 
 
+@pytest.mark.parametrize("name, content, where", [
+    ("q.csv", 'text,label\n"two\nlines",a\n\nbad,zzz\n', "row 2 (line 5):"),  # header, a quoted line break, a blank
+    ("q.jsonl", '{"text": "a", "label": "a"}\n\n{"text": "b", "label": "zzz"}\n', "row 2 (line 3):"),
+    ("q.json", '[{"text": "a", "label": "a"},\n {"text": "b", "label": "zzz"}]', "row 2:"),  # an array has no lines
+    ("q.tsv", "text\tlabel\nok\ta\nbad\tzzz\n", "row 2 (line 3):"),
+])
+def test_a_row_s_message_names_its_line_in_the_file(tmp_path, name, content, where):
+    # "row 81" was data row 81: a user opening the file at line 81 found a valid row (the header
+    # is line 1; blank lines and quoted line breaks move it further)
+    with pytest.raises(DataError) as e:
+        load_eval_split(_cfg(), _write(tmp_path, name, content), ["a", "b"])
+    assert f"{where} label 'zzz' is not one of the classes" in str(e.value)
+
+
 def test_integer_labels_refused_where_the_classes_were_names(tmp_path):
     """Trained on names (sorted: no index order anyone chose), an integer in other data says no class."""
     train = _write(tmp_path, "tr.csv", "text,label\na,World\nb,Sports\nc,World\nd,Sports\n")
     ints = _write(tmp_path, "te.csv", "text,label\na,0\nb,1\n")
-    with pytest.raises(DataError, match="row 1: label 0 is an integer, but the classes were learnt as names"):
+    with pytest.raises(DataError, match=r"row 1 \(line 2\): label 0 is an integer, but the classes were learnt as names"):
         load_splits(_cfg(train=train, test=ints, validation_size=1))
     splits = load_splits(_cfg(train=train, validation_size=1))
     assert splits.int_labels is False
@@ -564,7 +578,7 @@ def test_rows_ending_in_a_bare_carriage_return_are_read(tmp_path):
 def test_a_carriage_return_inside_a_text_is_one_clear_line(tmp_path, name):
     sep = "\t" if name.endswith(".tsv") else ","
     p = _write(tmp_path, name, f'text{sep}label\nthe "match" goal{sep}a\nbank shares\rmore{sep}b\n')
-    with pytest.raises(DataError, match=r"row 2 has 1 fields.*carriage return") as e:
+    with pytest.raises(DataError, match=r"row 2 \(line 3\) has 1 fields.*carriage return") as e:
         load_splits(_cfg(train=p))
     assert "\n" not in str(e.value)
 
@@ -573,7 +587,7 @@ def test_a_blank_line_in_a_table_of_one_column_is_an_empty_text_not_skipped(tmp_
     """Texts to predict from a one-column CSV: a skipped blank line shifted every later
     prediction against its input row (predictions carry no row number)."""
     p = _write(tmp_path, "one.csv", "text\nthe match goal\n\nbank shares\n\n\n")
-    with pytest.raises(DataError, match="row 2: empty text"):
+    with pytest.raises(DataError, match=r"row 2 \(line 3\): empty text"):  # the header, a text, then the blank line
         table_texts(read_table(p, "input", _cfg()), ["text"])
     p = _write(tmp_path, "ok.csv", "\ntext\nthe match goal\nbank shares\n\n")  # blank lines around are no rows
     assert table_texts(read_table(p, "input", _cfg()), ["text"]) == ["the match goal", "bank shares"]

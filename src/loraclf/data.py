@@ -45,9 +45,17 @@ class Table:
     # looks like a number ("1".."5" star ratings); in CSV/TSV every value is text
     typed: bool = False
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    # the line of the file each data row starts on (CSV, TSV, JSON Lines), for messages: with a
+    # header, blank lines or quoted line breaks, data row i is not line i
+    lines: list[int] | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def row(self, i: int) -> str:
+        """'row i' (1-based data row) for a message, with its line in the file where that differs."""
+        line = self.lines[i - 1] if self.lines is not None and 0 < i <= len(self.lines) else i
+        return f"row {i}" if line == i else f"row {i} (line {line})"
 
 
 @dataclass
@@ -167,7 +175,16 @@ def detect_format(path: Path, fix: str | None = None) -> str:
     )
 
 
-def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
+def _numbered(reader: Any) -> Iterator[tuple[list[str], int]]:
+    """Each row of a csv reader with the line it starts on (a quoted text may span lines)."""
+    end = 0
+    for row in reader:
+        yield row, end + 1
+        end = reader.line_num
+
+
+def _read_delimited(path: Path, fmt: str) -> tuple[dict[str, list[Any]], list[int]]:
+    """The columns, and the line each data row starts on."""
     delimiter = "\t" if fmt == "tsv" else ","
     try:
         text = _read_text(path)
@@ -182,38 +199,38 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
     # newline="" as the csv module asks: rows end at \n, \r\n or a bare \r, and a quoted text
     # keeps its line breaks as they are
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    rows: list[list[str]] = []
+    rows: list[tuple[list[str], int]] = []
     try:
-        for row in reader:
-            rows.append(row)
+        for numbered in _numbered(reader):
+            rows.append(numbered)
     except csv.Error as e:
         # Many TSV files (GLUE's among them) do not quote at all, so a text may start with '"':
         # read such a file as it is when every line then has the same number of fields.
         unquoted = []
         if fmt == "tsv":
             with contextlib.suppress(csv.Error):
-                unquoted = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t",
-                                                  quoting=csv.QUOTE_NONE) if r]
-        if not unquoted or len({len(r) for r in unquoted}) != 1:
+                unquoted = [(r, n) for r, n in _numbered(csv.reader(io.StringIO(text, newline=""), delimiter="\t",
+                                                                    quoting=csv.QUOTE_NONE)) if r]
+        if not unquoted or len({len(r) for r, _ in unquoted}) != 1:
             raise DataError(f"malformed {fmt.upper()} near line {reader.line_num} ({e})", where=str(path),
                             fix="check quoting: every opened quote must close") from None
         rows = unquoted
-    while rows and not rows[-1]:
+    while rows and not rows[-1][0]:
         rows.pop()
     # A blank line carries no row of a table of several columns. In a table of one column (texts
     # to predict) it is an empty text, refused with its row number like any other: skipping it
     # would shift every later prediction against its input row.
-    one_column = bool(rows) and len(rows[0]) == 1 and fmt != "agnews"
-    rows = [r or [""] for r in rows] if one_column else [r for r in rows if r]
+    one_column = bool(rows) and len(rows[0][0]) == 1 and fmt != "agnews"
+    rows = [(r or [""], n) for r, n in rows] if one_column else [(r, n) for r, n in rows if r]
     if fmt == "agnews":
         header = ["label", "title", "description"]
         body_start = 0
     else:
         if not rows:
             raise DataError("file is empty", where=str(path), fix="give a file with a header row and data rows")
-        header = [h.strip() for h in rows[0]]
+        header = [h.strip() for h in rows[0][0]]
         if len(header) == 1 and len(rows) > 1:
-            other = next((d for d in ("\t", ";", "|") if d != delimiter and d in rows[0][0]), None)
+            other = next((d for d in ("\t", ";", "|") if d != delimiter and d in rows[0][0][0]), None)
             if other is not None:
                 raise DataError(f"only one column found; the file looks delimited by {other!r}", where=str(path),
                                 fix="use commas for .csv and tabs for .tsv (or name the file .tsv / set --data.format)")
@@ -221,7 +238,8 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
         if dupes:
             raise DataError(f"duplicate column name(s) {dupes}", where=str(path), fix="give every column a unique name")
         body_start = 1
-    body = rows[body_start:]
+    body = [r for r, _ in rows[body_start:]]
+    lines = [n for _, n in rows[body_start:]]
     if not body:
         raise DataError("file has no data rows", where=str(path), fix="add rows below the header")
     width = len(header)
@@ -230,21 +248,24 @@ def _read_delimited(path: Path, fmt: str) -> dict[str, list[Any]]:
             hint = " (is the delimiter right? TSV files need a .tsv name or --data.format tsv)" if width == 1 or len(r) == 1 else ""
             if "\r" in text.replace("\r\n", ""):
                 hint = " (a carriage return (\\r) inside an unquoted text ends its row)"
-            raise DataError(f"row {i} has {len(r)} fields, the header has {width}{hint}", where=str(path),
+            at = f"row {i}" if lines[i - 1] == i else f"row {i} (line {lines[i - 1]})"
+            raise DataError(f"{at} has {len(r)} fields, the header has {width}{hint}", where=str(path),
                             fix="make every row have the same number of fields")
     columns = {h: [r[j] for r in body] for j, h in enumerate(header)}
     if fmt == "agnews":
         columns["text"] = [f"{t} {d}" for t, d in zip(columns["title"], columns["description"])]
-    return columns
+    return columns, lines
 
 
-def _read_jsonl(path: Path) -> dict[str, list[Any]]:
+def _read_jsonl(path: Path) -> tuple[dict[str, list[Any]], list[int] | None]:
     """JSON Lines, or (a ``.json`` file starting with "[") one JSON array of objects: what pandas'
-    ``to_json(orient="records")`` writes and the ``datasets`` "json" loader reads."""
+    ``to_json(orient="records")`` writes and the ``datasets`` "json" loader reads. Also the line
+    of each record (None for an array)."""
     text = _read_text(path)
     if path.name.lower().removesuffix(".gz").endswith(".json") and text.lstrip().startswith("["):
-        return _records_to_columns(_read_json_array(path, text), path)
+        return _records_to_columns(_read_json_array(path, text), path), None
     records: list[dict[str, Any]] = []
+    lines: list[int] = []
     # only \n ends a record: str.splitlines() also splits at U+2028 and the like, which JSON
     # strings may hold unescaped
     for line_no, line in enumerate(text.split("\n"), start=1):
@@ -262,7 +283,8 @@ def _read_jsonl(path: Path) -> dict[str, list[Any]]:
             raise DataError(f"line {line_no} is a JSON {type(obj).__name__}, not an object", where=str(path),
                             fix="write one JSON object per line, e.g. {\"text\": ..., \"label\": ...}")
         records.append(obj)
-    return _records_to_columns(records, path)
+        lines.append(line_no)
+    return _records_to_columns(records, path), lines
 
 
 def _read_json_array(path: Path, text: str) -> list[dict[str, Any]]:
@@ -410,17 +432,17 @@ def read_table(source: str, role: str, cfg: DataConfig, flag: str | None = None,
     fmt = cfg.format if cfg.format != "auto" else detect_format(path, format_fix)
     try:
         if fmt in ("csv", "tsv", "agnews"):
-            cols = _read_delimited(path, fmt)
+            cols, lines = _read_delimited(path, fmt)
         elif fmt == "jsonl":
-            cols = _read_jsonl(path)
+            cols, lines = _read_jsonl(path)
         else:
-            cols = _read_parquet(path)
+            cols, lines = _read_parquet(path), None
     except PermissionError:
         raise DataError("permission denied", where=str(path), fix="make the file readable") from None
     except (gzip.BadGzipFile, EOFError) as e:
         raise _gzip_error(path, e) from None
     return Table(cols, source=str(path), one_based=fmt == "agnews", fingerprint=file_fingerprint(path),
-                 typed=fmt in ("jsonl", "parquet"))
+                 typed=fmt in ("jsonl", "parquet"), lines=lines)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -449,7 +471,7 @@ def _texts(table: Table, cfg: DataConfig) -> list[str]:
     texts = table_texts(table, cfg.text_columns)
     for i, text in enumerate(texts, start=1):
         if len(text) > cfg.max_text_chars:
-            raise DataError(f"row {i}: text is {len(text):,} characters, over the limit of {cfg.max_text_chars:,}",
+            raise DataError(f"{table.row(i)}: text is {len(text):,} characters, over the limit of {cfg.max_text_chars:,}",
                             where=table.source, fix="shorten or drop the row, or raise --data.max_text_chars")
     return texts
 
@@ -461,15 +483,15 @@ def table_texts(table: Table, columns: list[str]) -> list[str]:
     for i, parts in enumerate(zip(*(table.columns[c] for c in columns)), start=1):
         for c, v in zip(columns, parts):
             if not isinstance(v, str):
-                raise DataError(f"row {i}: column '{c}' holds {type(v).__name__} {v!r}, not text", where=table.source,
+                raise DataError(f"{table.row(i)}: column '{c}' holds {type(v).__name__} {v!r}, not text", where=table.source,
                                 fix="make every text a string")
         text = " ".join(parts).strip()
         if not text:
-            raise DataError(f"row {i}: empty text in column(s) {columns}", where=table.source,
+            raise DataError(f"{table.row(i)}: empty text in column(s) {columns}", where=table.source,
                             fix="remove the row or fill in its text")
         problem = unicode_problem(text)
         if problem:
-            raise DataError(f"row {i}: text {problem}", where=table.source, fix="fix or remove the row")
+            raise DataError(f"{table.row(i)}: text {problem}", where=table.source, fix="fix or remove the row")
         texts.append(text)
     return texts
 
@@ -492,7 +514,7 @@ def _raw_labels(table: Table, cfg: DataConfig, names: list[str] | None = None) -
     by_name = bool(names) and all(_INT_RE.match(n) for n in names) and not _index_names(names)
     for i, v in enumerate(table.columns[cfg.label_column], start=1):
         if isinstance(v, bool) or v is None or (isinstance(v, float) and not v.is_integer()):
-            raise DataError(f"row {i}: label {v!r} is not a class", where=table.source,
+            raise DataError(f"{table.row(i)}: label {v!r} is not a class", where=table.source,
                             fix="use integer class ids or class names")
         if isinstance(v, (int, float)):
             out.append(str(int(v)) if by_name else int(v))
@@ -500,7 +522,7 @@ def _raw_labels(table: Table, cfg: DataConfig, names: list[str] | None = None) -
         elif isinstance(v, str):
             s = v.strip()
             if not s:
-                raise DataError(f"row {i}: empty label", where=table.source, fix="fill in every label")
+                raise DataError(f"{table.row(i)}: empty label", where=table.source, fix="fill in every label")
             if _INT_RE.match(s) and by_name:
                 out.append(str(int(s.partition(".")[0])))  # "01" and "1.0" name class "1"
                 kinds.add("str")
@@ -511,16 +533,16 @@ def _raw_labels(table: Table, cfg: DataConfig, names: list[str] | None = None) -
                 out.append(s)
                 kinds.add("str")
         else:
-            raise DataError(f"row {i}: label {v!r} is a {type(v).__name__}", where=table.source,
+            raise DataError(f"{table.row(i)}: label {v!r} is a {type(v).__name__}", where=table.source,
                             fix="use integer class ids or class names")
     if len(kinds) > 1:
         first_str = next(i for i, v in enumerate(out, 1) if isinstance(v, str))
-        raise DataError(f"mixed label types: integers and names (first name at row {first_str})", where=table.source,
+        raise DataError(f"mixed label types: integers and names (first name at {table.row(first_str)})", where=table.source,
                         fix="use either integer class ids or class names throughout")
     if table.one_based and kinds == {"int"}:
         zero = next((i for i, v in enumerate(out, 1) if v == 0), None)  # type: ignore[operator]
         if zero is not None:
-            raise DataError(f"row {zero}: class 0 in a headerless label,title,description file, whose classes count "
+            raise DataError(f"{table.row(zero)}: class 0 in a headerless label,title,description file, whose classes count "
                             "from 1 (the AG News release)", where=table.source,
                             fix="add the header row label,title,description to read the labels as they are, "
                                 "and set --data.text_columns [title,description]")
@@ -588,13 +610,13 @@ def encode_labels(raw: list[int | str], names: list[str], table: Table, fix: str
     for i, v in enumerate(raw):
         if isinstance(v, int):
             if not 0 <= v < len(names):
-                raise DataError(f"row {i + 1}: label {v + first} out of range for {len(names)} classes "
+                raise DataError(f"{table.row(i + 1)}: label {v + first} out of range for {len(names)} classes "
                                 f"({first}..{len(names) - 1 + first})", where=table.source, fix=fix)
             out[i] = v
         elif v in index:
             out[i] = index[v]
         else:
-            raise DataError(f"row {i + 1}: label {v!r} is not one of the classes {names}", where=table.source, fix=fix)
+            raise DataError(f"{table.row(i + 1)}: label {v!r} is not one of the classes {names}", where=table.source, fix=fix)
     return out
 
 
@@ -618,7 +640,7 @@ def to_examples(table: Table, cfg: DataConfig, names: list[str] | None = None,
         fix = "remove rows whose class the model was not trained on"
         if not int_labels and raw and not named and not _index_names(names):
             first = 1 if table.one_based else 0  # as the file writes it, not the shifted index
-            raise DataError(f"row 1: label {raw[0] + first} is an integer, but the classes were learnt as names {names}, "
+            raise DataError(f"{table.row(1)}: label {raw[0] + first} is an integer, but the classes were learnt as names {names}, "
                             "which have no index order", where=table.source,
                             fix="write class names in the label column (or train with --data.label_names, "
                                 "which gives the names their indices)")
