@@ -240,7 +240,7 @@ def test_texts_are_stripped_as_in_training(predictor):
     assert padded["text"] == "  Shares bank profit \t"  # the output still names the text as given
 
 
-def test_evaluate_reproduces_the_run_s_metrics_by_default_with_the_loss(trained_run, tmp_path):
+def test_evaluate_reproduces_the_run_s_metrics_by_default_with_the_loss(trained_run, tmp_path, monkeypatch):
     """evaluate ran in bf16 by default on CPUs with AMX, not reproducing run.json (trained in
     fp32), and reported no loss."""
     import shutil
@@ -255,6 +255,8 @@ def test_evaluate_reproduces_the_run_s_metrics_by_default_with_the_loss(trained_
     # other precision or other columns: their own files, saying how; the run's own evaluation stays
     other = evaluate_run(run, precision="bf16")
     assert other["saved_to"].endswith("eval/test.csv.bf16.json")
+    monkeypatch.chdir(run.parent)  # a run given relative to the working directory: saved_to was relative too
+    assert evaluate_run("run")["saved_to"] == str(run / "eval" / "test.csv.json")
     title = evaluate_run(run, {"text_columns": ["title"]})
     assert title["read_as"] == {"text_columns": ["title"]}
     assert title["saved_to"].endswith("eval/test.csv.text_columns-title.json")

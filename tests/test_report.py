@@ -215,3 +215,14 @@ def test_report_of_a_missing_or_incomplete_run_is_one_line(tmp_path, capsys, tra
     (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
     assert cli.main(["report", str(run)]) == 2
     assert "incomplete" in capsys.readouterr().err
+
+
+def test_a_learning_curve_of_one_logged_step_shows_it(tmp_path, monkeypatch):
+    # a run shorter than train.log_every_steps logs one train loss: a plain line drew nothing
+    from loraclf import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
+    plots.learning_curve([{"event": "train", "step": 15, "loss": 1.3}], tmp_path / "l.png")
+    (line,) = drawn[0].axes[0].lines
+    assert list(line.get_xdata()) == [15] and line.get_marker() not in (None, "None", "", " ")

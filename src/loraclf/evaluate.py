@@ -119,8 +119,9 @@ def evaluate_run(run_dir: str | Path, data_overrides: dict[str, Any] | None = No
         if trained_in is not None and predictor.precision != trained_in:
             variant.append(predictor.precision)  # an fp32 and a bf16 evaluation do not replace each other
         try:
+            # absolute, however RUN_DIR was given: the caller may read it from another directory
             result["saved_to"] = str(write_evaluation(run, result, data_cfg.test, subset,
-                                                      ckpt.name if ckpt is not None else None, variant))
+                                                      ckpt.name if ckpt is not None else None, variant).absolute())
         except OSError as e:
             result.update(saved_to=None, save_error=f"cannot write {run.path / EVAL_DIR} ({e.strerror or e})")
     return result

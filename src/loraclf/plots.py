@@ -28,7 +28,9 @@ def learning_curve(records: Sequence[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
+        # one logged step (a run shorter than train.log_every_steps) is a point: a plain line drew nothing
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss",
+                marker="o" if len(train) == 1 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss", color="tab:blue")
     if val:
