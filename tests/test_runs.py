@@ -113,10 +113,15 @@ def test_overwrite_is_not_offered_for_a_run_it_would_refuse_to_replace(tmp_path)
     with pytest.raises(RunError) as e:
         runs.prepare_dir(run, overwrite=False, inputs=[run / "train.csv"])
     assert "--train.overwrite" not in str(e.value)
+    assert str(e.value).endswith("run directory already exists and is not empty — fix: choose another "
+                                 "--train.output_dir, or move its inputs out first")
     with runs.training_lock(run):
         with pytest.raises(RunError) as e:
             runs.prepare_dir(run, overwrite=False)
     assert "--train.overwrite" not in str(e.value)
+    # it has a run.json: the message said "(not a loraclf run: no run.json)" and "empty this folder yourself"
+    assert str(e.value).endswith("run directory already exists and is not empty — fix: choose another "
+                                 "--train.output_dir, or wait for that training to end")
     with pytest.raises(RunError, match="pass --train.overwrite true to replace it"):  # an earlier run, idle
         runs.prepare_dir(run, overwrite=False)
 

@@ -235,22 +235,25 @@ def prepare_dir(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Non
         cwd, target = Path.cwd().resolve(), path.resolve()
         holds_cwd = target == cwd or target in cwd.parents
         inside = [str(p) for p in inputs if target == p.resolve() or target in p.resolve().parents]
+        is_run = (path / RUN_FILE).is_file()
+        busy = is_run and not holds_cwd and is_training(path)  # asked once, in the order of the refusals below
         if not overwrite:
             # offer --train.overwrite only where it would be accepted (below): an earlier run, not in
             # training, holding none of this run's inputs (those refusals come with overwrite)
-            is_run = (path / RUN_FILE).is_file() and not holds_cwd and not inside and not is_training(path)
+            replaceable = is_run and not holds_cwd and not busy and not inside
             raise RunError(("run directory" if is_run else "directory") + " already exists and is not empty" +
                            ("" if is_run or holds_cwd else f" (not a loraclf run: no {RUN_FILE})"), where=str(path),
                            fix="choose another --train.output_dir, " + (
-                               "or pass --train.overwrite true to replace it" if is_run else
-                               "e.g. runs/NAME" if holds_cwd else "or empty this folder yourself"))
+                               "or pass --train.overwrite true to replace it" if replaceable else
+                               "e.g. runs/NAME" if holds_cwd else "or empty this folder yourself" if not is_run else
+                               "or wait for that training to end" if busy else "or move its inputs out first"))
         if holds_cwd:
             raise RunError("is the current directory or holds it; --train.overwrite will not delete it",
                            where=str(path), fix="choose a subdirectory as --train.output_dir, e.g. runs/NAME")
-        if not (path / RUN_FILE).is_file():
+        if not is_run:
             raise RunError(f"not a loraclf run (no {RUN_FILE}); --train.overwrite replaces only an earlier run",
                            where=str(path), fix="choose another --train.output_dir, or empty this folder yourself")
-        if is_training(path):
+        if busy:
             raise RunError("run is being trained by another process; --train.overwrite will not delete it",
                            where=str(path), fix="choose another --train.output_dir, or wait for that training to end")
         if inside:
