@@ -108,8 +108,7 @@ def predict_run(run_dir: Path, test: str, labels: np.ndarray, batch_size: int | 
     # the study's ground truth and loraclf's label encoding must be the same classes in the same order
     if not np.array_equal(examples.labels, labels):
         raise SystemExit(f"{run_dir}: loraclf's labels of {test} differ from the canonical 0-3 reading")
-    predictor = Predictor.from_run(run, batch_size=batch_size, precision=run.info.get("precision") or "auto",
-                                   as_trained=True)
+    predictor = Predictor.from_run(run, batch_size=batch_size, as_trained=True)  # in the run's precision
     pred = predictor.logits(examples.texts).argmax(-1).astype(np.int64)
     cached.parent.mkdir(exist_ok=True)
     common.write_row_predictions(cached, enumerate(pred.tolist()))

@@ -54,8 +54,11 @@ class Table:
 
     def row(self, i: int) -> str:
         """'row i' (1-based data row) for a message, with its line in the file where that differs."""
-        line = self.lines[i - 1] if self.lines is not None and 0 < i <= len(self.lines) else i
-        return f"row {i}" if line == i else f"row {i} (line {line})"
+        return _row(i, self.lines[i - 1] if self.lines is not None and 0 < i <= len(self.lines) else i)
+
+
+def _row(i: int, line: int) -> str:
+    return f"row {i}" if line == i else f"row {i} (line {line})"
 
 
 @dataclass
@@ -248,8 +251,7 @@ def _read_delimited(path: Path, fmt: str) -> tuple[dict[str, list[Any]], list[in
             hint = " (is the delimiter right? TSV files need a .tsv name or --data.format tsv)" if width == 1 or len(r) == 1 else ""
             if "\r" in text.replace("\r\n", ""):
                 hint = " (a carriage return (\\r) inside an unquoted text ends its row)"
-            at = f"row {i}" if lines[i - 1] == i else f"row {i} (line {lines[i - 1]})"
-            raise DataError(f"{at} has {len(r)} fields, the header has {width}{hint}", where=str(path),
+            raise DataError(f"{_row(i, lines[i - 1])} has {len(r)} fields, the header has {width}{hint}", where=str(path),
                             fix="make every row have the same number of fields")
     columns = {h: [r[j] for r in body] for j, h in enumerate(header)}
     if fmt == "agnews":

@@ -120,10 +120,9 @@ class Predictor:
                  batch_size: int = 64, device: torch.device | str | None = None, precision: str = "auto",
                  max_tokens: int | None = None, cuda_graphs: bool | None = None, as_trained: bool = False):
         self.device = _device(device)
-        for name, value, least in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                      or value < least):
-                raise ConfigError([f"{name} must be an integer >= {least} (got {value!r})"], where=name,
+        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise ConfigError([f"{name} must be an integer >= 1 (got {value!r})"], where=name,
                                   fix=f"give {name} as a positive integer")
         self.precision = choose_precision(precision, self.device)
         model = model.to(self.device).eval()
